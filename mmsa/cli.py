@@ -1,0 +1,64 @@
+"""Shared command-line plumbing: one-line errors with exit status 2, config from flags."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from mmsa.config import Config, parse_overrides
+from mmsa.errors import ConfigError, UserError
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a CLI entry point: a UserError becomes one line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{path}: invalid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def config_from_args(data_dir: str | None, overrides: list[str], config_file: str | None = None) -> Config:
+    cfg = Config()
+    if config_file:
+        cfg.update(read_yaml(config_file), source=str(config_file))
+    cfg.update(parse_overrides(overrides or []), source="--set")
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
+    return cfg
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (HF warnings, tokenizer fork notices) off the user's screen."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

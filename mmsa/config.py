@@ -1,0 +1,174 @@
+"""Run configuration: three dataclasses, addressed by users as one flat set of keys.
+
+`--set lr=3e-4`, a search space's `fusion_depth:` and a logged MLflow param all use the same
+flat key; `Config.from_flat` routes each key to the section that owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mmsa.errors import ConfigError
+
+POOLINGS = ("mean", "first", "last", "attention")
+COMBINES = ("sum", "concat", "gate")
+MODALITIES = ("both", "text", "image")
+CLASS_WEIGHTS = ("none", "balanced", "sqrt")
+MONITORS = ("val_acc", "val_macro_f1")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "../shared/mvsa"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    text_encoder: str = "minilm"
+    image_encoder: str = "efficientnet_lite0"
+    max_text_len: int = 64
+    # Train the last k text-encoder layers with the head; the cache holds what enters them.
+    text_finetune_layers: int = 0
+    cache_dir: str = ".cache/mmsa-features"
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    heads: int = 4
+    fusion_depth: int = 1
+    pooling: str = "mean"
+    combine: str = "sum"
+    modalities: str = "both"
+    dropout: float = 0.1
+    image_grid: int = 0  # average a square grid of image tokens down to k x k; 0: keep all
+    token_dropout: float = 0.0  # training only: share of text/image tokens hidden per example
+    # Set from the feature cache, not by users.
+    text_dim: int = 384
+    image_dim: int = 1280
+    num_classes: int = 3
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    micro_batch: int = 0  # 0: the whole batch at once; else gradient accumulation
+    max_epochs: int = 10  # length of the learning-rate schedule
+    stop_epoch: int = 0  # stop after this epoch (within the schedule); 0: at max_epochs
+    warmup_frac: float = 0.1
+    class_weights: str = "sqrt"
+    label_smoothing: float = 0.0
+    patience: int = 4  # epochs without improvement of `monitor` before stopping; 0: never
+    monitor: str = "val_acc"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch intra-op threads; 0: leave torch's default
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS = ("data", "model", "train")
+
+    @classmethod
+    def known_keys(cls) -> dict[str, tuple[str, type]]:
+        """Flat key -> (section name, field type)."""
+        out: dict[str, tuple[str, type]] = {}
+        for section, klass in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+            for f in fields(klass):
+                out[f.name] = (section, type(f.default))
+        return out
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        cfg = cls()
+        cfg.update(values, source)
+        return cfg
+
+    def update(self, values: dict[str, Any], source: str = "config") -> "Config":
+        known = self.known_keys()
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+            section, typ = known[key]
+            setattr(getattr(self, section), key, coerce(value, typ, f"{source}: key '{key}'"))
+        self.validate(source)
+        return self
+
+    def to_flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in self.SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    def validate(self, source: str = "config") -> None:
+        m, t, d = self.model, self.train, self.data
+        checks = [
+            ("pooling", m.pooling in POOLINGS, f"one of {POOLINGS}"),
+            ("combine", m.combine in COMBINES, f"one of {COMBINES}"),
+            ("modalities", m.modalities in MODALITIES, f"one of {MODALITIES}"),
+            ("class_weights", t.class_weights in CLASS_WEIGHTS, f"one of {CLASS_WEIGHTS}"),
+            ("monitor", t.monitor in MONITORS, f"one of {MONITORS}"),
+            ("device", t.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+            ("d_model", m.d_model > 0 and m.heads > 0 and m.d_model % m.heads == 0,
+             f"a positive multiple of heads ({m.heads})"),
+            ("fusion_depth", m.fusion_depth >= 0, ">= 0"),
+            ("dropout", 0 <= m.dropout < 1, "in [0, 1)"),
+            ("image_grid", m.image_grid >= 0, ">= 0"),
+            ("token_dropout", 0 <= m.token_dropout < 1, "in [0, 1)"),
+            ("lr", t.lr > 0, "> 0"),
+            ("weight_decay", t.weight_decay >= 0, ">= 0"),
+            ("batch_size", t.batch_size > 0, "> 0"),
+            ("micro_batch", t.micro_batch >= 0, ">= 0"),
+            ("max_epochs", t.max_epochs > 0, "> 0"),
+            ("stop_epoch", 0 <= t.stop_epoch <= t.max_epochs, "in [0, max_epochs]"),
+            ("warmup_frac", 0 <= t.warmup_frac < 1, "in [0, 1)"),
+            ("label_smoothing", 0 <= t.label_smoothing < 1, "in [0, 1)"),
+            ("patience", t.patience >= 0, ">= 0"),
+            ("val_fraction", 0 <= d.val_fraction < 1, "in [0, 1)"),
+            ("max_text_len", d.max_text_len >= 4, ">= 4"),
+            ("text_finetune_layers", d.text_finetune_layers >= 0, ">= 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                value = self.to_flat()[key]
+                raise ConfigError(f"{source}: key '{key}' = {value!r}, expected {expected}")
+
+
+def coerce(value: Any, typ: type, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a one-line ConfigError."""
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                return int(float(value)) if float(value).is_integer() else int(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {typ.__name__}") from None
+
+
+def parse_overrides(pairs: list[str], source: str = "--set") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: expected key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,18 @@
+"""User-facing errors: each carries one line that names the file or key and the problem.
+
+CLI edges catch `UserError`, print its message on one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a config key, an id). Exit status 2, no traceback."""
+
+
+class DataError(UserError):
+    """The dataset folder or one of its files is unusable."""
+
+
+class ConfigError(UserError):
+    """A config or search-space file, or a `--set` override, is invalid."""

@@ -1,0 +1,250 @@
+"""Frozen-feature cache: run each backbone once over the dataset, keep its token features.
+
+Each modality is cached in its own folder `<cache_dir>/<kind>-<name>-<key>/`, holding float16
+`.npy` arrays that are opened memory-mapped, so concurrent trials share one copy through the
+page cache. The key hashes the backbone's fingerprint (name, weights, preprocessing), the
+settings (text length, layer) and the data content (guids, decoded texts, image bytes): change
+any of them and a new cache is built. A folder is built under a temporary name and renamed into
+place only once complete, with `meta.json` written last; a folder without a matching
+`meta.json` (a killed build, a copy gone wrong) is never trusted and gets rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmsa.config import DataConfig
+from mmsa.data import Dataset, Example
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FeatureSet:
+    """Token features for every example of a dataset (train then test, dataset order)."""
+
+    guids: list[str]
+    text: np.ndarray  # (N, L, Dt) float16
+    text_mask: np.ndarray  # (N, L) bool
+    image: np.ndarray  # (N, T, Di) float16
+    has_image: np.ndarray  # (N,) bool: the image decoded; False -> features of a blank image
+    text_dir: Path
+    image_dir: Path
+
+    @classmethod
+    def open(cls, guids: list[str], text_dir: str | Path, image_dir: str | Path) -> "FeatureSet":
+        """Memory-map two complete cache folders (e.g. inside a trial process)."""
+        text_dir, image_dir = Path(text_dir), Path(image_dir)
+        text = {n: np.load(text_dir / f"{n}.npy", mmap_mode="r") for n in ("tokens", "mask")}
+        image = {n: np.load(image_dir / f"{n}.npy", mmap_mode="r") for n in ("tokens", "valid")}
+        return cls(guids=list(guids), text=text["tokens"], text_mask=text["mask"], image=image["tokens"],
+                   has_image=image["valid"], text_dir=text_dir, image_dir=image_dir)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text.shape[-1])
+
+    @property
+    def image_dim(self) -> int:
+        return int(self.image.shape[-1])
+
+    def rows(self, guids: list[str]) -> np.ndarray:
+        index = {g: i for i, g in enumerate(self.guids)}
+        return np.array([index[g] for g in guids], dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.text, self.text_mask, self.image, self.has_image))
+
+
+def _hash(*parts: str | bytes) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogatepass") if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def text_content_hash(examples: list[Example]) -> str:
+    return _hash(*(f"{ex.guid}\t{ex.text}" for ex in examples))
+
+
+def image_content_hash(examples: list[Example]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for ex in examples:
+        h.update(ex.guid.encode() + b"\0")
+        if ex.has_image:
+            try:
+                h.update(ex.image_path.read_bytes())
+            except OSError:
+                pass
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+
+
+def _load_if_complete(folder: Path, key: str, n: int) -> dict[str, np.ndarray] | None:
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key or meta.get("n") != n or meta.get("format") != FORMAT_VERSION:
+            return None
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        if any(a.shape[0] != n for a in arrays.values()):
+            return None
+        return arrays
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _build_atomically(folder: Path, key: str, n: int, fill) -> dict[str, np.ndarray]:
+    """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        names = fill(tmp)
+        meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial one
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    arrays = _load_if_complete(folder, key, n)
+    assert arrays is not None, f"{folder}: cache just written does not load"
+    return arrays
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example], transform, size: int):
+        self.examples, self.transform, self.size = examples, transform, size
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        ex = self.examples[i]
+        if ex.has_image:
+            try:
+                with Image.open(ex.image_path) as img:
+                    return self.transform(to_rgb(img)), True
+            except (OSError, ValueError, Image.DecompressionBombError):
+                pass
+        # A blank (mean-coloured) image: the features then say "no picture".
+        return torch.zeros(3, self.size, self.size), False
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent parts become white rather than black."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _get_or_build(cache_root: Path, base: str, n: int, prepare) -> tuple[dict, Path]:
+    """Load `<base>-<key>` if complete, else build it. `prepare()` loads the backbone (whose
+    fingerprint is part of the key) and returns (key, fill)."""
+    key, fill = prepare()
+    folder = cache_root / f"{base}-{key}"
+    arrays = _load_if_complete(folder, key, n)
+    if arrays is None:
+        arrays = _build_atomically(folder, key, n, fill)
+    return arrays, folder
+
+
+def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
+    from mmsa.encoders import build_text_encoder
+    layers, n, L = cfg.text_finetune_layers, len(examples), cfg.max_text_len
+    content = text_content_hash(examples)
+
+    def prepare():
+        encoder = build_text_encoder(cfg.text_encoder)
+
+        def fill(tmp: Path) -> list[str]:
+            tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (n, L, encoder.dim))
+            mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, L))
+            with _progress(n, f"text features ({cfg.text_encoder})") as bar:
+                for s in range(0, n, batch_size):
+                    batch = encoder.tokenize([ex.text for ex in examples[s:s + batch_size]], L)
+                    hidden, m = encoder(batch["input_ids"], batch["attention_mask"], layers)
+                    tokens[s:s + len(hidden)] = hidden.numpy().astype(np.float16)
+                    mask[s:s + len(hidden)] = m.numpy()
+                    bar.update(len(hidden))
+            tokens.flush(), mask.flush()
+            return ["tokens", "mask"]
+        return _hash(encoder.fingerprint(), str(L), str(layers), content), fill
+
+    base = f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{layers}"
+    return _get_or_build(Path(cfg.cache_dir), base, n, prepare)
+
+
+def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 32,
+                      workers: int | None = None) -> tuple[dict, Path]:
+    from mmsa.encoders import build_image_encoder
+    n = len(examples)
+    content = image_content_hash(examples)
+
+    def prepare():
+        encoder = build_image_encoder(cfg.image_encoder)
+        pre = encoder.preprocess
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(examples, pre.transform(), pre.size), batch_size=batch_size,
+            num_workers=workers if workers is not None else min(2, os.cpu_count() or 1))
+
+        def fill(tmp: Path) -> list[str]:
+            tokens = valid = None
+            with _progress(n, f"image features ({cfg.image_encoder})") as bar:
+                s = 0
+                for images, ok in loader:
+                    feats = encoder(images)
+                    if tokens is None:
+                        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16,
+                                                           (n, feats.shape[1], feats.shape[2]))
+                        valid = np.lib.format.open_memmap(tmp / "valid.npy", "w+", np.bool_, (n,))
+                    tokens[s:s + len(feats)] = feats.numpy().astype(np.float16)
+                    valid[s:s + len(feats)] = ok.numpy()
+                    s += len(feats)
+                    bar.update(len(feats))
+            tokens.flush(), valid.flush()
+            return ["tokens", "valid"]
+        return _hash(encoder.fingerprint(), content), fill
+
+    return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", n, prepare)
+
+
+def load_features(cfg: DataConfig, dataset: Dataset) -> FeatureSet:
+    """Load the cached features of every example of `dataset`, building what is missing."""
+    examples = dataset.all_examples
+    Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+    _, text_dir = build_text_cache(cfg, examples)
+    _, image_dir = build_image_cache(cfg, examples)
+    feats = FeatureSet.open([ex.guid for ex in examples], text_dir, image_dir)
+    for ex, ok in zip(examples, feats.has_image):
+        if ex.has_image and not ok:
+            dataset.report.unreadable_image.append(ex.guid)
+    return feats

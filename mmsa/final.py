@@ -1,0 +1,166 @@
+"""`python -m mmsa.final --run-id ID`: retrain the chosen config on train+val, predict the test set.
+
+ID is a search's parent run (its chosen config, best_config.yaml) or one trial's run (that
+trial's params). The number of epochs comes from the search: the retrain replays the trial's
+learning-rate schedule (warm-up + cosine over its max_epochs) and stops at the epoch where that
+trial peaked on validation. The predictions file is written atomically; the config, metrics, the
+model checkpoint (state_dict + config, loadable with weights_only=True) and the predictions are
+logged as a child run of the search. This module is mmsa's one MLflow edge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mmsa.cli import quiet_libraries, run_main
+from mmsa.config import Config
+from mmsa.data import LABELS
+from mmsa.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+# Tag names shared with search/tracking.py (mmsa may not import search).
+TAG_KIND, TAG_BEST_RUN, TAG_PARENT = "mmsa.kind", "mmsa.best_trial_run_id", "mlflow.parentRunId"
+
+
+def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
+    """`guid,tag` then one line per guid, via a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("guid,tag\n")
+            f.writelines(f"{g},{t}\n" for g, t in zip(guids, tags))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"model": model.state_dict(), "config": cfg.to_flat(), "labels": list(LABELS)}, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_run(client, run_id: str, metric_hint: str = "val_acc"):
+    """-> (flat config dict, epochs to train, the search's parent run id, description)."""
+    from mlflow.exceptions import MlflowException
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--run-id {run_id}: no such run in the tracking store") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(f"--run-id {run_id}: the run is deleted")
+    kind = run.data.tags.get(TAG_KIND)
+    if kind == "search":
+        trial_id = run.data.tags.get(TAG_BEST_RUN)
+        if not trial_id:
+            raise UserError(f"--run-id {run_id}: this search has no chosen config yet (unfinished or all trials failed)")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = client.download_artifacts(run_id, "best_config.yaml", tmp)
+            except (MlflowException, OSError):
+                raise UserError(f"--run-id {run_id}: best_config.yaml is missing from the run's artifacts") from None
+            flat = yaml.safe_load(Path(local).read_text())
+        return flat, _peak_epoch(client, trial_id, flat), run_id, f"search {run_id} (best trial {trial_id})"
+    if kind == "trial":
+        known = Config.known_keys()
+        flat = {k: v for k, v in run.data.params.items() if k in known}
+        if not flat:
+            raise UserError(f"--run-id {run_id}: the trial run has no config params")
+        flat = Config.from_flat(flat, source=f"run {run_id} params").to_flat()
+        return flat, _peak_epoch(client, run_id, flat), run.data.tags.get(TAG_PARENT), f"trial {run_id}"
+    raise UserError(f"--run-id {run_id}: not a search or trial run of mmsa-search (no config to use)")
+
+
+def _peak_epoch(client, run_id: str, flat: dict) -> int:
+    monitor = flat.get("monitor", "val_acc")
+    history = client.get_metric_history(run_id, monitor)
+    if not history:
+        raise UserError(f"--run-id {run_id}: the trial logged no '{monitor}' history to choose epochs from")
+    return int(max(history, key=lambda m: (m.value, -m.step)).step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    p = argparse.ArgumentParser(prog="python -m mmsa.final", description=__doc__.splitlines()[0])
+    p.add_argument("--run-id", required=True, help="a search's parent run id, or one trial's run id")
+    p.add_argument("--data", help="dataset folder (default: the one the search used)")
+    p.add_argument("--out", default="predictions.txt", help="predictions file (default: predictions.txt)")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    args = p.parse_args(argv)
+
+    from mlflow.tracking import MlflowClient
+    if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[len("sqlite:///"):]).exists():
+        raise UserError(f"--tracking-uri {args.tracking_uri}: no MLflow store there (run a search first)")
+    client = MlflowClient(args.tracking_uri)
+    flat, epochs, parent_id, what = resolve_run(client, args.run_id)
+    cfg = Config.from_flat(flat, source=f"config of {what}")
+    if args.data:
+        cfg.data.data_dir = args.data
+    cfg.train.stop_epoch = epochs
+    print(f"config of {what}; retraining on train+val for {epochs} of {cfg.train.max_epochs} scheduled epochs",
+          flush=True)
+
+    from mmsa.prepare import prepare
+    from mmsa.train import fit, format_epoch, predict_proba, resolve_device
+    t0 = time.time()
+    data = prepare(cfg.data, val_fraction=0.0)
+    if not data.test.guids:
+        raise UserError(f"{cfg.data.data_dir}: test_without_label.txt is missing or empty")
+    report = data.dataset.report
+    result = fit(cfg, data.features, data.train, None, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True))
+    probs = predict_proba(result.model, data.features, data.test.rows, resolve_device(cfg.train.device))
+    tags = [LABELS[i] for i in probs.argmax(1)]
+    out = Path(args.out)
+    write_predictions(out, data.test.guids, tags)
+
+    partial = sorted(set(report.missing_image + report.unreadable_image + report.missing_text) & set(data.test.guids))
+    if partial:
+        print(f"{len(partial)} test pairs predicted from one modality (missing or unreadable file): "
+              f"{', '.join(partial[:10])}{' ...' if len(partial) > 10 else ''}", flush=True)
+    pred_share = Counter(tags)
+    train_share = Counter(LABELS[i] for i in data.train.labels)
+    print("class balance   " + "  ".join(f"{name}: pred {pred_share[name] / len(tags):.1%} / train "
+                                         f"{train_share[name] / len(data.train):.1%}" for name in LABELS), flush=True)
+    _log_final_run(client, parent_id, cfg, result, out, tags, what, time.time() - t0, partial)
+    print(f"done in {time.time() - t0:.0f}s", flush=True)
+    print(f"predictions={out}", flush=True)
+    return 0
+
+
+def _log_final_run(client, parent_id, cfg, result, out: Path, tags, what, seconds, partial) -> None:
+    run = client.get_run(parent_id) if parent_id else None
+    experiment_id = run.info.experiment_id if run else client.get_experiment_by_name("Default").experiment_id
+    run_tags = {TAG_KIND: "final", "mmsa.source": what}
+    if parent_id:
+        run_tags[TAG_PARENT] = parent_id
+    final = client.create_run(experiment_id, run_name="final-retrain", tags=run_tags)
+    rid = final.info.run_id
+    from mlflow.entities import Metric, Param
+    now = int(time.time() * 1000)
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(cfg.to_flat().items())])
+    metrics = {"train_loss": result.metrics["train_loss"], "epochs": result.metrics["epochs_run"],
+               "seconds": seconds, "n_predictions": len(tags), "n_single_modality": len(partial)}
+    metrics.update({f"pred_share_{n}": tags.count(n) / len(tags) for n in LABELS})
+    client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model.pt"
+        save_checkpoint(ckpt, result.model, cfg)
+        client.log_artifact(rid, str(ckpt), artifact_path="model")
+    client.log_artifact(rid, str(out), artifact_path="predictions")
+    client.set_terminated(rid, status="FINISHED")
+    print(f"logged final run {rid}" + (f" under search {parent_id}" if parent_id else ""), flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,170 @@
+"""FusionModel: cross-attention + self-attention fusion of text and image tokens -> logits.
+
+The seed report's design, generalised: project both token sets to d_model; image
+self-attention; per fusion layer, text->image and image->text cross-attention, each followed
+by self-attention (separate modules per route and per layer); pool each route; combine the
+routes with the pooled text feature; classify. `fusion_depth=0` is late fusion of the pooled
+projected tokens. `modalities` restricts the model to one side for ablations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmsa.config import ModelConfig
+
+
+def _self_attention(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, dim_feedforward=2 * cfg.d_model,
+                                      dropout=cfg.dropout, activation="gelu", batch_first=True,
+                                      norm_first=True)
+
+
+class CrossAttention(nn.Module):
+    """Queries from one modality attend to the other's tokens (pre-norm, residual)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_q, self.norm_kv = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = nn.MultiheadAttention(cfg.d_model, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, q, kv, kv_pad):
+        kv = self.norm_kv(kv)
+        out, _ = self.attn(self.norm_q(q), kv, kv, key_padding_mask=kv_pad, need_weights=False)
+        return q + self.drop(out)
+
+
+class Route(nn.Module):
+    """One fusion layer of one direction: cross-attention, then self-attention of the queries."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cross, self.self_attn = CrossAttention(cfg), _self_attention(cfg)
+
+    def forward(self, q, q_pad, kv, kv_pad):
+        return self.self_attn(self.cross(q, kv, kv_pad), src_key_padding_mask=q_pad)
+
+
+class Pool(nn.Module):
+    """(B, T, D) tokens + (B, T) padding mask (True = pad) -> (B, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.pooling
+        if self.kind == "attention":
+            self.score = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, 1))
+
+    def forward(self, x, pad):
+        valid = (~pad).float()
+        if self.kind == "mean":
+            return (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        if self.kind == "first":
+            return x[:, 0]
+        if self.kind == "last":
+            positions = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
+            last = (valid * (positions + 1)).argmax(1)  # the last real token
+            return x[torch.arange(x.shape[0], device=x.device), last]
+        scores = self.score(x).squeeze(-1).masked_fill(pad, float("-inf"))
+        return (scores.softmax(-1).unsqueeze(-1) * x).sum(1)
+
+
+class Combine(nn.Module):
+    """Merge K pooled (B, D) features: sum | concat (+ linear) | gate (softmax weights)."""
+
+    def __init__(self, cfg: ModelConfig, k: int):
+        super().__init__()
+        self.kind = cfg.combine
+        if self.kind == "concat":
+            self.proj = nn.Linear(k * cfg.d_model, cfg.d_model)
+        elif self.kind == "gate":
+            self.gate = nn.Linear(k * cfg.d_model, k)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.kind == "sum" or len(feats) == 1:
+            return torch.stack(feats).sum(0)
+        cat = torch.cat(feats, -1)
+        if self.kind == "concat":
+            return self.proj(cat)
+        weights = self.gate(cat).softmax(-1)  # (B, K)
+        return (torch.stack(feats, 1) * weights.unsqueeze(-1)).sum(1)
+
+
+class FusionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.use_text = cfg.modalities in ("both", "text")
+        self.use_image = cfg.modalities in ("both", "image")
+        fused = cfg.modalities == "both" and cfg.fusion_depth > 0
+        if self.use_text:
+            self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.LayerNorm(d), nn.Dropout(cfg.dropout))
+        if self.use_image:
+            self.image_proj = nn.Sequential(nn.Linear(cfg.image_dim, d), nn.LayerNorm(d), nn.Dropout(cfg.dropout))
+            self.image_self = _self_attention(cfg)
+        depth = cfg.fusion_depth
+        if fused:
+            self.text_to_image = nn.ModuleList(Route(cfg) for _ in range(depth))
+            self.image_to_text = nn.ModuleList(Route(cfg) for _ in range(depth))
+        elif cfg.modalities == "text":
+            self.text_self = nn.ModuleList(_self_attention(cfg) for _ in range(depth))
+        elif cfg.modalities == "image":
+            self.image_more = nn.ModuleList(_self_attention(cfg) for _ in range(max(depth - 1, 0)))
+        self.fused = fused
+        if self.use_text:
+            self.pool_text = Pool(cfg)
+        if self.use_image and not fused:
+            self.pool_image = Pool(cfg)
+        if fused:
+            self.pool_t2i, self.pool_i2t = Pool(cfg), Pool(cfg)
+        n_routes = 3 if fused else (2 if cfg.modalities == "both" else 1)
+        self.combine = Combine(cfg, n_routes)
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.GELU(),
+                                  nn.Dropout(cfg.dropout), nn.Linear(d, cfg.num_classes))
+
+    def forward(self, text, text_mask, image) -> torch.Tensor:
+        """text (B, L, Dt), text_mask (B, L) True = real token, image (B, T, Di) -> logits (B, C)."""
+        text_pad = ~text_mask.bool()
+        image = self._pool_grid(image)
+        image_pad = torch.zeros(image.shape[:2], dtype=torch.bool, device=image.device)
+        if self.training and self.cfg.token_dropout > 0:
+            text_pad = self._drop_tokens(text_pad)
+            image_pad = self._drop_tokens(image_pad)
+        feats: list[torch.Tensor] = []
+        if self.use_text:
+            t = self.text_proj(text)
+            for layer in getattr(self, "text_self", []):
+                t = layer(t, src_key_padding_mask=text_pad)
+            feats.append(self.pool_text(t, text_pad))
+        if self.use_image:
+            v = self.image_self(self.image_proj(image), src_key_padding_mask=image_pad)
+            for layer in getattr(self, "image_more", []):
+                v = layer(v, src_key_padding_mask=image_pad)
+            if not self.fused:
+                feats.append(self.pool_image(v, image_pad))
+        if self.fused:
+            t2i, i2t = t, v
+            for to_image, to_text in zip(self.text_to_image, self.image_to_text):
+                t2i, i2t = to_image(t2i, text_pad, i2t, image_pad), to_text(i2t, image_pad, t2i, text_pad)
+            feats += [self.pool_t2i(t2i, text_pad), self.pool_i2t(i2t, image_pad)]
+        return self.head(self.combine(feats))
+
+    def _drop_tokens(self, pad: torch.Tensor) -> torch.Tensor:
+        """Hide a random `token_dropout` share of the real tokens (never the first one)."""
+        drop = torch.rand(pad.shape, device=pad.device) < self.cfg.token_dropout
+        drop[:, 0] = False
+        return pad | drop
+
+    def _pool_grid(self, image: torch.Tensor) -> torch.Tensor:
+        """Average a square grid of image tokens (e.g. a CNN's 7x7) down to image_grid x image_grid."""
+        side = math.isqrt(image.shape[1])
+        k = self.cfg.image_grid
+        if k <= 0 or k >= side or side * side != image.shape[1]:
+            return image
+        grid = image.transpose(1, 2).reshape(image.shape[0], image.shape[2], side, side)
+        return F.adaptive_avg_pool2d(grid, k).flatten(2).transpose(1, 2)

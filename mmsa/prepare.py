@@ -1,0 +1,57 @@
+"""From a config to what training needs: the dataset, its cached features, seeded splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmsa.config import DataConfig
+from mmsa.data import Dataset, Example, load_dataset, split_train_val
+from mmsa.encoders import check_encoder_names
+from mmsa.features import FeatureSet, load_features
+
+
+@dataclass
+class Split:
+    """Rows of a FeatureSet, with labels (-1 where unknown) and guids, in a fixed order."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    guids: list[str]
+
+    @classmethod
+    def of(cls, features: FeatureSet, examples: list[Example]) -> "Split":
+        labels = np.array([-1 if ex.label is None else ex.label for ex in examples], dtype=np.int64)
+        guids = [ex.guid for ex in examples]
+        return cls(rows=features.rows(guids), labels=labels, guids=guids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class Prepared:
+    dataset: Dataset
+    features: FeatureSet
+    train: Split
+    val: Split | None
+    test: Split
+
+
+def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
+    """Load the dataset and its features (building the cache once), then split train/val.
+
+    Training pairs whose image turned out unreadable are dropped here and counted in the report.
+    """
+    check_encoder_names(cfg.text_encoder, cfg.image_encoder)
+    dataset = load_dataset(cfg.data_dir)
+    features = load_features(cfg, dataset)
+    unreadable = set(dataset.report.unreadable_image)
+    usable = [ex for ex in dataset.train if ex.guid not in unreadable]
+    dataset.report.skipped_train.extend(ex.guid for ex in dataset.train if ex.guid in unreadable)
+    fraction = cfg.val_fraction if val_fraction is None else val_fraction
+    train, val = split_train_val(usable, fraction, cfg.split_seed)
+    return Prepared(dataset=dataset, features=features, train=Split.of(features, train),
+                    val=Split.of(features, val) if val else None,
+                    test=Split.of(features, dataset.test))

@@ -1,0 +1,223 @@
+"""Train the fusion head on cached features: `fit(cfg, features, train, val, on_epoch)`.
+
+Pure: no Ray, no MLflow. Results leave through the return value and the `on_epoch` callback.
+CLI: `python -m mmsa.train --data DIR [--set key=value ...]`; last line `metrics=<json>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from mmsa.config import Config
+from mmsa.data import LABELS
+from mmsa.features import FeatureSet
+from mmsa.model import FusionModel
+from mmsa.prepare import Split
+
+EpochCallback = Callable[[int, dict], None]
+
+
+class TrainingError(RuntimeError):
+    """Training diverged (NaN/inf loss) or cannot proceed."""
+
+
+@dataclass
+class FitResult:
+    metrics: dict  # of the best epoch (or the last, without validation)
+    model: FusionModel  # with the best epoch's weights
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def class_weights(kind: str, labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """none | balanced (n / (k * count)) | sqrt (its square root); normalised to mean 1."""
+    if kind == "none":
+        return torch.ones(num_classes)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = len(labels) / (num_classes * np.maximum(counts, 1))
+    if kind == "sqrt":
+        w = np.sqrt(w)
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, prefix: str = "val_") -> dict:
+    ids = list(range(len(LABELS)))
+    per_class = f1_score(labels, preds, labels=ids, average=None, zero_division=0)
+    out = {f"{prefix}acc": float(accuracy_score(labels, preds)),
+           f"{prefix}macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0))}
+    out.update({f"{prefix}f1_{name}": float(v) for name, v in zip(LABELS, per_class)})
+    out[f"{prefix}confusion"] = confusion_matrix(labels, preds, labels=ids).tolist()
+    return out
+
+
+def gather(features: FeatureSet, rows: np.ndarray, device: torch.device):
+    """Batch tensors from the memory-mapped cache (rows sorted for locality by the caller)."""
+    mask = features.text_mask[rows]
+    length = max(int(mask.sum(1).max()), 1)  # texts are right-padded: drop all-pad columns
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+    return t(features.text[rows, :length]).float(), t(mask[:, :length]), t(features.image[rows]).float()
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_proba(model: FusionModel, features: FeatureSet, rows: np.ndarray, device: torch.device,
+                  batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = np.zeros((len(rows), model.cfg.num_classes), dtype=np.float32)
+    order = np.argsort(rows)
+    for s in range(0, len(rows), batch_size):
+        idx = order[s:s + batch_size]
+        with _autocast(device):
+            logits = model(*gather(features, rows[idx], device))
+        out[idx] = logits.float().softmax(-1).cpu().numpy()
+    return out
+
+
+def build_model(cfg: Config, features: FeatureSet) -> FusionModel:
+    cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
+    return FusionModel(cfg.model)
+
+
+def fit(cfg: Config, features: FeatureSet, train: Split, val: Split | None = None,
+        on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch."""
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    rng = np.random.default_rng(t.seed)
+    device = resolve_device(t.device)
+    model = build_model(cfg, features).to(device)
+    weights = class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device)
+    batch = min(t.batch_size, len(train))
+    micro = min(t.micro_batch or batch, batch)
+    steps_per_epoch = math.ceil(len(train) / batch)
+    total_steps = steps_per_epoch * t.max_epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_frac * total_steps), total_steps)
+
+    history: list[dict] = []
+    best: dict | None = None
+    best_state = None
+    stale = 0
+    last_epoch = t.stop_epoch or t.max_epochs
+    for epoch in range(1, last_epoch + 1):
+        start = time.perf_counter()
+        model.train()
+        order = rng.permutation(len(train))
+        loss_sum, seen = 0.0, 0
+        for s in range(0, len(order), batch):
+            step_idx = order[s:s + batch]
+            weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(0, len(step_idx), micro):
+                idx = np.sort(step_idx[m:m + micro])
+                rows = train.rows[idx]
+                y = torch.from_numpy(train.labels[idx]).to(device)
+                with _autocast(device):
+                    logits = model(*gather(features, rows, device))
+                per_example = F.cross_entropy(logits.float(), y, reduction="none",
+                                              label_smoothing=t.label_smoothing)
+                # Weighted mean over the whole effective batch, however it is split.
+                loss = (per_example * weights[y]).sum() / weight_total
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {s // batch + 1}")
+                loss.backward()
+                loss_sum += per_example.detach().sum().item()
+                seen += len(idx)
+            optimizer.step()
+            scheduler.step()
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                   "lr": scheduler.get_last_lr()[0]}
+        if val is not None and len(val):
+            probs = predict_proba(model, features, val.rows, device)
+            metrics.update(classification_metrics(val.labels, probs.argmax(1)))
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        history.append(metrics)
+        improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
+        if improved:
+            best, stale = metrics, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
+        if on_epoch is not None:
+            report = {**metrics, "final": int(stop)}
+            if val is not None:
+                report[f"best_{t.monitor}"] = best[t.monitor]
+            on_epoch(epoch, report)
+        if stop:
+            break
+    model.load_state_dict(best_state)
+    final = dict(best)
+    final.update(best_epoch=best["epoch"], epochs_run=len(history),
+                 mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))
+    return FitResult(metrics=final, model=model, history=history)
+
+
+def format_epoch(epoch: int, m: dict) -> str:
+    parts = [f"epoch {epoch:3d}", f"loss {m['train_loss']:.4f}"]
+    if "val_acc" in m:
+        parts += [f"val_acc {m['val_acc']:.4f}", f"val_macro_f1 {m['val_macro_f1']:.4f}"]
+    parts.append(f"{m['epoch_seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import resource
+    import sys
+
+    from mmsa.cli import config_from_args, quiet_libraries
+    from mmsa.prepare import prepare
+
+    quiet_libraries()
+    p = argparse.ArgumentParser(prog="python -m mmsa.train", description="One training run on cached features.")
+    p.add_argument("--data", help="dataset folder (default: data_dir of the config)")
+    p.add_argument("--config", help="YAML file of flat config keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set modalities=text (repeatable)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args.data, args.overrides, args.config)
+    t0 = time.perf_counter()
+    data = prepare(cfg.data)
+    print(f"data: {len(data.train)} train, {len(data.val) if data.val else 0} val, {len(data.test)} test; "
+          f"{data.dataset.report.summary()}", file=sys.stderr)
+    print(f"features ready in {time.perf_counter() - t0:.1f}s "
+          f"(text {data.features.text.shape}, image {data.features.image.shape})", file=sys.stderr)
+    result = fit(cfg, data.features, data.train, data.val, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True))
+    metrics = {k: v for k, v in result.metrics.items() if k != "epoch"}
+    metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print("metrics=" + json.dumps(metrics, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    from mmsa.cli import run_main
+    run_main(main)

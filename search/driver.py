@@ -1,0 +1,86 @@
+"""Ray Tune wiring: Tuner with Optuna (TPE) + ASHA over `train_trial`; start, resume, interrupt."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from search.progress import ProgressPrinter
+from search.searcher import make_searcher
+from search.tracking import MlflowTrialLogger, child_runs
+from search.trainable import TrialData, train_trial
+
+
+def make_scheduler(spec):
+    if spec.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+                         grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
+def make_trainable(spec, base, data):
+    trial_data = TrialData(guids=data.features.guids, text_dir=str(data.features.text_dir.resolve()),
+                           image_dir=str(data.features.image_dir.resolve()), train=data.train, val=data.val,
+                           base=base.to_flat(), threads=max(1, int(spec.cpu)))
+    resources = {"cpu": spec.cpu, "gpu": spec.gpu}
+    return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
+
+
+def start_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
+                  log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+
+
+def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id: str, ray_path: str,
+              address: str | None = None, resume: bool = False) -> bool:
+    """Run (or continue) the search. Returns True when it was interrupted before the end."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    metric = f"best_{spec.metric}"
+    logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat())
+    trainable = make_trainable(spec, base, data)
+    start_ray(address)
+    try:
+        if resume and tune.Tuner.can_restore(ray_path):
+            tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=spec.mode, num_samples=spec.num_samples,
+                    search_alg=ConcurrencyLimiter(make_searcher(spec), max_concurrent=spec.max_concurrent),
+                    scheduler=make_scheduler(spec), reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
+                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode)],
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    verbose=0))
+        previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        try:
+            tuner.fit()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        ray.shutdown()  # stops a local Ray; only disconnects from a cluster
+    # MLflow is the record: the search is complete when every trial has ended there.
+    client = MlflowClient(tracking_uri)
+    runs = child_runs(client, experiment_id, parent_id)
+    ended = {r.data.tags.get("mmsa.trial_id") for r in runs
+             if r.info.status in ("FINISHED", "FAILED")}
+    interrupted = len(ended) < spec.num_samples
+    if interrupted:
+        MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted()
+    return interrupted

@@ -1,0 +1,55 @@
+"""Progress lines a person can follow while trials run (a Ray Tune callback in the driver)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+from search.trainable import FINAL_KEY
+
+
+def _short(config: dict, limit: int = 6) -> str:
+    parts = []
+    for k, v in list(config.items())[:limit]:
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+class ProgressPrinter(Callback):
+    def __init__(self, metric: str, num_samples: int, mode: str = "max"):
+        self.metric, self.num_samples, self.mode = metric, num_samples, mode
+        self.start = time.time()
+
+    def __setstate__(self, state):  # a resumed search counts its time from the resume
+        self.__dict__.update(state)
+        self.start = time.time()
+
+    def _line(self, text: str) -> None:
+        elapsed = int(time.time() - self.start)
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=sys.stdout, flush=True)
+
+    def _summary(self, trials) -> str:
+        done = sum(t.status == "TERMINATED" for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        scored = [(t.last_result.get(self.metric), t.trial_id) for t in trials
+                  if t.last_result and t.last_result.get(self.metric) is not None]
+        best = ""
+        if scored:
+            value, trial_id = (max if self.mode == "max" else min)(scored)
+            best = f" | best {self.metric} {value:.4f} ({trial_id})"
+        return f"{done} ended, {failed} failed, {running} running of {self.num_samples}{best}"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(f"start {trial.trial_id}: {_short(trial.config)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        how = "completed" if last.get(FINAL_KEY) else "stopped early"
+        self._line(f"{how} {trial.trial_id} after {last.get('epoch', '?')} epochs: "
+                   f"{self.metric} {last.get(self.metric, float('nan')):.4f} | {self._summary(trials)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(f"FAILED {trial.trial_id} | {self._summary(trials)}")

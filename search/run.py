@@ -1,0 +1,131 @@
+"""`python -m search.run --space FILE`: the hyper-parameter search.
+
+Flow: validate the space file (before Ray) -> load the dataset and build the feature cache once
+-> MLflow parent run -> Ray Tune (Optuna TPE + ASHA) over the trainable -> pick the best trial,
+log best_config.yaml, metrics and plots on the parent. Last line: `parent_run_id=<id>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mmsa.cli import quiet_libraries, run_main
+from mmsa.errors import UserError
+
+RAY_STORAGE = "ray_results"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.splitlines()[0])
+    p.add_argument("--space", required=True, help="search-space YAML file (see spaces/fusion.yaml)")
+    p.add_argument("--data", help="dataset folder (default: data_dir of the space file)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: from the space file)")
+    p.add_argument("--max-epochs", type=int, help="epochs per trial at most (default: from the space file)")
+    p.add_argument("--address", help="Ray cluster to join: auto, or ray://host:port (default: start a local one)")
+    p.add_argument("--resume", action="store_true", help="continue the newest unfinished search of this space file")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: mmsa-search)")
+    p.add_argument("--storage", default=RAY_STORAGE, help="folder (or URI) for Ray's experiment state")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    args = parse_args(argv)
+    from search.space import check_against_data, load_space
+    spec = load_space(args.space)  # every config error surfaces here, before any heavy work
+    if args.data:
+        spec.data_dir = args.data
+    if args.num_samples is not None:
+        if args.num_samples <= 0:
+            raise UserError("--num-samples: must be > 0")
+        spec.num_samples = args.num_samples
+    if args.max_epochs is not None:
+        if args.max_epochs <= 0:
+            raise UserError("--max-epochs: must be > 0")
+        spec.max_epochs = args.max_epochs
+        spec.grace_period = min(spec.grace_period, spec.max_epochs)
+    base = spec.base_config()
+
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TAG_KIND, TAG_RAY_PATH, TAG_SPACE,
+                                 TAG_STATE, find_resumable_search, get_experiment_id, log_params,
+                                 prepare_tracking_uri)
+    tracking_uri = prepare_tracking_uri(args.tracking_uri or DEFAULT_TRACKING_URI)
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_experiment_id(client, args.experiment or DEFAULT_EXPERIMENT, tracking_uri)
+    space_key = str(Path(args.space).resolve())
+    parent = None
+    if args.resume:
+        parent = find_resumable_search(client, experiment_id, space_key)
+        if parent is None:
+            raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
+                            f"in experiment '{args.experiment or DEFAULT_EXPERIMENT}'")
+
+    from mmsa.prepare import prepare
+    t0 = time.time()
+    print(f"data: {base.data.data_dir}; preparing features (built once, then cached)", flush=True)
+    data = prepare(base.data)
+    check_against_data(spec, len(data.train))
+    print(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val pairs; features ready in "
+          f"{time.time() - t0:.1f}s; {data.dataset.report.summary()}", flush=True)
+    if data.val is None:
+        raise UserError(f"{spec.path}: a search needs a validation split (val_fraction > 0)")
+
+    if parent is None:
+        parent = client.create_run(experiment_id, run_name=f"search-{Path(args.space).stem}",
+                                   tags={TAG_KIND: "search", TAG_SPACE: space_key, TAG_STATE: "running"})
+        parent_id = parent.info.run_id
+        ray_path = os.path.join(os.path.abspath(args.storage) if "://" not in args.storage else args.storage,
+                                f"search-{parent_id[:12]}")
+        client.set_tag(parent_id, TAG_RAY_PATH, ray_path)
+        log_params(client, parent_id, {
+            "space_file": args.space, "num_samples": spec.num_samples, "max_epochs": spec.max_epochs,
+            "seed": spec.seed, "searcher": spec.searcher, "scheduler": spec.scheduler,
+            "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
+            "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+            "ray_results_path": ray_path, "address": args.address or "local"})
+        client.log_artifact(parent_id, str(spec.path), artifact_path="space")
+        client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
+    else:
+        parent_id = parent.info.run_id
+        ray_path = parent.data.tags[TAG_RAY_PATH]
+        client.set_tag(parent_id, TAG_STATE, "running")
+        client.update_run(parent_id, status="RUNNING")
+        print(f"resuming search {parent_id} from {ray_path}", flush=True)
+
+    from search.driver import run_tuner
+    interrupted = run_tuner(spec, base, data, tracking_uri, experiment_id, parent_id, ray_path,
+                            address=args.address, resume=args.resume)
+
+    from search.report import finalize_parent, top_table
+    if interrupted:
+        client.set_tag(parent_id, TAG_STATE, "interrupted")
+        client.set_terminated(parent_id, status="KILLED")
+        print(f"search interrupted; state saved. Continue it with: python -m search.run --space {args.space} "
+              f"--resume" + (f" --data {args.data}" if args.data else ""), flush=True)
+        print(f"parent_run_id={parent_id}", flush=True)
+        return 130
+    best, trials = finalize_parent(client, experiment_id, parent_id, spec)
+    client.set_tag(parent_id, TAG_STATE, "finished")
+    client.set_terminated(parent_id, status="FINISHED")
+    print(f"\ntop trials ({len(trials)} recorded, {time.time() - t0:.0f}s):", flush=True)
+    print(top_table(trials, spec.metric, list(spec.params), mode=spec.mode), flush=True)
+    if best is None:
+        print("no trial produced a score; see the failed runs in MLflow", flush=True)
+    else:
+        print(f"best: trial {best.trial_id}, best_{spec.metric} {best.score:.4f} "
+              f"(run {best.run_id}); best_config.yaml logged on the parent run", flush=True)
+    print(f"parent_run_id={parent_id}", flush=True)
+    return 0 if best is not None else 1
+
+
+if __name__ == "__main__":
+    run_main(main)

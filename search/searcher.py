@@ -1,0 +1,43 @@
+"""Optuna TPE behind Ray Tune, told the truth about trials that ASHA stopped early.
+
+Ray's stock `OptunaSearch.on_trial_complete` hands Optuna the last reported score of every
+trial as COMPLETE, including the truncated score of a trial the scheduler stopped after one
+epoch. TPE then ranks half-trained configs as if finished. Here such a trial reaches Optuna as
+PRUNED: its per-epoch values (reported as intermediate values) still inform TPE, as Optuna's own
+pruners would have it, but it is not counted as a final score.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from search.trainable import FINAL_KEY
+
+log = logging.getLogger(__name__)
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = bool(result) and not error and not result.get(FINAL_KEY)
+        if not stopped_early or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+    @property
+    def study(self):
+        return self._ot_study
+
+
+def make_searcher(spec) -> PruneAwareOptunaSearch:
+    import optuna
+    if spec.searcher == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+    return PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}",
+                                  mode=spec.mode, sampler=sampler)

@@ -1,0 +1,217 @@
+"""Search-space files: YAML -> a validated `SearchSpec`, refused with one line before Ray starts.
+
+A space file holds everything about a search: the fixed config values, the searched
+distributions, the searcher and scheduler settings, the number of trials, concurrency and
+per-trial resources. See spaces/fusion.yaml for every key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmsa.cli import read_yaml
+from mmsa.config import MONITORS, Config
+from mmsa.errors import ConfigError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
+TOP_KEYS = ("data_dir", "metric", "mode", "num_samples", "max_concurrent", "resources", "max_failures",
+            "seed", "scheduler", "searcher", "fixed", "params", "memory_budget")
+SCHEDULER_KEYS = ("type", "max_epochs", "grace_period", "reduction_factor")
+SEARCHER_KEYS = ("type", "n_startup_trials")
+RESOURCE_KEYS = ("cpu", "gpu")
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    values: list | None = None
+
+    def to_optuna(self):
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        if self.kind == "choice":
+            return CategoricalDistribution(self.values)
+        if self.kind in ("int", "logint"):
+            return IntDistribution(int(self.low), int(self.high), log=self.kind == "logint")
+        return FloatDistribution(float(self.low), float(self.high), log=self.kind == "loguniform")
+
+
+@dataclass
+class SearchSpec:
+    path: Path
+    data_dir: str | None = None
+    metric: str = "val_acc"
+    mode: str = "max"
+    num_samples: int = 20
+    max_concurrent: int = 2
+    cpu: float = 1.0
+    gpu: float = 0.0
+    max_failures: int = 0
+    seed: int = 0
+    scheduler: str = "asha"
+    max_epochs: int = 8
+    grace_period: int = 1
+    reduction_factor: int = 3
+    searcher: str = "tpe"
+    n_startup_trials: int = 8
+    memory_budget: str | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Param] = field(default_factory=dict)
+
+    def base_config(self) -> Config:
+        """The fixed values on top of the defaults (what every trial starts from)."""
+        cfg = Config.from_flat(self.fixed, source=f"{self.path}: fixed")
+        cfg.train.max_epochs = self.max_epochs
+        if self.data_dir is not None:
+            cfg.data.data_dir = self.data_dir
+        return cfg
+
+    def trial_config(self, sampled: dict[str, Any]) -> Config:
+        cfg = self.base_config()
+        cfg.update(sampled, source=f"{self.path}: params")
+        return cfg
+
+    def optuna_space(self) -> dict:
+        return {name: p.to_optuna() for name, p in self.params.items()}
+
+
+def _number(path: Path, where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{path}: {where} = {value!r} is not a number")
+    try:
+        out = float(value)
+    except ValueError:
+        raise ConfigError(f"{path}: {where} = {value!r} is not a number") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{path}: {where} = {value!r} is not a finite number")
+    return out
+
+
+def _check_keys(path: Path, where: str, data: Any, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: '{where}' must be a mapping")
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown key '{where + '.' if where else ''}{key}' "
+                              f"(known: {', '.join(allowed)})")
+    return data
+
+
+def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
+    where = f"params.{name}"
+    known = Config.known_keys()
+    if name not in known:
+        raise ConfigError(f"{path}: unknown key '{where}' (not a config key; known: {', '.join(sorted(known))})")
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{path}: '{where}' needs a 'type' ({', '.join(DISTRIBUTIONS)})")
+    kind = spec["type"]
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{path}: '{where}': unknown distribution '{kind}' (known: {', '.join(DISTRIBUTIONS)})")
+    if kind == "choice":
+        _check_keys(path, where, spec, ("type", "values"))
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: '{where}.values' must be a non-empty list")
+        candidates = values
+        param = Param(name, kind, values=list(values))
+    else:
+        _check_keys(path, where, spec, ("type", "low", "high"))
+        if "low" not in spec or "high" not in spec:
+            raise ConfigError(f"{path}: '{where}' needs 'low' and 'high'")
+        low, high = _number(path, f"{where}.low", spec["low"]), _number(path, f"{where}.high", spec["high"])
+        if low >= high:
+            raise ConfigError(f"{path}: '{where}': low ({spec['low']}) must be below high ({spec['high']})")
+        if kind in ("loguniform", "logint") and low <= 0:
+            raise ConfigError(f"{path}: '{where}': a log-scale bound must be positive (low = {spec['low']})")
+        if kind in ("int", "logint") and not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"{path}: '{where}': int bounds must be whole numbers")
+        candidates = [low, high]
+        param = Param(name, kind, low=low, high=high)
+    for value in candidates:  # every value must make a valid config (names, ranges, types)
+        try:
+            Config.from_flat({**fixed, name: value})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: '{where}': {str(e).split(': ', 1)[-1]}") from None
+    return param
+
+
+def load_space(path: str | Path) -> SearchSpec:
+    path = Path(path)
+    data = _check_keys(path, "", read_yaml(path), TOP_KEYS)
+    spec = SearchSpec(path=path)
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{path}: 'fixed' must be a mapping of config keys")
+    try:
+        Config.from_flat(fixed)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: fixed: {str(e).split(': ', 1)[-1]}") from None
+    spec.fixed = dict(fixed)
+    params = data.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: 'params' must be a mapping of config keys to distributions")
+    for name in params:
+        if name in fixed:
+            raise ConfigError(f"{path}: key '{name}' is both fixed and searched")
+    spec.params = {name: _parse_param(path, name, p, fixed) for name, p in params.items()}
+
+    for key, typ in (("data_dir", str), ("metric", str), ("mode", str), ("num_samples", int),
+                     ("max_concurrent", int), ("max_failures", int), ("seed", int), ("memory_budget", str)):
+        if key in data and data[key] is not None:
+            value = data[key]
+            if typ is int:
+                number = _number(path, key, value)
+                if not number.is_integer():
+                    raise ConfigError(f"{path}: '{key}' = {value!r} must be a whole number")
+                value = int(number)
+            setattr(spec, key, typ(value))
+    sched = _check_keys(path, "scheduler", data.get("scheduler") or {}, SCHEDULER_KEYS)
+    spec.scheduler = sched.get("type", spec.scheduler)
+    for key in ("max_epochs", "grace_period", "reduction_factor"):
+        if key in sched:
+            setattr(spec, key, int(_number(path, f"scheduler.{key}", sched[key])))
+    search = _check_keys(path, "searcher", data.get("searcher") or {}, SEARCHER_KEYS)
+    spec.searcher = search.get("type", spec.searcher)
+    if "n_startup_trials" in search:
+        spec.n_startup_trials = int(_number(path, "searcher.n_startup_trials", search["n_startup_trials"]))
+    res = _check_keys(path, "resources", data.get("resources") or {}, RESOURCE_KEYS)
+    spec.cpu = _number(path, "resources.cpu", res.get("cpu", spec.cpu))
+    spec.gpu = _number(path, "resources.gpu", res.get("gpu", spec.gpu))
+
+    checks = [
+        ("metric", spec.metric in MONITORS, f"one of {MONITORS}"),
+        ("mode", spec.mode in ("max", "min"), "max or min"),
+        ("num_samples", spec.num_samples > 0, "> 0"),
+        ("max_concurrent", spec.max_concurrent > 0, "> 0"),
+        ("max_failures", spec.max_failures >= 0, ">= 0"),
+        ("scheduler.type", spec.scheduler in ("asha", "fifo"), "asha or fifo"),
+        ("scheduler.max_epochs", spec.max_epochs > 0, "> 0"),
+        ("scheduler.grace_period", 0 < spec.grace_period <= spec.max_epochs, "in [1, max_epochs]"),
+        ("scheduler.reduction_factor", spec.reduction_factor >= 2, ">= 2"),
+        ("searcher.type", spec.searcher in ("tpe", "random"), "tpe or random"),
+        ("searcher.n_startup_trials", spec.n_startup_trials >= 0, ">= 0"),
+        ("resources.cpu", spec.cpu > 0, "> 0"),
+        ("resources.gpu", spec.gpu >= 0, ">= 0"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{path}: key '{key}' must be {expected}")
+    spec.base_config()  # the fixed values plus data_dir and max_epochs must make a valid config
+    return spec
+
+
+def check_against_data(spec: SearchSpec, n_train: int) -> None:
+    """Refuse settings the data cannot satisfy, e.g. a batch larger than the training split."""
+    sizes = [spec.base_config().train.batch_size]
+    if "batch_size" in spec.params:
+        p = spec.params["batch_size"]
+        sizes = p.values if p.kind == "choice" else [p.high]
+    too_big = [int(s) for s in sizes if int(s) > n_train]
+    if too_big:
+        raise ConfigError(f"{spec.path}: key 'batch_size': {max(too_big)} is larger than the "
+                          f"{n_train} training examples")

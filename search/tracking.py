@@ -1,0 +1,184 @@
+"""MLflow records of a search, written from the driver process only.
+
+One parent run per search; one child run per trial (all resolved params, per-epoch metrics with
+step = epoch, and how it ended: completed / stopped early / failed / interrupted). MLflow is the
+source of truth: the trial -> run map is rebuilt from it, so a resumed search continues the same
+parent and never records a finished trial twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from search.trainable import FINAL_KEY, scalar_metrics
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "mmsa-search"
+
+TAG_KIND = "mmsa.kind"  # search | trial | final
+TAG_STATE = "mmsa.state"  # on a search: running | interrupted | finished
+TAG_TRIAL = "mmsa.trial_id"
+TAG_ATTEMPT = "mmsa.attempt"
+TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | interrupted
+TAG_ERROR = "mmsa.error"
+TAG_SPACE = "mmsa.space"
+TAG_RAY_PATH = "mmsa.ray_path"
+TAG_BEST_RUN = "mmsa.best_trial_run_id"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_TAG_CHARS = 5000
+
+
+def prepare_tracking_uri(uri: str) -> str:
+    """Create the folder of a local sqlite store (MLflow does not)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def get_experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):  # artifacts beside the db, under mlruns/
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent.resolve() / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for s in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[s:s + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in scalar_metrics(metrics).items()
+             if math.isfinite(float(v))]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, kind: str = "trial") -> list:
+    return client.search_runs([experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+                                            f"and tags.`{TAG_KIND}` = '{kind}'",
+                              max_results=5000)
+
+
+def find_resumable_search(client: MlflowClient, experiment_id: str, space: str):
+    """The newest search of this space file that did not finish, or None."""
+    runs = client.search_runs([experiment_id],
+                              filter_string=f"tags.`{TAG_KIND}` = 'search' and tags.`{TAG_SPACE}` = '{space}'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        if run.data.tags.get(TAG_STATE) != "finished":
+            return run
+    return None
+
+
+class MlflowTrialLogger(Callback):
+    """Ray Tune callback (runs in the driver) that writes each trial as a child run.
+
+    Picklable: Ray saves callbacks with the experiment state; the client and the trial map are
+    rebuilt after a restore.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base: dict):
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+        self.parent_run_id, self.base = parent_run_id, base
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] | None = None  # trial id -> run id of its live attempt
+        self._attempts: dict[str, int] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_client"], state["_runs"], state["_attempts"] = None, None, {}
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _run_map(self) -> dict[str, str]:
+        if self._runs is None:
+            self._runs = {}
+            for run in child_runs(self.client, self.experiment_id, self.parent_run_id):
+                trial_id = run.data.tags.get(TAG_TRIAL)
+                self._attempts[trial_id] = max(self._attempts.get(trial_id, 0),
+                                               int(run.data.tags.get(TAG_ATTEMPT, "1")))
+                if run.info.status in ("RUNNING", "SCHEDULED"):
+                    self._runs[trial_id] = run.info.run_id
+        return self._runs
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        runs = self._run_map()
+        if trial.trial_id in runs:
+            return
+        attempt = self._attempts.get(trial.trial_id, 0) + 1
+        self._attempts[trial.trial_id] = attempt
+        name = f"trial-{trial.trial_id}" + (f"-attempt{attempt}" if attempt > 1 else "")
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            PARENT_TAG: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial.trial_id,
+            TAG_ATTEMPT: str(attempt)})
+        runs[trial.trial_id] = run.info.run_id
+        log_params(self.client, run.info.run_id, {**self.base, **trial.config})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_map().get(trial.trial_id)
+        if run_id:
+            log_metrics(self.client, run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+    def _end(self, trial, status: str, ended: str, error: str | None = None) -> None:
+        run_id = self._run_map().pop(trial.trial_id, None)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, TAG_ENDED, ended)
+        if error:
+            self.client.set_tag(run_id, TAG_ERROR, error[-MAX_TAG_CHARS:])
+        self.client.set_terminated(run_id, status=status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        self._end(trial, "FINISHED", "completed" if last.get(FINAL_KEY) else "stopped early")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED", "failed", error=trial_error_text(trial))
+
+    def mark_interrupted(self) -> int:
+        """Close the runs of trials cut off by an interruption; they rerun on --resume."""
+        runs = self._run_map()
+        for trial_id, run_id in list(runs.items()):
+            self.client.set_tag(run_id, TAG_ENDED, "interrupted")
+            self.client.set_terminated(run_id, status="KILLED")
+            runs.pop(trial_id)
+        return len(runs)
+
+
+def trial_error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    text = ""
+    if path:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            text = ""
+    if not text:
+        text = str(getattr(trial, "error_msg", "") or "unknown error")
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    # The exception line ends the traceback; keep it first so the UI shows it.
+    return (lines[-1] + "\n" + "\n".join(lines[:-1])) if lines else text
+
+
+def mlflow_configure(tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(prepare_tracking_uri(tracking_uri))

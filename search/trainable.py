@@ -1,0 +1,51 @@
+"""The Ray Tune trainable: a thin wrapper over `mmsa.train.fit` that reports every epoch.
+
+Trials receive the cache folders' paths, not the arrays: each trial memory-maps the same files,
+so N concurrent trials share one copy of the features through the OS page cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from ray import tune
+
+from mmsa.config import Config
+from mmsa.features import FeatureSet
+from mmsa.prepare import Split
+from mmsa.train import fit
+
+# Set on the last epoch a trial trains by its own decision (max_epochs or its own early
+# stopping). A trial whose last result lacks it was stopped by the scheduler.
+FINAL_KEY = "final"
+
+
+@dataclass
+class TrialData:
+    """What every trial needs, small enough to ship through the object store once."""
+
+    guids: list[str]
+    text_dir: str
+    image_dir: str
+    train: Split
+    val: Split
+    base: dict  # flat config: defaults + the space file's fixed values
+    threads: int
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def train_trial(config: dict, data: TrialData) -> None:
+    cfg = Config.from_flat({**data.base, **config}, source="trial config")
+    cfg.train.num_threads = data.threads
+    features = FeatureSet.open(data.guids, data.text_dir, data.image_dir)
+
+    def report(epoch: int, metrics: dict) -> None:
+        out = scalar_metrics(metrics)
+        out["val_confusion"] = np.asarray(metrics["val_confusion"]).tolist()
+        tune.report(out)
+
+    fit(cfg, features, data.train, data.val, on_epoch=report)

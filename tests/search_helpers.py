@@ -1,0 +1,38 @@
+"""Run real searches in subprocesses on the real-data subset, for the search and final tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_space(path: Path, data_dir: str, cache_dir: str, num_samples: int = 3, max_epochs: int = 2,
+                max_concurrent: int = 2, **extra) -> Path:
+    space = {
+        "data_dir": data_dir, "metric": "val_acc", "mode": "max", "num_samples": num_samples,
+        "max_concurrent": max_concurrent, "resources": {"cpu": 1}, "seed": 0,
+        "scheduler": {"type": "asha", "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
+        "searcher": {"type": "tpe", "n_startup_trials": 2},
+        "fixed": {"cache_dir": cache_dir, "max_text_len": 32, "val_fraction": 0.3, "d_model": 32, "heads": 2,
+                  "batch_size": 16},
+        "params": {"lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
+                   "pooling": {"type": "choice", "values": ["mean", "attention"]}},
+    }
+    space.update(extra)
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def search_cmd(space: Path, tmp: Path, *more: str) -> list[str]:
+    return [sys.executable, "-m", "search.run", "--space", str(space), "--tracking-uri",
+            f"sqlite:///{tmp}/mlruns/mlflow.db", "--storage", str(tmp / "ray_results"), *more]
+
+
+def run_search(space: Path, tmp: Path, *more: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(search_cmd(space, tmp, *more), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)

@@ -1,0 +1,30 @@
+import pytest
+
+from mmsa.config import Config, parse_overrides
+from mmsa.errors import ConfigError
+
+
+def test_flat_keys_route_to_sections():
+    cfg = Config.from_flat({"lr": "3e-4", "fusion_depth": "2", "text_encoder": "minilm", "dropout": 0.2})
+    assert cfg.train.lr == 3e-4 and cfg.model.fusion_depth == 2 and cfg.model.dropout == 0.2
+    assert Config.from_flat(cfg.to_flat()) == cfg
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"learning_rate": 1}, "unknown key 'learning_rate'"),
+    ({"pooling": "max"}, "key 'pooling'"),
+    ({"fusion_depth": 1.5}, "key 'fusion_depth'"),
+    ({"batch_size": "lots"}, "key 'batch_size'"),
+    ({"d_model": 30, "heads": 4}, "key 'd_model'"),
+    ({"lr": -1}, "key 'lr'"),
+])
+def test_bad_values_are_one_line_errors(values, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        Config.from_flat(values, source="x.yaml")
+    assert "\n" not in str(e.value) and str(e.value).startswith("x.yaml")
+
+
+def test_parse_overrides():
+    assert parse_overrides(["modalities=text", " lr = 1e-3 "]) == {"modalities": "text", "lr": "1e-3"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["oops"])

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from mmsa.encoders import (IMAGE_ENCODERS, TEXT_ENCODERS, _torchvision_resnet, build_image_encoder,
+                           build_text_encoder, check_encoder_names)
+from mmsa.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return build_text_encoder("minilm")
+
+
+def test_embedded_minilm_offline_shapes(minilm, monkeypatch):
+    batch = minilm.tokenize(["what a lovely day", ""], max_len=16)
+    hidden, mask = minilm(batch["input_ids"], batch["attention_mask"])
+    assert hidden.shape == (2, 16, 384) and mask.shape == (2, 16) and mask.dtype == torch.bool
+    assert mask[1].sum() == 2  # [CLS] [SEP] of the empty text
+    below, _ = minilm(batch["input_ids"], batch["attention_mask"], layers_from_top=2)
+    assert below.shape == hidden.shape and not torch.allclose(below, hidden)
+    assert len(minilm.top_layers(2)) == 2 and minilm.num_layers == 6
+
+
+def test_embedded_minilm_is_pretrained(minilm):
+    # A pretrained sentence encoder puts paraphrases closer than unrelated sentences.
+    texts = ["I love this sunny beach", "What a wonderful sunny beach", "The stock market fell sharply"]
+    batch = minilm.tokenize(texts, max_len=16)
+    hidden, mask = minilm(batch["input_ids"], batch["attention_mask"])
+    pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.2
+
+
+def test_embedded_efficientnet_offline_shapes():
+    enc = build_image_encoder("efficientnet_lite0")
+    pre = enc.preprocess
+    assert pre.size == 224 and pre.mean == (0.5, 0.5, 0.5)  # from the weights' own config
+    out = enc(torch.zeros(2, 3, pre.size, pre.size))
+    assert out.shape == (2, 49, 1280)
+    # Loaded weights, not timm's random init: BatchNorm running stats are not the defaults.
+    bn = dict(enc.backbone.named_buffers())["bn1.running_var"]
+    assert not torch.allclose(bn, torch.ones_like(bn))
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ConfigError, match="minilm"):
+        build_text_encoder("bert-nope")
+    with pytest.raises(ConfigError, match="efficientnet_lite0"):
+        check_encoder_names("minilm", "vgg99")
+    assert "resnet50" in IMAGE_ENCODERS and "minilm" in TEXT_ENCODERS
+
+
+def test_torchvision_resnet_random_weights():
+    enc = _torchvision_resnet("resnet18", pretrained=False)
+    assert enc.preprocess.size == 224 and enc.preprocess.resize == 256  # the weights enum's transforms
+    assert enc(torch.zeros(1, 3, 224, 224)).shape == (1, 49, 512)
+
+
+def _tiny_bert_dir(path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["good", "bad", "day"]
+    (path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_hf_text_encoder_tiny_random_bert(tmp_path):
+    enc = build_text_encoder(f"hf:{_tiny_bert_dir(tmp_path)}")
+    batch = enc.tokenize(["good day", "bad"], max_len=8)
+    hidden, mask = enc(batch["input_ids"], batch["attention_mask"], layers_from_top=1)
+    assert hidden.shape == (2, 8, 32) and mask.sum().item() == 4 + 3
+    assert json.loads(enc.fingerprint())["dim"] == 32
+    assert len(enc.top_layers(1)) == 1
+    with pytest.raises(ConfigError, match="has 2 layers"):
+        enc.top_layers(3)
+
+
+def test_hf_image_encoder_tiny_random_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=50),
+                     vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=8)
+    CLIPModel(cfg).save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    enc = build_image_encoder(f"hf:{tmp_path}")
+    assert enc.preprocess.size == 32 and enc.dim == 24
+    out = enc(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 1 + 16, 24)  # class token + 4x4 patches
+
+
+def test_hf_missing_model_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot load"):
+        build_text_encoder(f"hf:{tmp_path / 'absent'}")

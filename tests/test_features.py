@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmsa.encoders
+import mmsa.features
+from mmsa.config import DataConfig
+from mmsa.data import load_dataset
+from mmsa.features import load_features
+from tests.conftest import make_synthetic
+
+
+def test_subset_features_shapes_and_dtype(subset_prepared):
+    cfg, prepared = subset_prepared
+    f = prepared.features
+    n = len(prepared.dataset.all_examples)
+    assert f.text.shape == (n, cfg.max_text_len, 384) and f.text.dtype == np.float16
+    assert f.image.shape == (n, 49, 1280) and f.image.dtype == np.float16
+    assert isinstance(f.image, np.memmap) and f.has_image.all()
+    sample = f.image[:4].astype(np.float32)
+    assert np.isfinite(sample).all() and sample.std() > 0
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    root = make_synthetic(tmp_path / "ds", {"a": "positive", "b": "negative", "c": "neutral"}, test=["d"])
+    return DataConfig(data_dir=str(root), cache_dir=str(tmp_path / "cache"), max_text_len=8)
+
+
+def test_second_load_uses_the_cache(tiny, monkeypatch):
+    first = load_features(tiny, load_dataset(tiny.data_dir))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("features were recomputed although the cache was complete")
+    monkeypatch.setattr(mmsa.features, "_build_atomically", refuse)
+    second = load_features(tiny, load_dataset(tiny.data_dir))
+    assert second.text_dir == first.text_dir and np.array_equal(second.image, first.image)
+
+
+def test_killed_build_leaves_nothing_trusted(tiny, monkeypatch):
+    real = mmsa.encoders.build_image_encoder
+
+    def dying(name):
+        enc = real(name)
+        enc._features = lambda x: (_ for _ in ()).throw(KeyboardInterrupt())
+        return enc
+    monkeypatch.setattr(mmsa.encoders, "build_image_encoder", dying)
+    with pytest.raises(KeyboardInterrupt):
+        load_features(tiny, load_dataset(tiny.data_dir))
+    cache = [p.name for p in Path(tiny.cache_dir).iterdir()]
+    assert not any(".tmp-" in name for name in cache)
+    assert not any(name.startswith("image-") and not name.endswith(".json") for name in cache)
+    monkeypatch.setattr(mmsa.encoders, "build_image_encoder", real)
+    assert load_features(tiny, load_dataset(tiny.data_dir)).has_image.all()
+
+
+def test_incomplete_cache_is_rebuilt(tiny):
+    first = load_features(tiny, load_dataset(tiny.data_dir))
+    (first.image_dir / "meta.json").unlink()  # as if the build died before its last write
+    second = load_features(tiny, load_dataset(tiny.data_dir))
+    assert (second.image_dir / "meta.json").exists()
+    assert np.array_equal(np.asarray(second.image), np.asarray(first.image))
+
+
+def test_changed_data_gets_a_new_cache(tiny):
+    first = load_features(tiny, load_dataset(tiny.data_dir))
+    (Path(tiny.data_dir) / "data" / "a.txt").write_text("a completely different text")
+    second = load_features(tiny, load_dataset(tiny.data_dir))
+    assert second.text_dir != first.text_dir
+    assert second.image_dir == first.image_dir  # images unchanged: their cache stays valid
+
+
+def test_unreadable_image_is_reported_and_gets_blank_features(tiny):
+    (Path(tiny.data_dir) / "data" / "d.jpg").write_bytes(b"not a jpeg at all")
+    ds = load_dataset(tiny.data_dir)
+    feats = load_features(tiny, ds)
+    assert ds.report.unreadable_image == ["d"]
+    assert not feats.has_image[feats.rows(["d"])[0]] and feats.has_image[feats.rows(["a"])[0]]

@@ -1,0 +1,69 @@
+import itertools
+
+import pytest
+import torch
+
+from mmsa.config import COMBINES, MODALITIES, POOLINGS, ModelConfig
+from mmsa.model import FusionModel
+
+
+def _inputs(b=3, L=7, T=5, dt=12, di=10):
+    torch.manual_seed(0)
+    mask = torch.ones(b, L, dtype=torch.bool)
+    mask[0, 4:] = False  # a padded text
+    return torch.randn(b, L, dt), mask, torch.randn(b, T, di)
+
+
+@pytest.mark.parametrize("pooling,depth,modalities", list(itertools.product(POOLINGS, (0, 1, 2), MODALITIES)))
+def test_every_pooling_depth_modality_gives_logits(pooling, depth, modalities):
+    cfg = ModelConfig(d_model=16, heads=2, fusion_depth=depth, pooling=pooling, modalities=modalities,
+                      text_dim=12, image_dim=10, token_dropout=0.2)
+    model = FusionModel(cfg)
+    text, mask, image = _inputs()
+    logits = model(text, mask, image)
+    assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+    logits.sum().backward()  # trains end to end
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_combines(combine):
+    model = FusionModel(ModelConfig(d_model=16, heads=2, combine=combine, text_dim=12, image_dim=10))
+    assert model(*_inputs()).shape == (3, 3)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_padding_does_not_change_the_output(pooling):
+    model = FusionModel(ModelConfig(d_model=16, heads=2, pooling=pooling, text_dim=12, image_dim=10)).eval()
+    text, mask, image = _inputs(b=1)
+    mask[0, 4:] = False
+    garbage = text.clone()
+    garbage[0, 4:] = 100.0  # what sits under padding must not matter
+    with torch.no_grad():
+        assert torch.allclose(model(text, mask, image), model(garbage, mask, image), atol=1e-5)
+
+
+def test_modalities_ignore_the_other_side():
+    text, mask, image = _inputs()
+    for modalities, changed in (("text", "image"), ("image", "text")):
+        model = FusionModel(ModelConfig(d_model=16, heads=2, modalities=modalities, text_dim=12,
+                                        image_dim=10)).eval()
+        with torch.no_grad():
+            a = model(text, mask, image)
+            b = model(text if changed == "image" else text + 1, mask, image + 1 if changed == "image" else image)
+        assert torch.allclose(a, b)
+
+
+def test_routes_have_their_own_modules():
+    model = FusionModel(ModelConfig(d_model=16, heads=2, fusion_depth=2, text_dim=12, image_dim=10))
+    ids = {id(m) for m in list(model.text_to_image) + list(model.image_to_text)}
+    assert len(ids) == 4
+
+
+def test_image_grid_pooling():
+    model = FusionModel(ModelConfig(d_model=16, heads=2, image_grid=3, text_dim=12, image_dim=10))
+    text, mask, _ = _inputs()
+    image = torch.randn(3, 49, 10)
+    assert model._pool_grid(image).shape == (3, 9, 10)
+    assert torch.allclose(model._pool_grid(image).mean(1), image.mean(1), atol=0.2)
+    assert model(text, mask, image).shape == (3, 3)

@@ -1,0 +1,85 @@
+import os
+import signal
+import subprocess
+import time
+
+from mlflow.tracking import MlflowClient
+
+from search.tracking import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL, child_runs
+from tests.search_helpers import ROOT, run_search, search_cmd, write_space
+
+
+def test_smoke_search_is_recorded_in_mlflow(smoke_search):
+    tmp, uri, parent_id, out = smoke_search
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    assert parent.data.tags[TAG_KIND] == "search" and parent.data.tags[TAG_STATE] == "finished"
+    assert parent.info.status == "FINISHED"
+    assert 0 <= parent.data.metrics["best_val_acc"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"best_config.yaml", "space", "plots", "data_report.json"} <= artifacts
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(parent_id, "plots"))
+
+    children = child_runs(client, parent.info.experiment_id, parent_id)
+    assert len(children) == 4 and len({c.data.tags[TAG_TRIAL] for c in children}) == 4
+    for child in children:
+        assert child.data.tags[TAG_ENDED] in ("completed", "stopped early")
+        assert child.data.params["d_model"] == "32" and "lr" in child.data.params
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 2
+        if child.data.tags[TAG_ENDED] == "completed":
+            assert len(steps) == 2
+    best = max(c.data.metrics["best_val_acc"] for c in children)
+    assert parent.data.metrics["best_val_acc"] == best
+    assert "top trials" in out.stdout and "rank" in out.stdout
+
+
+def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared, tmp_path):
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5,
+                        max_epochs=2, max_concurrent=1)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    proc = subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    finished_before = []
+    while time.time() < deadline:
+        time.sleep(1)
+        if not os.path.exists(f"{tmp_path}/mlruns/mlflow.db"):
+            continue
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("mmsa-search")
+        if exp is None:
+            continue
+        runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'trial'")
+        finished_before = [r for r in runs if r.info.status == "FINISHED"]
+        if len(finished_before) >= 2:
+            break
+    assert finished_before, "no trial finished in time"
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    parent_id = output.strip().splitlines()[-1].split("=", 1)[1]
+    client = MlflowClient(uri)
+    assert client.get_run(parent_id).data.tags[TAG_STATE] == "interrupted"
+    finished_before = {r.data.tags[TAG_TRIAL]: r.info.run_id for r in
+                       child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+                       if r.info.status == "FINISHED"}
+
+    out = run_search(space, tmp_path, "--resume")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == f"parent_run_id={parent_id}"  # the same parent run
+    parent = client.get_run(parent_id)
+    assert parent.data.tags[TAG_STATE] == "finished"
+    children = child_runs(client, parent.info.experiment_id, parent_id)
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert len({c.data.tags[TAG_TRIAL] for c in done}) == len(done) == 5  # every trial once
+    for trial_id, run_id in finished_before.items():  # finished before the kill: kept, not rerun
+        assert [c.info.run_id for c in done if c.data.tags[TAG_TRIAL] == trial_id] == [run_id]
+    searches = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_KIND}` = 'search'")
+    assert len(searches) == 1
+
+
+def test_resume_with_nothing_to_resume(subset_dir, subset_cache, tmp_path):
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache))
+    out = run_search(space, tmp_path, "--resume", timeout=120)
+    assert out.returncode == 2 and "no unfinished search" in out.stderr

@@ -1,0 +1,95 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmsa.errors import ConfigError
+from search.space import check_against_data, load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = """
+num_samples: 3
+scheduler: {type: asha, max_epochs: 3}
+fixed: {d_model: 64}
+params:
+  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+  pooling: {type: choice, values: [mean, attention]}
+  fusion_depth: {type: int, low: 0, high: 2}
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_spaces_load():
+    for name in ("fusion.yaml", "smoke.yaml"):
+        spec = load_space(ROOT / "spaces" / name)
+        for key in ("lr", "batch_size", "fusion_depth", "pooling", "class_weights"):
+            if name == "fusion.yaml":
+                assert key in spec.params, key
+        assert spec.optuna_space()
+
+
+def test_good_space(tmp_path):
+    spec = load_space(_write(tmp_path, GOOD))
+    assert spec.num_samples == 3 and spec.max_epochs == 3 and spec.fixed == {"d_model": 64}
+    cfg = spec.trial_config({"lr": 1e-3, "pooling": "attention", "fusion_depth": 2})
+    assert cfg.model.d_model == 64 and cfg.model.pooling == "attention" and cfg.train.max_epochs == 3
+
+
+@pytest.mark.parametrize("text,match", [
+    ("num_samples: 3\nwhatever: 1\n", "unknown key 'whatever'"),
+    ("params:\n  learning_rate: {type: uniform, low: 0, high: 1}\n", "unknown key 'params.learning_rate'"),
+    ("params:\n  lr: {type: uniform, low: 0.1, high: 0.01}\n", "params.lr.*low"),
+    ("params:\n  lr: {type: loguniform, low: 0, high: 0.01}\n", "params.lr.*log-scale bound must be positive"),
+    ("params:\n  lr: {type: gaussian, low: 0, high: 1}\n", "unknown distribution 'gaussian'"),
+    ("params:\n  pooling: {type: choice, values: [mean, max]}\n", "params.pooling.*'pooling'"),
+    ("params:\n  fusion_depth: {type: int, low: 0.5, high: 2}\n", "whole numbers"),
+    ("params:\n  lr: {type: uniform, low: 0.1}\n", "needs 'low' and 'high'"),
+    ("fixed: {pooling: max}\n", "fixed.*pooling"),
+    ("fixed: {image_encoder: vgg99}\n", ""),
+    ("scheduler: {type: hyperband}\n", "scheduler.type"),
+    ("scheduler: {max_epochs: 3, grace_period: 5}\n", "grace_period"),
+    ("num_samples: lots\n", "num_samples"),
+    ("params: [1, 2]\n", "params"),
+    ("fixed: {lr: 0.1}\nparams:\n  lr: {type: uniform, low: 0.01, high: 0.1}\n", "both fixed and searched"),
+    ("a: [1, 2\n", "invalid YAML"),
+])
+def test_bad_spaces_are_refused_with_one_line(tmp_path, text, match):
+    path = _write(tmp_path, text)
+    if "vgg99" in text:  # encoder names are checked before any data work, in prepare()
+        from mmsa.encoders import check_encoder_names
+        spec = load_space(path)
+        with pytest.raises(ConfigError, match="vgg99"):
+            check_encoder_names(spec.base_config().data.text_encoder, spec.base_config().data.image_encoder)
+        return
+    with pytest.raises(ConfigError, match=match) as e:
+        load_space(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_space_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_space(tmp_path / "absent.yaml")
+
+
+def test_batch_size_larger_than_the_data(tmp_path):
+    spec = load_space(_write(tmp_path, "params:\n  batch_size: {type: choice, values: [16, 512]}\n"))
+    with pytest.raises(ConfigError, match="batch_size.*512.*100 training"):
+        check_against_data(spec, 100)
+
+
+def test_cli_refuses_bad_space_before_ray(tmp_path):
+    path = _write(tmp_path, "params:\n  lr: {type: loguniform, low: -1, high: 0.01}\n")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "search.run", "--space", str(path),
+                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert str(path) in out.stderr and "params.lr" in out.stderr and "Traceback" not in out.stderr
+    assert "ray" not in out.stdout.lower() and time.time() - start < 60

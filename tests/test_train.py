@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mmsa.config import Config
+from mmsa.train import TrainingError, class_weights, classification_metrics, fit, predict_proba
+
+
+def _cfg(data_cfg, **train):
+    cfg = Config(data=data_cfg)
+    cfg.model.d_model, cfg.model.heads = 32, 2
+    for k, v in train.items():
+        setattr(cfg.train if hasattr(cfg.train, k) else cfg.model, k, v)
+    return cfg
+
+
+def test_one_epoch_metrics_are_computed_not_assumed(subset_prepared):
+    data_cfg, p = subset_prepared
+    epochs = []
+    result = fit(_cfg(data_cfg, max_epochs=1, batch_size=16), p.features, p.train, p.val,
+                 on_epoch=lambda e, m: epochs.append(m))
+    m = result.metrics
+    probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
+    expected = classification_metrics(p.val.labels, probs.argmax(1))
+    assert m["val_acc"] == pytest.approx(expected["val_acc"])
+    assert m["val_macro_f1"] == pytest.approx(expected["val_macro_f1"])
+    assert np.asarray(m["val_confusion"]).sum() == len(p.val)
+    assert epochs[0]["final"] == 1 and m["epochs_run"] == 1 and np.isfinite(m["train_loss"])
+
+
+def test_accumulation_matches_the_full_batch(subset_prepared):
+    data_cfg, p = subset_prepared
+    train = replace(p.train, rows=p.train.rows[:16], labels=p.train.labels[:16], guids=p.train.guids[:16])
+    models = []
+    for micro in (0, 4):
+        cfg = _cfg(data_cfg, max_epochs=1, batch_size=16, micro_batch=micro, dropout=0.0, warmup_frac=0.0)
+        models.append(fit(cfg, p.features, train, None).model.state_dict())
+    for key in models[0]:
+        assert torch.allclose(models[0][key], models[1][key], atol=1e-5), key
+
+
+def test_class_weights():
+    labels = np.array([0] * 8 + [1] * 2 + [2] * 4)
+    assert torch.allclose(class_weights("none", labels, 3), torch.ones(3))
+    balanced = class_weights("balanced", labels, 3)
+    assert balanced[1] > balanced[2] > balanced[0] and balanced.mean() == pytest.approx(1)
+    sqrt = class_weights("sqrt", labels, 3)
+    assert sqrt[1] / sqrt[0] == pytest.approx((balanced[1] / balanced[0]).sqrt())
+
+
+def test_nan_loss_raises(subset_prepared):
+    data_cfg, p = subset_prepared
+    broken = replace(p.features, text=np.full(p.features.text.shape, np.nan, dtype=np.float16))
+    with pytest.raises(TrainingError, match="loss became nan"):
+        fit(_cfg(data_cfg, max_epochs=1), broken, p.train, p.val)
+
+
+def test_early_stopping_and_best_epoch(subset_prepared):
+    data_cfg, p = subset_prepared
+    seen = []
+    result = fit(_cfg(data_cfg, max_epochs=6, patience=1, lr=3e-3), p.features, p.train, p.val,
+                 on_epoch=lambda e, m: seen.append(m))
+    m = result.metrics
+    assert m["epochs_run"] == len(seen) and seen[-1]["final"] == 1
+    assert m["val_acc"] == max(s["val_acc"] for s in seen)
+    if m["epochs_run"] < 6:  # it stopped: exactly one epoch without improvement after the best
+        assert m["epochs_run"] == m["best_epoch"] + 1
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mmsa.train", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_last_line_is_metrics_json(subset_prepared):
+    data_cfg, _ = subset_prepared
+    out = _run_cli("--data", data_cfg.data_dir, "--set", "max_epochs=1", "--set", f"cache_dir={data_cfg.cache_dir}",
+                   "--set", "max_text_len=32", "--set", "val_fraction=0.3", "--set", "modalities=text")
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("metrics=")
+    metrics = json.loads(last[len("metrics="):])
+    assert 0 <= metrics["val_acc"] <= 1 and 0 <= metrics["val_macro_f1"] <= 1
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    out = _run_cli("--data", str(tmp_path), "--set", "pooling=max")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "pooling" in out.stderr and "Traceback" not in out.stderr
+    out = _run_cli("--data", str(tmp_path / "absent"))
+    assert out.returncode == 2 and "dataset folder not found" in out.stderr
