@@ -1,4 +1,3 @@
-import os
 import signal
 import subprocess
 import time
@@ -38,19 +37,15 @@ def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_di
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5,
                         max_epochs=2, max_concurrent=1)
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir()
+    experiment_id = MlflowClient(uri).create_experiment("mmsa-search")  # db ready before two processes use it
     proc = subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     finished_before = []
     while time.time() < deadline:
         time.sleep(1)
-        if not os.path.exists(f"{tmp_path}/mlruns/mlflow.db"):
-            continue
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("mmsa-search")
-        if exp is None:
-            continue
-        runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'trial'")
+        runs = MlflowClient(uri).search_runs([experiment_id], f"tags.`{TAG_KIND}` = 'trial'")
         finished_before = [r for r in runs if r.info.status == "FINISHED"]
         if len(finished_before) >= 2:
             break

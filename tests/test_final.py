@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from search.tracking import TAG_KIND, child_runs
+from tests.search_helpers import ROOT
+
+
+def _final(uri, run_id, out, *more):
+    return subprocess.run([sys.executable, "-m", "mmsa.final", "--run-id", run_id, "--tracking-uri", uri,
+                           "--out", str(out), *more], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _check_predictions(path, subset_dir):
+    expected = [ln.split(",")[0] for ln in (subset_dir / "test_without_label.txt").read_text().split()[1:]]
+    lines = path.read_text().splitlines()
+    assert lines[0] == "guid,tag"
+    rows = [ln.split(",") for ln in lines[1:]]
+    assert [g for g, _ in rows] == expected
+    assert {t for _, t in rows} <= {"positive", "neutral", "negative"}
+
+
+def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
+    tmp, uri, parent_id, _ = smoke_search
+    out = _final(uri, parent_id, tmp_path / "pred.txt")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == f"predictions={tmp_path / 'pred.txt'}"
+    assert "class balance" in out.stdout
+    _check_predictions(tmp_path / "pred.txt", subset_dir)
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    finals = child_runs(client, exp, parent_id, kind="final")
+    assert len(finals) == 1
+    run_id = finals[0].info.run_id
+    local = client.download_artifacts(run_id, "model/model.pt", str(tmp_path))
+    ckpt = torch.load(local, weights_only=True)
+    assert set(ckpt) == {"model", "config", "labels"} and ckpt["config"]["d_model"] == 32
+    assert {a.path for a in client.list_artifacts(run_id, "predictions")} == {"predictions/pred.txt"}
+
+
+def test_final_from_one_trial(smoke_search, subset_dir, tmp_path):
+    tmp, uri, parent_id, _ = smoke_search
+    client = MlflowClient(uri)
+    trial = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)[0]
+    out = _final(uri, trial.info.run_id, tmp_path / "p.txt")
+    assert out.returncode == 0, out.stderr[-3000:]
+    _check_predictions(tmp_path / "p.txt", subset_dir)
+
+
+@pytest.mark.parametrize("case", ["unknown", "no-config", "deleted"])
+def test_bad_run_ids_are_refused(smoke_search, tmp_path, case):
+    tmp, uri, parent_id, _ = smoke_search
+    client = MlflowClient(uri)
+    run_id = "0" * 32
+    if case != "unknown":
+        run = client.create_run(client.get_run(parent_id).info.experiment_id)
+        client.set_terminated(run.info.run_id)
+        run_id = run.info.run_id
+        if case == "deleted":
+            client.set_tag(run_id, TAG_KIND, "trial")
+            client.delete_run(run_id)
+    out = _final(uri, run_id, tmp_path / "p.txt")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and run_id in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "p.txt").exists()
