@@ -17,6 +17,7 @@ COMBINES = ("sum", "concat", "gate")
 MODALITIES = ("both", "text", "image")
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 MONITORS = ("val_acc", "val_macro_f1")
+FINETUNES = ("none", "last_k", "full")
 
 
 @dataclass
@@ -27,8 +28,12 @@ class DataConfig:
     text_encoder: str = "minilm"
     image_encoder: str = "efficientnet_lite0"
     max_text_len: int = 64
-    # Train the last k text-encoder layers with the head; the cache holds what enters them.
-    text_finetune_layers: int = 0
+    text_clean: bool = True  # URLs, @mentions, 'RT', '#' normalised before tokenizing
+    # none: train the head on cached frozen features. last_k: also train the top
+    # `text_finetune_layers` text-encoder layers (the cache holds what enters them). full: run and
+    # train both backbones per batch, no cache (for GPU machines).
+    finetune: str = "none"
+    text_finetune_layers: int = 2
     cache_dir: str = ".cache/mmsa-features"
 
 
@@ -43,7 +48,10 @@ class ModelConfig:
     dropout: float = 0.1
     image_grid: int = 0  # average a square grid of image tokens down to k x k; 0: keep all
     token_dropout: float = 0.0  # training only: share of text/image tokens hidden per example
-    # Set from the feature cache, not by users.
+    text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers
+    # Set from the data config and the feature cache, not by users.
+    text_encoder: str = "minilm"
+    text_layers: int = 0  # top text-encoder layers trained with the head (data.text_finetune_layers)
     text_dim: int = 384
     image_dim: int = 1280
     num_classes: int = 3
@@ -60,6 +68,7 @@ class TrainConfig:
     warmup_frac: float = 0.1
     class_weights: str = "sqrt"
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and kept; 0: off
     patience: int = 4  # epochs without improvement of `monitor` before stopping; 0: never
     monitor: str = "val_acc"
     seed: int = 0
@@ -120,6 +129,7 @@ class Config:
             ("fusion_depth", m.fusion_depth >= 0, ">= 0"),
             ("dropout", 0 <= m.dropout < 1, "in [0, 1)"),
             ("image_grid", m.image_grid >= 0, ">= 0"),
+            ("text_lr_scale", m.text_lr_scale > 0, "> 0"),
             ("token_dropout", 0 <= m.token_dropout < 1, "in [0, 1)"),
             ("lr", t.lr > 0, "> 0"),
             ("weight_decay", t.weight_decay >= 0, ">= 0"),
@@ -128,11 +138,13 @@ class Config:
             ("max_epochs", t.max_epochs > 0, "> 0"),
             ("stop_epoch", 0 <= t.stop_epoch <= t.max_epochs, "in [0, max_epochs]"),
             ("warmup_frac", 0 <= t.warmup_frac < 1, "in [0, 1)"),
+            ("ema", 0 <= t.ema < 1, "in [0, 1)"),
             ("label_smoothing", 0 <= t.label_smoothing < 1, "in [0, 1)"),
             ("patience", t.patience >= 0, ">= 0"),
             ("val_fraction", 0 <= d.val_fraction < 1, "in [0, 1)"),
             ("max_text_len", d.max_text_len >= 4, ">= 4"),
-            ("text_finetune_layers", d.text_finetune_layers >= 0, ">= 0"),
+            ("finetune", d.finetune in FINETUNES, f"one of {FINETUNES}"),
+            ("text_finetune_layers", d.text_finetune_layers >= 1, ">= 1"),
         ]
         for key, ok, expected in checks:
             if not ok:

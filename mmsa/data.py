@@ -6,6 +6,7 @@ DIR/test_without_label.txt ("guid,null" rows).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,21 @@ class Dataset:
     @property
     def all_examples(self) -> list[Example]:
         return self.train + self.test
+
+
+_URL = re.compile(r"(?:https?://|www\.)\S*|\bhttps?:/*\S*", re.IGNORECASE)
+_MENTION = re.compile(r"@\w+")
+_RETWEET = re.compile(r"^RT\s+@user:?\s*")
+
+
+def normalize_tweet(text: str) -> str:
+    """Tweet noise out, words in: URLs -> 'http', @mentions -> '@user', a leading 'RT @user:'
+    dropped, '#word' -> 'word' (hashtags often carry the sentiment), spaces collapsed."""
+    text = _URL.sub("http", text)
+    text = _MENTION.sub("@user", text)
+    text = _RETWEET.sub("", text)
+    text = re.sub(r"#(\w)", r"\1", text)
+    return " ".join(text.split())
 
 
 def decode_text(raw: bytes) -> tuple[str, str]:
@@ -198,6 +214,11 @@ def split_train_val(examples: list[Example], val_fraction: float, seed: int
     if val_fraction <= 0:
         return list(examples), []
     labels = [ex.label for ex in examples]
-    train, val = train_test_split(examples, test_size=val_fraction, random_state=seed,
-                                  stratify=labels)
+    counts = Counter(labels)
+    n_val = max(1, round(val_fraction * len(examples)))
+    if len(examples) < 2:
+        raise DataError(f"only {len(examples)} usable labeled pair(s): too few to hold out a validation split")
+    # Stratify where every class can be on both sides; tiny data falls back to a seeded shuffle.
+    stratify = labels if min(counts.values()) >= 2 and len(counts) <= n_val <= len(examples) - len(counts) else None
+    train, val = train_test_split(examples, test_size=n_val, random_state=seed, stratify=stratify)
     return list(train), list(val)

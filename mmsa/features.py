@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmsa.config import DataConfig
-from mmsa.data import Dataset, Example
+from mmsa.data import Dataset, Example, normalize_tweet
 
 FORMAT_VERSION = 1
 
@@ -64,6 +64,15 @@ class FeatureSet:
         index = {g: i for i, g in enumerate(self.guids)}
         return np.array([index[g] for g in guids], dtype=np.int64)
 
+    def batch(self, rows: np.ndarray, device: torch.device):
+        """Model inputs for these rows (sorted by the caller for locality), float32 on `device`."""
+        mask = self.text_mask[rows]
+        length = max(int(mask.sum(1).max()), 1)  # texts are right-padded: drop all-pad columns
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+        return t(self.text[rows, :length]).float(), t(mask[:, :length]), t(self.image[rows]).float()
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.text, self.text_mask, self.image, self.has_image))
@@ -75,10 +84,6 @@ def _hash(*parts: str | bytes) -> str:
         h.update(p.encode("utf-8", "surrogatepass") if isinstance(p, str) else p)
         h.update(b"\0")
     return h.hexdigest()
-
-
-def text_content_hash(examples: list[Example]) -> str:
-    return _hash(*(f"{ex.guid}\t{ex.text}" for ex in examples))
 
 
 def image_content_hash(examples: list[Example]) -> str:
@@ -179,8 +184,10 @@ def _get_or_build(cache_root: Path, base: str, n: int, prepare) -> tuple[dict, P
 
 def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
     from mmsa.encoders import build_text_encoder
-    layers, n, L = cfg.text_finetune_layers, len(examples), cfg.max_text_len
-    content = text_content_hash(examples)
+    layers = cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
+    n, L = len(examples), cfg.max_text_len
+    texts = [normalize_tweet(ex.text) if cfg.text_clean else ex.text for ex in examples]
+    content = _hash(*(f"{ex.guid}\t{text}" for ex, text in zip(examples, texts)))
 
     def prepare():
         encoder = build_text_encoder(cfg.text_encoder)
@@ -190,7 +197,7 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
             mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, L))
             with _progress(n, f"text features ({cfg.text_encoder})") as bar:
                 for s in range(0, n, batch_size):
-                    batch = encoder.tokenize([ex.text for ex in examples[s:s + batch_size]], L)
+                    batch = encoder.tokenize(texts[s:s + batch_size], L)
                     hidden, m = encoder(batch["input_ids"], batch["attention_mask"], layers)
                     tokens[s:s + len(hidden)] = hidden.numpy().astype(np.float16)
                     mask[s:s + len(hidden)] = m.numpy()

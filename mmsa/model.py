@@ -102,6 +102,10 @@ class FusionModel(nn.Module):
         self.use_text = cfg.modalities in ("both", "text")
         self.use_image = cfg.modalities in ("both", "image")
         fused = cfg.modalities == "both" and cfg.fusion_depth > 0
+        if self.use_text and cfg.text_layers > 0:
+            from mmsa.encoders import build_text_encoder
+            # Initialised from the pretrained backbone; the cache holds what enters these layers.
+            self.text_top = build_text_encoder(cfg.text_encoder).top_layers(cfg.text_layers)
         if self.use_text:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.LayerNorm(d), nn.Dropout(cfg.dropout))
         if self.use_image:
@@ -137,6 +141,8 @@ class FusionModel(nn.Module):
             image_pad = self._drop_tokens(image_pad)
         feats: list[torch.Tensor] = []
         if self.use_text:
+            if hasattr(self, "text_top"):
+                text = self._run_text_top(text, text_mask)
             t = self.text_proj(text)
             for layer in getattr(self, "text_self", []):
                 t = layer(t, src_key_padding_mask=text_pad)
@@ -168,3 +174,11 @@ class FusionModel(nn.Module):
             return image
         grid = image.transpose(1, 2).reshape(image.shape[0], image.shape[2], side, side)
         return F.adaptive_avg_pool2d(grid, k).flatten(2).transpose(1, 2)
+
+    def _run_text_top(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # An additive (B, 1, 1, L) mask works with both the eager and the sdpa attention of HF.
+        additive = (~mask.bool())[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        for layer in self.text_top:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden

@@ -33,7 +33,7 @@ class Split:
 @dataclass
 class Prepared:
     dataset: Dataset
-    features: FeatureSet
+    features: FeatureSet  # or a mmsa.finetune.RawSource when finetune=full
     train: Split
     val: Split | None
     test: Split
@@ -46,7 +46,12 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
     """
     check_encoder_names(cfg.text_encoder, cfg.image_encoder)
     dataset = load_dataset(cfg.data_dir)
-    features = load_features(cfg, dataset)
+    if cfg.finetune == "full":  # backbones run per batch: no cache to build
+        from mmsa.config import Config
+        from mmsa.finetune import RawSource
+        features = RawSource(dataset.all_examples, Config(data=cfg))
+    else:
+        features = load_features(cfg, dataset)
     unreadable = set(dataset.report.unreadable_image)
     usable = [ex for ex in dataset.train if ex.guid not in unreadable]
     dataset.report.skipped_train.extend(ex.guid for ex in dataset.train if ex.guid in unreadable)

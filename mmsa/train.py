@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from mmsa.config import Config
 from mmsa.data import LABELS
 from mmsa.features import FeatureSet
+from mmsa.finetune import RawSource
 from mmsa.model import FusionModel
 from mmsa.prepare import Split
 
@@ -34,7 +35,7 @@ class TrainingError(RuntimeError):
 @dataclass
 class FitResult:
     metrics: dict  # of the best epoch (or the last, without validation)
-    model: FusionModel  # with the best epoch's weights
+    model: torch.nn.Module  # with the best epoch's weights
     history: list[dict] = field(default_factory=list)
 
 
@@ -65,16 +66,6 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, prefix: str = 
     return out
 
 
-def gather(features: FeatureSet, rows: np.ndarray, device: torch.device):
-    """Batch tensors from the memory-mapped cache (rows sorted for locality by the caller)."""
-    mask = features.text_mask[rows]
-    length = max(int(mask.sum(1).max()), 1)  # texts are right-padded: drop all-pad columns
-
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-    return t(features.text[rows, :length]).float(), t(mask[:, :length]), t(features.image[rows]).float()
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -83,25 +74,31 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_proba(model: FusionModel, features: FeatureSet, rows: np.ndarray, device: torch.device,
+def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: torch.device,
                   batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = np.zeros((len(rows), model.cfg.num_classes), dtype=np.float32)
+    out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
     order = np.argsort(rows)
     for s in range(0, len(rows), batch_size):
         idx = order[s:s + batch_size]
         with _autocast(device):
-            logits = model(*gather(features, rows[idx], device))
+            logits = model(*features.batch(rows[idx], device))
         out[idx] = logits.float().softmax(-1).cpu().numpy()
     return out
 
 
-def build_model(cfg: Config, features: FeatureSet) -> FusionModel:
+def build_model(cfg: Config, features) -> torch.nn.Module:
+    """The head on cached features, or (finetune=full) the backbones and the head together."""
     cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
+    cfg.model.text_encoder = cfg.data.text_encoder
+    cfg.model.text_layers = cfg.data.text_finetune_layers if cfg.data.finetune == "last_k" else 0
+    if cfg.data.finetune == "full":
+        from mmsa.finetune import FullFusion
+        return FullFusion(cfg)
     return FusionModel(cfg.model)
 
 
-def fit(cfg: Config, features: FeatureSet, train: Split, val: Split | None = None,
+def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Split | None = None,
         on_epoch: EpochCallback | None = None) -> FitResult:
     """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch."""
     t = cfg.train
@@ -116,8 +113,14 @@ def fit(cfg: Config, features: FeatureSet, train: Split, val: Split | None = Non
     micro = min(t.micro_batch or batch, batch)
     steps_per_epoch = math.ceil(len(train) / batch)
     total_steps = steps_per_epoch * t.max_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    top = set(model.text_top.parameters()) if hasattr(model, "text_top") else set()
+    groups = [{"params": [p for p in model.parameters() if p not in top], "lr": t.lr}]
+    if top:
+        groups.append({"params": list(top), "lr": t.lr * cfg.model.text_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from transformers import get_cosine_schedule_with_warmup
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True) if t.ema > 0 else None
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_frac * total_steps), total_steps)
 
     history: list[dict] = []
@@ -139,7 +142,7 @@ def fit(cfg: Config, features: FeatureSet, train: Split, val: Split | None = Non
                 rows = train.rows[idx]
                 y = torch.from_numpy(train.labels[idx]).to(device)
                 with _autocast(device):
-                    logits = model(*gather(features, rows, device))
+                    logits = model(*features.batch(rows, device))
                 per_example = F.cross_entropy(logits.float(), y, reduction="none",
                                               label_smoothing=t.label_smoothing)
                 # Weighted mean over the whole effective batch, however it is split.
@@ -151,17 +154,20 @@ def fit(cfg: Config, features: FeatureSet, train: Split, val: Split | None = Non
                 seen += len(idx)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+        evaluated = ema.module if ema is not None else model
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                    "lr": scheduler.get_last_lr()[0]}
         if val is not None and len(val):
-            probs = predict_proba(model, features, val.rows, device)
+            probs = predict_proba(evaluated, features, val.rows, device)
             metrics.update(classification_metrics(val.labels, probs.argmax(1)))
         metrics["epoch_seconds"] = time.perf_counter() - start
         history.append(metrics)
         improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
         if improved:
             best, stale = metrics, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         else:
             stale += 1
         stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from mmsa.cli import config_from_args, quiet_libraries
+    from mmsa.errors import ConfigError
     from mmsa.prepare import prepare
 
     quiet_libraries()
@@ -206,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args.data, args.overrides, args.config)
     t0 = time.perf_counter()
     data = prepare(cfg.data)
+    if cfg.train.batch_size > len(data.train):
+        raise ConfigError(f"--set: key 'batch_size' = {cfg.train.batch_size} is larger than the "
+                          f"{len(data.train)} training examples")
     print(f"data: {len(data.train)} train, {len(data.val) if data.val else 0} val, {len(data.test)} test; "
           f"{data.dataset.report.summary()}", file=sys.stderr)
     print(f"features ready in {time.perf_counter() - t0:.1f}s "

@@ -101,3 +101,45 @@ def test_real_dataset_counts():
     assert len(ds.train) == 3400 and len(ds.test) == 1111
     assert Counter(LABELS[e.label] for e in ds.train) == {"positive": 2030, "neutral": 356, "negative": 1014}
     assert ds.report.text_encodings["gb18030"] > 500
+
+
+# ---------------------------------------------------------------- property-based
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@given(st.binary(max_size=200))
+def test_decode_never_fails_and_never_drops_text(raw):
+    text, enc = decode_text(raw)
+    assert isinstance(text, str) and enc in ("utf-8", "gb18030", "cp1252", "latin-1")
+    if raw.strip(b" \t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"):
+        assert text  # something non-blank never decodes to nothing
+
+
+@given(st.text(max_size=100))
+def test_utf8_text_round_trips(text):
+    decoded, enc = decode_text(text.encode("utf-8"))
+    assert enc == "utf-8"
+    assert decoded == text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+_guid = st.text(alphabet="0123456789abcdef", min_size=1, max_size=6)
+_tag = st.sampled_from(["positive", "neutral", "negative", "Positive", " NEGATIVE "])
+
+
+@settings(max_examples=60)
+@given(rows=st.dictionaries(_guid, _tag, min_size=1, max_size=15), header=st.booleans(),
+       newline=st.sampled_from(["\n", "\r\n"]), blank_every=st.integers(2, 5), pad=st.sampled_from(["", " ", "  "]))
+def test_label_file_parsing_property(tmp_path_factory, rows, header, newline, blank_every, pad):
+    lines = ["guid,tag"] if header else []
+    for i, (guid, tag) in enumerate(rows.items()):
+        lines.append(f"{pad}{guid}{pad},{tag}")
+        if i % blank_every == 0:
+            lines.append(pad)
+    path = tmp_path_factory.mktemp("labels") / "train.txt"
+    path.write_bytes(newline.join(lines).encode())
+    report = DataReport()
+    parsed = parse_label_file(path, labeled=True, report=report)
+    assert parsed == [(g, LABELS.index(t.strip().lower())) for g, t in rows.items()]
+    assert bool(report.label_file_notes) == (not header)

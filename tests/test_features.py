@@ -77,3 +77,47 @@ def test_unreadable_image_is_reported_and_gets_blank_features(tiny):
     feats = load_features(tiny, ds)
     assert ds.report.unreadable_image == ["d"]
     assert not feats.has_image[feats.rows(["d"])[0]] and feats.has_image[feats.rows(["a"])[0]]
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])
+def test_odd_image_modes_become_rgb(mode):
+    from PIL import Image
+
+    from mmsa.features import to_rgb
+    img = Image.new("RGB", (8, 6), (200, 10, 10)).convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 6)
+
+
+def test_transparent_pixels_become_white():
+    from PIL import Image
+
+    from mmsa.features import to_rgb
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("content", ["truncated", "png", "text", "grayscale", "cmyk"])
+def test_image_files_that_load_or_are_reported(tiny, content):
+    import io
+
+    from PIL import Image
+    path = Path(tiny.data_dir) / "data" / "a.jpg"
+    buf = io.BytesIO()
+    if content == "truncated":
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+        path.write_bytes(buf.getvalue()[:200])
+    elif content == "png":  # a PNG behind a .jpg name still loads
+        Image.new("RGBA", (16, 16), (0, 255, 0, 128)).save(path, "PNG")
+    elif content == "text":
+        path.write_text("<html>404</html>")
+    else:
+        Image.new("RGB", (16, 16)).convert("L" if content == "grayscale" else "CMYK").save(path, "JPEG")
+    ds = load_dataset(tiny.data_dir)
+    feats = load_features(tiny, ds)
+    readable = content in ("png", "grayscale", "cmyk")
+    assert bool(feats.has_image[feats.rows(["a"])[0]]) == readable
+    assert (ds.report.unreadable_image == ["a"]) == (not readable)
+    if not readable:
+        from mmsa.prepare import prepare
+        assert "a" in prepare(tiny, val_fraction=0.0).dataset.report.skipped_train  # not usable for training

@@ -78,3 +78,26 @@ def test_resume_with_nothing_to_resume(subset_dir, subset_cache, tmp_path):
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache))
     out = run_search(space, tmp_path, "--resume", timeout=120)
     assert out.returncode == 2 and "no unfinished search" in out.stderr
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(subset_dir, subset_cache, subset_prepared, tmp_path):
+    # lr=1e10 makes the loss blow up (TrainingError inside the trial); lr=1e-3 trains fine.
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5, max_epochs=1,
+                        searcher={"type": "random"}, max_failures=0)
+    import yaml
+    spec = yaml.safe_load(space.read_text())
+    spec["params"] = {"lr": {"type": "choice", "values": [1.0e-3, 1.0e10]}}
+    space.write_text(yaml.safe_dump(spec))
+    out = run_search(space, tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+    failed = [c for c in children if c.info.status == "FAILED"]
+    ok = [c for c in children if c.info.status == "FINISHED"]
+    assert len(children) == 5 and failed and ok
+    for c in failed:
+        assert c.data.tags[TAG_ENDED] == "failed" and c.data.params["lr"] == "10000000000.0"
+        assert "loss became" in c.data.tags["mmsa.error"].splitlines()[0]
+    assert all(c.data.params["lr"] == "0.001" for c in ok)
+    assert "FAILED" in out.stdout

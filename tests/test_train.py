@@ -93,3 +93,40 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert "pooling" in out.stderr and "Traceback" not in out.stderr
     out = _run_cli("--data", str(tmp_path / "absent"))
     assert out.returncode == 2 and "dataset folder not found" in out.stderr
+
+
+def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
+    from mmsa.config import DataConfig
+    from mmsa.prepare import prepare
+    data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(subset_cache), val_fraction=0.3,
+                          max_text_len=32, finetune="last_k", text_finetune_layers=1)
+    p = prepare(data_cfg)
+    cfg = _cfg(data_cfg, max_epochs=1, batch_size=16)
+    from mmsa.train import build_model
+    before = {k: v.clone() for k, v in build_model(cfg, p.features).state_dict().items() if k.startswith("text_top")}
+    assert before, "the top text layer is part of the model"
+    result = fit(cfg, p.features, p.train, p.val)
+    after = result.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it was trained
+    assert 0 <= result.metrics["val_acc"] <= 1
+
+
+def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
+    from mmsa.config import DataConfig
+    from mmsa.finetune import RawSource
+    from mmsa.prepare import prepare
+    data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), val_fraction=0.3,
+                          max_text_len=16, finetune="full")
+    p = prepare(data_cfg)
+    assert isinstance(p.features, RawSource) and not (tmp_path / "never").exists()  # no cache built
+    train = replace(p.train, rows=p.train.rows[:8], labels=p.train.labels[:8], guids=p.train.guids[:8])
+    val = replace(p.val, rows=p.val.rows[:8], labels=p.val.labels[:8], guids=p.val.guids[:8])
+    cfg = _cfg(data_cfg, max_epochs=1, batch_size=4, micro_batch=2)
+    from mmsa.train import build_model
+    start = build_model(cfg, p.features).state_dict()
+    result = fit(cfg, p.features, train, val)
+    end = result.model.state_dict()
+    changed = [k for k in start if k.startswith(("text_backbone", "image_backbone")) and start[k].is_floating_point()
+               and not torch.equal(start[k], end[k])]
+    assert any(k.startswith("text_backbone") for k in changed) and any(k.startswith("image_backbone") for k in changed)
+    assert 0 <= result.metrics["val_acc"] <= 1

@@ -1,0 +1,104 @@
+"""What the feature cache buys: seconds per training epoch on the cache versus running the frozen
+backbones per batch (same run, same config), the cache build time, and a search's trials/minute.
+
+    python bench/search_cost.py --data ../shared/mvsa [--run-id SEARCH_PARENT] [--build]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import table, write_result  # noqa: E402
+from mmsa.config import Config  # noqa: E402
+from mmsa.encoders import build_image_encoder, build_text_encoder  # noqa: E402
+from mmsa.features import _ImageFiles  # noqa: E402
+from mmsa.data import normalize_tweet  # noqa: E402
+from mmsa.prepare import prepare  # noqa: E402
+from mmsa.train import build_model, fit  # noqa: E402
+
+
+def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
+    """One training step where the frozen backbones run on the batch (load + preprocess images,
+    tokenize, both forwards) before the head's forward/backward: mean seconds per step."""
+    text_enc, image_enc = build_text_encoder(cfg.data.text_encoder), build_image_encoder(cfg.data.image_encoder)
+    examples = {ex.guid: ex for ex in data.dataset.train}
+    model = build_model(cfg, data.features)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    bs = cfg.train.batch_size
+    times = []
+    for b in range(batches + 1):  # the first step warms up and is not counted
+        guids = data.train.guids[b * bs:(b + 1) * bs]
+        start = time.perf_counter()
+        exs = [examples[g] for g in guids]
+        images = _ImageFiles(exs, image_enc.preprocess.transform(), image_enc.preprocess.size)
+        pixels = torch.stack([images[i][0] for i in range(len(exs))])
+        tok = text_enc.tokenize([normalize_tweet(e.text) for e in exs], cfg.data.max_text_len)
+        text, mask = text_enc(tok["input_ids"], tok["attention_mask"])
+        image = image_enc(pixels)
+        loss = torch.nn.functional.cross_entropy(model(text, mask, image),
+                                                 torch.as_tensor(data.train.labels[b * bs:(b + 1) * bs]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if b:
+            times.append(time.perf_counter() - start)
+    return float(np.mean(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--batches", type=int, default=8, help="backbone-per-batch steps to time")
+    p.add_argument("--build", action="store_true", help="also time a cache build from scratch (about 3 min)")
+    p.add_argument("--run-id", help="a finished search's parent run, for trials per minute")
+    p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    args = p.parse_args()
+
+    cfg = Config()
+    cfg.data.data_dir = args.data
+    rows = []
+    if args.build:
+        tmp = Path(tempfile.mkdtemp(prefix="mmsa-cache-"))
+        try:
+            build_cfg = Config()
+            build_cfg.data.data_dir, build_cfg.data.cache_dir = args.data, str(tmp)
+            start = time.perf_counter()
+            prepare(build_cfg.data)
+            rows.append(["cache build from scratch (both backbones, all pairs)", f"{time.perf_counter() - start:.0f} s"])
+            size = sum(f.stat().st_size for f in tmp.rglob("*.npy"))
+            rows.append(["cache size on disk", f"{size / 2**20:.0f} MiB"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    data = prepare(cfg.data)
+    steps = math.ceil(len(data.train) / cfg.train.batch_size)
+    cfg.train.max_epochs = 1
+    cached = fit(cfg, data.features, data.train, data.val).metrics["epoch_seconds"]
+    per_step = per_batch_backbone_seconds(cfg, data, args.batches)
+    uncached = per_step * steps
+    rows += [["epoch on the cache (default config, incl. validation)", f"{cached:.1f} s"],
+             [f"epoch running the backbones per batch ({args.batches} steps timed x {steps} steps)", f"{uncached:.0f} s"],
+             ["speed-up of the cache", f"{uncached / cached:.0f}x"]]
+    if args.run_id:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(args.tracking_uri)
+        run = client.get_run(args.run_id)
+        n = int(run.data.metrics.get("n_trials", 0))
+        minutes = (run.info.end_time - run.info.start_time) / 60000
+        rows.append([f"real search {args.run_id[:8]}: {n} trials in {minutes:.1f} min", f"{n / minutes:.1f} trials/min"])
+    body = table(["measure", "value"], rows)
+    write_result("search_cost", "Search cost: the feature cache", body, "python bench/search_cost.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
