@@ -31,6 +31,8 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the newest unfinished search of this space file")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: mmsa-search)")
+    p.add_argument("--memory-budget", help="keep the whole search under this much memory, e.g. 12GB "
+                   "(default: memory_budget of the space file, else no limit)")
     p.add_argument("--storage", default=RAY_STORAGE, help="folder (or URI) for Ray's experiment state")
     return p.parse_args(argv)
 
@@ -78,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.time() - t0:.1f}s; {data.dataset.report.summary()}", flush=True)
     if data.val is None:
         raise UserError(f"{spec.path}: a search needs a validation split (val_fraction > 0)")
+    budget_text = args.memory_budget or spec.memory_budget
+    if budget_text:
+        from search.budget import parse_size, plan_for_space
+        if base.data.finetune == "full":
+            raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
+        budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
+        chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len)
+        spec.max_concurrent = chosen.concurrent
+        if chosen.micro_batch:
+            spec.fixed["micro_batch"] = chosen.micro_batch
+            base = spec.base_config()
+        print(chosen.describe(budget), flush=True)
 
     if parent is None:
         parent = client.create_run(experiment_id, run_name=f"search-{Path(args.space).stem}",

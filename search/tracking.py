@@ -29,6 +29,7 @@ TAG_TRIAL = "mmsa.trial_id"
 TAG_ATTEMPT = "mmsa.attempt"
 TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | interrupted
 TAG_ERROR = "mmsa.error"
+TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
 TAG_SPACE = "mmsa.space"
 TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"
@@ -136,6 +137,8 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_map().get(trial.trial_id)
+        if run_id and result.get("node_id") and result.get("training_iteration") == 1:
+            self.client.set_tag(run_id, TAG_NODE, result["node_id"])
         if run_id:
             log_metrics(self.client, run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
 

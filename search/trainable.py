@@ -43,9 +43,13 @@ def train_trial(config: dict, data: TrialData) -> None:
     cfg.train.num_threads = data.threads
     features = FeatureSet.open(data.guids, data.text_dir, data.image_dir)
 
+    import ray
+    node = ray.get_runtime_context().get_node_id()
+
     def report(epoch: int, metrics: dict) -> None:
         out = scalar_metrics(metrics)
         out["val_confusion"] = np.asarray(metrics["val_confusion"]).tolist()
+        out["node_id"] = node
         tune.report(out)
 
     fit(cfg, features, data.train, data.val, on_epoch=report)

@@ -33,6 +33,6 @@ def search_cmd(space: Path, tmp: Path, *more: str) -> list[str]:
             f"sqlite:///{tmp}/mlruns/mlflow.db", "--storage", str(tmp / "ray_results"), *more]
 
 
-def run_search(space: Path, tmp: Path, *more: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def run_search(space: Path, tmp: Path, *more: str, timeout: int = 400, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(search_cmd(space, tmp, *more), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=ROOT, env=env)

@@ -1,0 +1,79 @@
+"""`--memory-budget 12GB`: choose how many trials run at once, and their micro-batch, so that the
+whole search (driver, Ray's own processes, trials, the shared feature cache) stays under a budget.
+
+The estimate is a sum of measured parts (bench/memory.py, this 2-core CPU, PSS):
+- the driver with its Ray system processes, and each idle trial process (torch, transformers,
+  the model): FIXED_* below;
+- the feature cache once, whatever the number of trials (it is memory-mapped and shared);
+- each trial's activations, proportional to its micro-batch and tokens.
+Gradient accumulation keeps the tuned effective batch size when the micro-batch shrinks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mmsa.errors import ConfigError
+
+GIB = 2 ** 30
+DRIVER_BYTES = int(1.0 * GIB)  # search driver + Ray's gcs/raylet, measured ~0.9 GiB
+TRIAL_BYTES = int(0.55 * GIB)  # one trial process before its first batch, measured ~0.5 GiB
+BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (measured: 4.4 MB/example at 113 tokens, d=128, 5 layers)
+
+
+def parse_size(text: str, where: str = "--memory-budget") -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m:
+        raise ConfigError(f"{where}: {text!r} is not a size like 12GB or 3.5GiB")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+@dataclass
+class Plan:
+    concurrent: int
+    micro_batch: int  # 0: no accumulation needed
+    estimate: int
+
+    def describe(self, budget: int) -> str:
+        micro = f"micro-batch {self.micro_batch}" if self.micro_batch else "full batches"
+        return (f"memory budget {budget / GIB:.1f} GiB: {self.concurrent} concurrent trial(s), {micro}, "
+                f"estimated peak {self.estimate / GIB:.2f} GiB")
+
+
+def activation_bytes(batch: int, tokens: int, d_model: int, layers: int) -> int:
+    return batch * tokens * d_model * max(layers, 1) * BYTES_PER_TOKEN_DIM
+
+
+def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, tokens: int,
+         d_model: int, layers: int, input_dims: int) -> Plan:
+    """The most concurrent trials (up to max_concurrent) that fit, then the largest micro-batch."""
+    fixed = DRIVER_BYTES + cache_bytes
+    for concurrent in range(max_concurrent, 0, -1):
+        micro = batch_size
+        while micro >= 1:
+            per_trial = TRIAL_BYTES + activation_bytes(micro, tokens, d_model, layers) + micro * input_dims * 4
+            total = fixed + concurrent * per_trial
+            if total <= budget:
+                return Plan(concurrent, 0 if micro == batch_size else micro, total)
+            micro //= 2
+    need = fixed + TRIAL_BYTES + activation_bytes(1, tokens, d_model, layers)
+    raise ConfigError(f"--memory-budget {budget / GIB:.1f} GiB is too small: one trial alone needs about "
+                      f"{need / GIB:.1f} GiB (driver, cache {cache_bytes / GIB:.2f} GiB, one trial)")
+
+
+def plan_for_space(spec, budget: int, features, max_text_len: int) -> Plan:
+    """Plan for the most demanding trial the space can sample (largest batch, width, depth)."""
+    base = spec.base_config()
+
+    def largest(name: str, default):
+        p = spec.params.get(name)
+        if p is None:
+            return default
+        return max(p.values) if p.kind == "choice" else p.high
+
+    tokens = max_text_len + features.image.shape[1]
+    depth = int(largest("fusion_depth", base.model.fusion_depth))
+    return plan(budget, features.nbytes, spec.max_concurrent, int(largest("batch_size", base.train.batch_size)),
+                tokens, int(largest("d_model", base.model.d_model)), 1 + 4 * depth,
+                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim)

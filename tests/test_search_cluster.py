@@ -1,0 +1,59 @@
+"""A real two-node Ray cluster on this machine (loopback only): the search joins it with
+--address, trials run on its nodes, and MLflow is written from the driver."""
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.tracking import TAG_NODE, child_runs
+from tests.search_helpers import run_search, write_space
+
+PORT = "6391"
+
+
+# Every process of the cluster, the driver included, shares one token (Ray's token auth).
+ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+
+
+def _ray(*args):
+    return subprocess.run([shutil.which("ray") or "ray", *args], capture_output=True, text=True, timeout=180, env=ENV)
+
+
+@pytest.fixture
+def two_node_cluster():
+    if shutil.which("ray") is None:
+        pytest.skip("the 'ray' command is not on PATH")
+    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = _ray("start", "--head", f"--port={PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}")
+    assert head.returncode == 0, head.stderr[-2000:]
+    try:
+        worker = _ray("start", f"--address=127.0.0.1:{PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                      "--disable-usage-stats")
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        yield f"127.0.0.1:{PORT}"
+    finally:
+        _ray("stop", "--force")
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_search_on_a_two_node_cluster(two_node_cluster, subset_dir, subset_cache, subset_prepared, tmp_path):
+    nodes = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='%s'); "
+                            "print(sum(n['Alive'] for n in ray.nodes()))" % two_node_cluster],
+                           capture_output=True, text=True, timeout=120, env=ENV)
+    assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, max_epochs=1)
+    out = run_search(space, tmp_path, "--address", two_node_cluster, env=ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    used = {c.data.tags.get(TAG_NODE) for c in children}
+    assert None not in used and len(used) == 2  # one CPU per node, two at a time: both nodes ran trials
