@@ -41,16 +41,16 @@ class DataConfig:
 class ModelConfig:
     d_model: int = 128
     heads: int = 4
-    fusion_depth: int = 1
-    pooling: str = "mean"
-    combine: str = "sum"
+    fusion_depth: int = 0
+    pooling: str = "attention"
+    combine: str = "concat"
     modalities: str = "both"
-    dropout: float = 0.1
+    dropout: float = 0.25
     image_grid: int = 0  # average a square grid of image tokens down to k x k; 0: keep all
-    token_dropout: float = 0.0  # training only: share of text/image tokens hidden per example
+    token_dropout: float = 0.05  # training only: share of text/image tokens hidden per example
     text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers
     # Set from the data config and the feature cache, not by users.
-    text_encoder: str = "minilm"
+    text_backbone: str = "minilm"
     text_layers: int = 0  # top text-encoder layers trained with the head (data.text_finetune_layers)
     text_dim: int = 384
     image_dim: int = 1280
@@ -59,17 +59,17 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.01
+    lr: float = 5e-4
+    weight_decay: float = 0.03
     batch_size: int = 32
     micro_batch: int = 0  # 0: the whole batch at once; else gradient accumulation
-    max_epochs: int = 10  # length of the learning-rate schedule
+    max_epochs: int = 6  # length of the learning-rate schedule
     stop_epoch: int = 0  # stop after this epoch (within the schedule); 0: at max_epochs
     warmup_frac: float = 0.1
-    class_weights: str = "sqrt"
+    class_weights: str = "none"
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and kept; 0: off
-    patience: int = 4  # epochs without improvement of `monitor` before stopping; 0: never
+    patience: int = 3  # epochs without improvement of `monitor` before stopping; 0: never
     monitor: str = "val_acc"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -90,6 +90,7 @@ class Config:
         out: dict[str, tuple[str, type]] = {}
         for section, klass in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
             for f in fields(klass):
+                assert f.name not in out, f"config key '{f.name}' is defined twice"
                 out[f.name] = (section, type(f.default))
         return out
 
@@ -146,6 +147,10 @@ class Config:
             ("finetune", d.finetune in FINETUNES, f"one of {FINETUNES}"),
             ("text_finetune_layers", d.text_finetune_layers >= 1, ">= 1"),
         ]
+        from mmsa.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+        for key, registry in (("text_encoder", TEXT_ENCODERS), ("image_encoder", IMAGE_ENCODERS)):
+            checks.append((key, getattr(d, key).startswith("hf:") or getattr(d, key) in registry,
+                           f"one of {tuple(registry)} or hf:<name>"))
         for key, ok, expected in checks:
             if not ok:
                 value = self.to_flat()[key]

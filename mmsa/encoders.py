@@ -109,18 +109,23 @@ def _find_layer_list(model: nn.Module) -> nn.ModuleList:
 
 # ---------------------------------------------------------------- text backbones
 
-def _load_hf_text(name: str, source: str) -> TextEncoder:
-    from transformers import AutoModel, AutoTokenizer
+def _hf_load(kind: str, name: str, source: str):
+    """(tokenizer or image processor, model) from a hub name or local folder; for CLIP-style dual
+    towers, keep the tower of this kind."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        processor = (AutoTokenizer if kind == "text" else AutoImageProcessor).from_pretrained(source)
         model = AutoModel.from_pretrained(source)
     except OSError as e:
-        raise ConfigError(f"text encoder '{name}': cannot load '{source}' ({str(e).splitlines()[0]})") from None
-    if hasattr(model, "text_model"):  # CLIP-style dual towers: keep the text tower
-        model = model.text_model
-    model.eval()
+        raise ConfigError(f"{kind} encoder '{name}': cannot load '{source}' ({str(e).splitlines()[0]})") from None
+    model = getattr(model, f"{'text' if kind == 'text' else 'vision'}_model", model)
+    return processor, model.eval()
+
+
+def _load_hf_text(name: str, source: str) -> TextEncoder:
+    tokenizer, model = _hf_load("text", name, source)
     return TextEncoder(name, model, tokenizer, revision=str(getattr(model.config, "_commit_hash", "") or ""))
 
 
@@ -180,15 +185,7 @@ def _torchvision_resnet(arch: str, pretrained: bool = True) -> ImageEncoder:
 
 
 def _load_hf_image(name: str, source: str) -> ImageEncoder:
-    from transformers import AutoImageProcessor, AutoModel
-    try:
-        processor = AutoImageProcessor.from_pretrained(source)
-        model = AutoModel.from_pretrained(source)
-    except OSError as e:
-        raise ConfigError(f"image encoder '{name}': cannot load '{source}' ({str(e).splitlines()[0]})") from None
-    if hasattr(model, "vision_model"):  # CLIP-style dual towers: keep the vision tower
-        model = model.vision_model
-    model.eval()
+    processor, model = _hf_load("image", name, source)
     size = processor.crop_size if getattr(processor, "crop_size", None) else processor.size
     side = size.get("height") or size.get("shortest_edge")
     resize = processor.size.get("shortest_edge") or processor.size.get("height") or side

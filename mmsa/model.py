@@ -105,7 +105,7 @@ class FusionModel(nn.Module):
         if self.use_text and cfg.text_layers > 0:
             from mmsa.encoders import build_text_encoder
             # Initialised from the pretrained backbone; the cache holds what enters these layers.
-            self.text_top = build_text_encoder(cfg.text_encoder).top_layers(cfg.text_layers)
+            self.text_top = build_text_encoder(cfg.text_backbone).top_layers(cfg.text_layers)
         if self.use_text:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.LayerNorm(d), nn.Dropout(cfg.dropout))
         if self.use_image:

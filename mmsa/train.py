@@ -90,7 +90,7 @@ def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: to
 def build_model(cfg: Config, features) -> torch.nn.Module:
     """The head on cached features, or (finetune=full) the backbones and the head together."""
     cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
-    cfg.model.text_encoder = cfg.data.text_encoder
+    cfg.model.text_backbone = cfg.data.text_encoder
     cfg.model.text_layers = cfg.data.text_finetune_layers if cfg.data.finetune == "last_k" else 0
     if cfg.data.finetune == "full":
         from mmsa.finetune import FullFusion
@@ -163,6 +163,8 @@ def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Spli
             probs = predict_proba(evaluated, features, val.rows, device)
             metrics.update(classification_metrics(val.labels, probs.argmax(1)))
         metrics["epoch_seconds"] = time.perf_counter() - start
+        if device.type == "cuda":
+            metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         history.append(metrics)
         improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
         if improved:
@@ -175,6 +177,8 @@ def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Spli
             report = {**metrics, "final": int(stop)}
             if val is not None:
                 report[f"best_{t.monitor}"] = best[t.monitor]
+                other = "val_macro_f1" if t.monitor == "val_acc" else "val_acc"
+                report[f"{other}_at_best"] = best[other]  # the other metric at the monitored best epoch
             on_epoch(epoch, report)
         if stop:
             break

@@ -4,6 +4,7 @@ print the table of the top trials, draw the search plots."""
 from __future__ import annotations
 
 import math
+import warnings
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +53,12 @@ def config_from_params(params: dict) -> dict:
 
 def top_table(trials: list[TrialRecord], metric: str, searched: list[str], k: int = 10, mode: str = "max") -> str:
     ranked = sorted((t for t in trials if not math.isnan(t.score)), key=lambda t: t.score, reverse=mode == "max")[:k]
-    head = ["rank", "trial", "ended", "epochs", f"best_{metric}", "val_macro_f1"] + searched
+    other = "val_macro_f1" if metric == "val_acc" else "val_acc"
+    head = ["rank", "trial", "ended", "epochs", f"best_{metric}", f"{other} (same epoch)"] + searched
     rows = [head]
     for i, t in enumerate(ranked, 1):
         rows.append([str(i), t.trial_id, t.ended, str(t.epochs), f"{t.score:.4f}",
-                     f"{t.metrics.get('val_macro_f1', float('nan')):.4f}"] +
+                     f"{t.metrics.get(other + '_at_best', float('nan')):.4f}"] +
                     [_fmt(t.params.get(p, "")) for p in searched])
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
@@ -87,6 +89,7 @@ def search_plots(trials: list[TrialRecord], spec, out_dir: Path) -> list[Path]:
     from optuna.trial import TrialState, create_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     dists = spec.optuna_space()
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     for t in sorted(trials, key=lambda t: t.trial_id):

@@ -35,6 +35,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 def make_searcher(spec) -> PruneAwareOptunaSearch:
     import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.searcher == "tpe":
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
     else:

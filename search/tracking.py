@@ -99,10 +99,11 @@ class MlflowTrialLogger(Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] | None = None  # trial id -> run id of its live attempt
         self._attempts: dict[str, int] = {}
+        self._started_here: set[str] = set()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_client"], state["_runs"], state["_attempts"] = None, None, {}
+        state["_client"], state["_runs"], state["_attempts"], state["_started_here"] = None, None, {}, set()
         return state
 
     @property
@@ -125,7 +126,10 @@ class MlflowTrialLogger(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         runs = self._run_map()
         if trial.trial_id in runs:
-            return
+            if trial.trial_id in self._started_here:
+                return
+            # Left RUNNING by a search that was killed outright; the trial starts over now.
+            self._end(trial, "KILLED", "interrupted")
         attempt = self._attempts.get(trial.trial_id, 0) + 1
         self._attempts[trial.trial_id] = attempt
         name = f"trial-{trial.trial_id}" + (f"-attempt{attempt}" if attempt > 1 else "")
@@ -133,6 +137,7 @@ class MlflowTrialLogger(Callback):
             PARENT_TAG: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial.trial_id,
             TAG_ATTEMPT: str(attempt)})
         runs[trial.trial_id] = run.info.run_id
+        self._started_here.add(trial.trial_id)
         log_params(self.client, run.info.run_id, {**self.base, **trial.config})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -157,6 +162,11 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED", "failed", error=trial_error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed attempt that Ray retries (max_failures): close it; the retry gets a new run."""
+        self._end(trial, "FAILED", "failed (retried)", error=trial_error_text(trial))
+        self._started_here.discard(trial.trial_id)
 
     def mark_interrupted(self) -> int:
         """Close the runs of trials cut off by an interruption; they rerun on --resume."""

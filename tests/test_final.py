@@ -66,3 +66,21 @@ def test_bad_run_ids_are_refused(smoke_search, tmp_path, case):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and run_id in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "p.txt").exists()
+
+
+def test_test_pairs_with_a_missing_file_still_get_predictions(smoke_search, subset_dir, tmp_path):
+    import os
+    import shutil
+    tmp, uri, parent_id, _ = smoke_search
+    data = tmp_path / "data-copy"
+    shutil.copytree(subset_dir, data, symlinks=True)
+    test_guids = [ln.split(",")[0] for ln in (data / "test_without_label.txt").read_text().split()[1:]]
+    os.unlink(data / "data" / f"{test_guids[0]}.jpg")  # no image
+    os.unlink(data / "data" / f"{test_guids[1]}.jpg")
+    (data / "data" / f"{test_guids[1]}.jpg").write_bytes(b"\xff\xd8\xff truncated")  # unreadable image
+    os.unlink(data / "data" / f"{test_guids[2]}.txt")  # no text
+    out = _final(uri, parent_id, tmp_path / "p.txt", "--data", str(data))
+    assert out.returncode == 0, out.stderr[-3000:]
+    _check_predictions(tmp_path / "p.txt", data)
+    assert "3 test pairs predicted from one modality" in out.stdout
+    assert all(g in out.stdout for g in test_guids[:3])

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU check: a short finetune=full search (both backbones trained per batch, bf16 autocast) on a
+# GPU machine, two trials sharing the GPU (gpu: 0.5 each). Prints each trial's epoch times and
+# peak GPU memory from the MLflow record. Usage: bash bench/gpu_check.sh [DATASET_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${1:-../shared/mvsa}"
+OUT="${OUT:-$(mktemp -d)}"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(0))"
+cat > "$OUT/gpu.yaml" <<YAML
+data_dir: $DATA
+num_samples: 2
+max_concurrent: 2
+resources: {cpu: 4, gpu: 0.5}
+scheduler: {type: fifo, max_epochs: 2}
+searcher: {type: random}
+fixed: {finetune: full, batch_size: 32, max_text_len: 64, d_model: 128, device: cuda}
+params:
+  lr: {type: loguniform, low: 2.0e-5, high: 1.0e-4}
+YAML
+python -m search.run --space "$OUT/gpu.yaml" --tracking-uri "sqlite:///$OUT/mlflow.db" --storage "$OUT/ray" | tee "$OUT/search.log"
+PARENT=$(tail -n 1 "$OUT/search.log" | cut -d= -f2)
+python - "$OUT" "$PARENT" <<'PY'
+import sys
+from mlflow.tracking import MlflowClient
+out, parent = sys.argv[1], sys.argv[2]
+c = MlflowClient(f"sqlite:///{out}/mlflow.db")
+exp = c.get_run(parent).info.experiment_id
+for run in c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'"):
+    secs = [m.value for m in c.get_metric_history(run.info.run_id, "epoch_seconds")]
+    mem = [m.value for m in c.get_metric_history(run.info.run_id, "gpu_peak_mb")]
+    acc = [m.value for m in c.get_metric_history(run.info.run_id, "val_acc")]
+    print(f"trial {run.data.tags.get('mmsa.trial_id')}: lr {float(run.data.params['lr']):.2e}  "
+          f"epoch seconds {[round(s, 1) for s in secs]}  peak GPU MiB {max(mem) if mem else 'n/a'}  "
+          f"val_acc {[round(a, 4) for a in acc]}")
+PY
