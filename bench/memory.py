@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--space", default="spaces/smoke.yaml")
     p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--budget", help="also run the space under --memory-budget BUDGET and compare its peak")
     args = p.parse_args()
 
     from mmsa.config import Config
@@ -88,6 +89,15 @@ def main() -> None:
         pss, rss, wall = measured_search(cmd)
         peaks[concurrent] = pss
         rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
+    if args.budget:
+        from search.budget import parse_size
+        cmd = [sys.executable, "-m", "search.run", "--space", args.space, "--data", args.data, "--num-samples",
+               str(args.num_samples), "--memory-budget", args.budget, "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
+               "--storage", str(tmp / "ray")]
+        pss, rss, wall = measured_search(cmd)
+        verdict = "under" if pss <= parse_size(args.budget) else "OVER"
+        rows.append([f"--memory-budget {args.budget} ({verdict} budget)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}",
+                     f"{wall:.0f}"])
     extra = peaks[2] - peaks[1]
     body = (f"Feature cache: {cache / 2**30:.2f} GiB (float16, memory-mapped). Space `{args.space}`, "
             f"{args.num_samples} trials.\n\n"

@@ -62,7 +62,7 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=spec.mode, num_samples=spec.num_samples,
                     search_alg=ConcurrencyLimiter(make_searcher(spec), max_concurrent=spec.max_concurrent),
-                    scheduler=make_scheduler(spec), reuse_actors=False),
+                    scheduler=make_scheduler(spec), reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
                     callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode)],

@@ -41,4 +41,19 @@ def make_searcher(spec) -> PruneAwareOptunaSearch:
     else:
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
     return PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}",
-                                  mode=spec.mode, sampler=sampler)
+                                  mode=spec.mode, sampler=sampler, points_to_evaluate=default_point(spec))
+
+
+def default_point(spec) -> list[dict] | None:
+    """The defaults (plus the space's fixed values) as the first trial, when the space contains
+    them: the search then never ends below the default config."""
+    if not spec.start_from_defaults:
+        return None
+    flat = spec.base_config().to_flat()
+    point = {name: flat[name] for name in spec.params}
+    for name, p in spec.params.items():
+        value = point[name]
+        inside = value in p.values if p.kind == "choice" else p.low <= value <= p.high
+        if not inside:
+            return None
+    return [point]

@@ -20,7 +20,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 TOP_KEYS = ("data_dir", "metric", "mode", "num_samples", "max_concurrent", "resources", "max_failures",
             "seed", "scheduler", "searcher", "fixed", "params", "memory_budget")
 SCHEDULER_KEYS = ("type", "max_epochs", "grace_period", "reduction_factor")
-SEARCHER_KEYS = ("type", "n_startup_trials")
+SEARCHER_KEYS = ("type", "n_startup_trials", "start_from_defaults")
 RESOURCE_KEYS = ("cpu", "gpu")
 
 
@@ -59,6 +59,7 @@ class SearchSpec:
     reduction_factor: int = 3
     searcher: str = "tpe"
     n_startup_trials: int = 8
+    start_from_defaults: bool = True  # the first trial is the default config, where the space holds it
     memory_budget: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
@@ -177,6 +178,10 @@ def load_space(path: str | Path) -> SearchSpec:
             setattr(spec, key, int(_number(path, f"scheduler.{key}", sched[key])))
     search = _check_keys(path, "searcher", data.get("searcher") or {}, SEARCHER_KEYS)
     spec.searcher = search.get("type", spec.searcher)
+    if "start_from_defaults" in search:
+        if not isinstance(search["start_from_defaults"], bool):
+            raise ConfigError(f"{path}: key 'searcher.start_from_defaults' must be true or false")
+        spec.start_from_defaults = search["start_from_defaults"]
     if "n_startup_trials" in search:
         spec.n_startup_trials = int(_number(path, "searcher.n_startup_trials", search["n_startup_trials"]))
     res = _check_keys(path, "resources", data.get("resources") or {}, RESOURCE_KEYS)
