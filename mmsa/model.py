@@ -57,7 +57,8 @@ class Pool(nn.Module):
         super().__init__()
         self.kind = cfg.pooling
         if self.kind == "attention":
-            self.score = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, 1))
+            # No biases: softmax ignores a shift, so a bias here would never get a gradient.
+            self.score = nn.Sequential(nn.LayerNorm(cfg.d_model, bias=False), nn.Linear(cfg.d_model, 1, bias=False))
 
     def forward(self, x, pad):
         valid = (~pad).float()
@@ -78,14 +79,14 @@ class Combine(nn.Module):
 
     def __init__(self, cfg: ModelConfig, k: int):
         super().__init__()
-        self.kind = cfg.combine
+        self.kind = cfg.combine if k > 1 else "sum"  # one feature: nothing to combine
         if self.kind == "concat":
             self.proj = nn.Linear(k * cfg.d_model, cfg.d_model)
         elif self.kind == "gate":
             self.gate = nn.Linear(k * cfg.d_model, k)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        if self.kind == "sum" or len(feats) == 1:
+        if self.kind == "sum":
             return torch.stack(feats).sum(0)
         cat = torch.cat(feats, -1)
         if self.kind == "concat":

@@ -34,8 +34,13 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
 
 
 def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared, tmp_path):
+    # Long enough trials (40 epochs each, no early stopping) that the kill lands mid-search.
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5,
-                        max_epochs=2, max_concurrent=1)
+                        max_epochs=40, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": 40})
+    import yaml
+    spec = yaml.safe_load(space.read_text())
+    spec["fixed"]["patience"] = 0
+    space.write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     (tmp_path / "mlruns").mkdir()
     experiment_id = MlflowClient(uri).create_experiment("mmsa-search")  # db ready before two processes use it

@@ -38,7 +38,8 @@ def test_accumulation_matches_the_full_batch(subset_prepared):
     train = replace(p.train, rows=p.train.rows[:16], labels=p.train.labels[:16], guids=p.train.guids[:16])
     models = []
     for micro in (0, 4):
-        cfg = _cfg(data_cfg, max_epochs=1, batch_size=16, micro_batch=micro, dropout=0.0, warmup_frac=0.0)
+        cfg = _cfg(data_cfg, max_epochs=1, batch_size=16, micro_batch=micro, dropout=0.0, token_dropout=0.0,
+                   warmup_frac=0.0)
         models.append(fit(cfg, p.features, train, None).model.state_dict())
     for key in models[0]:
         assert torch.allclose(models[0][key], models[1][key], atol=1e-5), key
