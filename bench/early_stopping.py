@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from bench.common import RESULTS, run_search, table, write_result  # noqa: E402
+from bench.common import run_search, table, write_result  # noqa: E402
 
 
 def main() -> None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 

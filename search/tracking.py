@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -191,7 +190,3 @@ def trial_error_text(trial) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     # The exception line ends the traceback; keep it first so the UI shows it.
     return (lines[-1] + "\n" + "\n".join(lines[:-1])) if lines else text
-
-
-def mlflow_configure(tracking_uri: str) -> None:
-    mlflow.set_tracking_uri(prepare_tracking_uri(tracking_uri))

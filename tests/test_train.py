@@ -131,3 +131,14 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
                and not torch.equal(start[k], end[k])]
     assert any(k.startswith("text_backbone") for k in changed) and any(k.startswith("image_backbone") for k in changed)
     assert 0 <= result.metrics["val_acc"] <= 1
+
+
+def test_schedule_matches_transformers():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from mmsa.train import warmup_cosine
+    ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
+    a, b = warmup_cosine(ours, 7, 50), get_cosine_schedule_with_warmup(theirs, 7, 50)
+    for _ in range(50):
+        assert a.get_last_lr() == pytest.approx(b.get_last_lr())
+        ours.step(), theirs.step(), a.step(), b.step()
