@@ -61,8 +61,7 @@ class FeatureSet:
         return int(self.image.shape[-1])
 
     def rows(self, guids: list[str]) -> np.ndarray:
-        index = {g: i for i, g in enumerate(self.guids)}
-        return np.array([index[g] for g in guids], dtype=np.int64)
+        return row_index(self.guids, guids)
 
     def batch(self, rows: np.ndarray, device: torch.device):
         """Model inputs for these rows (sorted by the caller for locality), float32 on `device`."""
@@ -76,6 +75,12 @@ class FeatureSet:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.text, self.text_mask, self.image, self.has_image))
+
+
+def row_index(all_guids: list[str], guids: list[str]) -> np.ndarray:
+    """Positions of `guids` within `all_guids`."""
+    index = {g: i for i, g in enumerate(all_guids)}
+    return np.array([index[g] for g in guids], dtype=np.int64)
 
 
 def _hash(*parts: str | bytes) -> str:

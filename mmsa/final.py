@@ -80,12 +80,18 @@ def resolve_run(client, run_id: str, metric_hint: str = "val_acc"):
     raise UserError(f"--run-id {run_id}: not a search or trial run of mmsa-search (no config to use)")
 
 
+def peak_epoch(client, run_id: str, metric: str) -> int:
+    """The epoch at which a trial peaked on `metric` (its per-epoch history); 0 without history."""
+    history = client.get_metric_history(run_id, metric)
+    return int(max(history, key=lambda m: (m.value, -m.step)).step) if history else 0
+
+
 def _peak_epoch(client, run_id: str, flat: dict) -> int:
     monitor = flat.get("monitor", "val_acc")
-    history = client.get_metric_history(run_id, monitor)
-    if not history:
+    epoch = peak_epoch(client, run_id, monitor)
+    if not epoch:
         raise UserError(f"--run-id {run_id}: the trial logged no '{monitor}' history to choose epochs from")
-    return int(max(history, key=lambda m: (m.value, -m.step)).step)
+    return epoch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ class RawSource:
         self.images = _ImageFiles(examples, image_enc.preprocess.transform(), image_enc.preprocess.size)
 
     def rows(self, guids: list[str]) -> np.ndarray:
-        index = {g: i for i, g in enumerate(self.guids)}
-        return np.array([index[g] for g in guids], dtype=np.int64)
+        from mmsa.features import row_index
+        return row_index(self.guids, guids)
 
     def batch(self, rows: np.ndarray, device: torch.device):
         tok = self.tokenizer([self.texts[r] for r in rows], padding="longest", truncation=True,

@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mmsa.config import Config
+from mmsa.final import peak_epoch
 from search.tracking import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL, child_runs, log_metrics
 
 
@@ -70,14 +71,6 @@ def _fmt(value: str) -> str:
     except ValueError:
         return value
     return value if f.is_integer() and "." not in value and "e" not in value else f"{f:.3g}"
-
-
-def best_epoch(client: MlflowClient, run_id: str, metric: str) -> int:
-    """The epoch at which a trial peaked on validation (its per-epoch metric history)."""
-    history = client.get_metric_history(run_id, metric)
-    if not history:
-        return 0
-    return int(max(history, key=lambda m: (m.value, -m.step)).step)
 
 
 def search_plots(trials: list[TrialRecord], spec, out_dir: Path) -> list[Path]:
@@ -152,14 +145,14 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
                 f"best_{spec.metric}": best.score,
                 "best_trial_val_macro_f1": _metric_at_best_epoch(client, best, spec.metric, "val_macro_f1"),
                 "best_trial_val_acc": _metric_at_best_epoch(client, best, spec.metric, "val_acc"),
-                "best_trial_epoch": best_epoch(client, best.run_id, spec.metric)}, step=0)
+                "best_trial_epoch": peak_epoch(client, best.run_id, spec.metric)}, step=0)
         for path in search_plots(trials, spec, tmp):
             client.log_artifact(parent_run_id, str(path), artifact_path="plots")
     return best, trials
 
 
 def _metric_at_best_epoch(client: MlflowClient, trial: TrialRecord, monitor: str, name: str) -> float:
-    epoch = best_epoch(client, trial.run_id, monitor)
+    epoch = peak_epoch(client, trial.run_id, monitor)
     for m in client.get_metric_history(trial.run_id, name):
         if m.step == epoch:
             return float(m.value)
