@@ -2,6 +2,10 @@
 image-only, and a search's best config, over several training seeds (mean ± std).
 
     python bench/accuracy.py --data ../shared/mvsa [--run-id SEARCH_OR_TRIAL_RUN] [--seeds 3]
+        [--finetune-layers 1 2]
+
+`--finetune-layers K ...` adds the default config with `finetune: last_k` for each K (the top K
+MiniLM layers train with the head; each K has its own cache, built on first use).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main() -> None:
     p.add_argument("--run-id", help="a search parent (or trial) run whose config to include")
     p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--finetune-layers", type=int, nargs="*", default=[], metavar="K",
+                   help="also run finetune=last_k with these numbers of top text layers")
     args = p.parse_args()
 
     base = Config()
@@ -60,6 +66,8 @@ def main() -> None:
         flat, _, _, what = resolve_run(MlflowClient(args.tracking_uri), args.run_id)
         flat.update(data_dir=args.data)
         variants[f"search best ({args.run_id[:8]})"] = flat
+    for k in args.finetune_layers:
+        variants[f"default, last_k k={k}"] = {"finetune": "last_k", "text_finetune_layers": k}
 
     rows = []
     probe = linear_probe(data)
@@ -68,9 +76,12 @@ def main() -> None:
     confusion = None
     for name, overrides in variants.items():
         runs = []
+        cfg = Config.from_flat({**base.to_flat(), **overrides})
+        own = data if cfg.data == base.data else prepare(cfg.data)  # e.g. last_k: another cache
+        assert own.val.guids == data.val.guids, "every variant must be scored on the same split"
         for seed in range(args.seeds):
             cfg = Config.from_flat({**base.to_flat(), **overrides, "seed": seed})
-            result = fit(cfg, data.features, data.train, data.val)
+            result = fit(cfg, own.features, own.train, own.val)
             runs.append(result.metrics)
             print(f"{name} seed {seed}: acc {result.metrics['val_acc']:.4f} f1 {result.metrics['val_macro_f1']:.4f} "
                   f"({result.metrics['mean_epoch_seconds']:.1f}s/epoch)", flush=True)

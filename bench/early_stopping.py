@@ -1,7 +1,9 @@
 """ASHA versus no early stopping (FIFO): the same space, trials and seed; epochs trained, wall
 time and best validation accuracy found, with the ratios.
 
-    python bench/early_stopping.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--num-samples 20]
+    python bench/early_stopping.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--num-samples N]
+
+By default both searches run as many trials as the space file asks for (40 for the default space).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--space", default="spaces/fusion.yaml")
-    p.add_argument("--num-samples", type=int, default=20)
+    p.add_argument("--num-samples", type=int, help="trials per search (default: the space file's num_samples)")
     args = p.parse_args()
 
+    if args.num_samples is None:
+        args.num_samples = int(yaml.safe_load(Path(args.space).read_text()).get("num_samples", 20))
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-es-"))
     uri = f"sqlite:///{tmp}/mlflow.db"
     outcome = {}

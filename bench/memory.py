@@ -26,30 +26,60 @@ import yaml  # noqa: E402
 from bench.common import ROOT, table, write_result  # noqa: E402
 
 
-def tree_memory(root: psutil.Process) -> tuple[int, int]:
+def tree_memory(root: psutil.Process) -> tuple[int, int, list[psutil.Process]]:
     pss = rss = 0
-    for proc in [root] + root.children(recursive=True):
+    procs = [root] + root.children(recursive=True)
+    for proc in procs:
         try:
             info = proc.memory_full_info()
             pss += info.pss
             rss += info.rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return pss, rss
+    return pss, rss, procs
 
 
-def measured_search(cmd: list[str]) -> tuple[int, int, float]:
+def breakdown(proc: psutil.Process, cache_root: str) -> dict | None:
+    """One process's memory by kind: feature-cache pages (resident, and PSS: shared ones split),
+    private anonymous memory (Python objects, torch, buffers), and everything else."""
+    out = {"name": "", "cache_rss": 0, "cache_pss": 0, "anon": 0, "other_pss": 0}
+    try:
+        out["name"] = " ".join(proc.cmdline())[:60]
+        kind = None
+        with open(f"/proc/{proc.pid}/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    parts = line.split()
+                    path = parts[5] if len(parts) > 5 else ""
+                    kind = "cache" if cache_root in path else ("anon" if path in ("", "[heap]") else "other")
+                elif line.startswith(("Rss:", "Pss:", "Anonymous:")):
+                    key, kb = line.split(":")[0], int(line.split()[1]) * 1024
+                    if kind == "cache" and key != "Anonymous":
+                        out["cache_rss" if key == "Rss" else "cache_pss"] += kb
+                    elif kind == "anon" and key == "Pss":
+                        out["anon"] += kb
+                    elif kind == "other" and key == "Pss":
+                        out["other_pss"] += kb
+    except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return out
+
+
+def measured_search(cmd: list[str], cache_root: str = "mmsa-features") -> tuple[int, int, float, list[dict]]:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0, 0]
+    at_peak: list[dict] = []
     done = threading.Event()
 
     def sample():
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                pss, rss = tree_memory(root)
+                pss, rss, procs = tree_memory(root)
             except psutil.NoSuchProcess:
                 break
+            if pss > peak[0]:
+                at_peak[:] = [b for b in (breakdown(p, cache_root) for p in procs) if b]
             peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
             time.sleep(0.2)
     thread = threading.Thread(target=sample, daemon=True)
@@ -60,7 +90,11 @@ def measured_search(cmd: list[str]) -> tuple[int, int, float]:
     thread.join()
     if proc.returncode != 0:
         sys.exit(f"search failed:\n{out[-3000:]}")
-    return peak[0], peak[1], time.time() - start
+    return peak[0], peak[1], time.time() - start, at_peak
+
+
+def _sum(parts: list[dict]) -> dict:
+    return {k: sum(b[k] for b in parts) for k in ("cache_rss", "cache_pss", "anon", "other_pss")}
 
 
 def main() -> None:
@@ -86,15 +120,19 @@ def main() -> None:
         path.write_text(yaml.safe_dump(space))
         cmd = [sys.executable, "-m", "search.run", "--space", str(path), "--data", args.data, "--num-samples",
                str(args.num_samples), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--storage", str(tmp / "ray")]
-        pss, rss, wall = measured_search(cmd)
+        pss, rss, wall, parts = measured_search(cmd)
         peaks[concurrent] = pss
+        if concurrent == 2:
+            trials = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
+            driver = [b for b in parts if "search.run" in b["name"]]
+            rest = [b for b in parts if b not in trials and b not in driver]
         rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     if args.budget:
         from search.budget import parse_size
         cmd = [sys.executable, "-m", "search.run", "--space", args.space, "--data", args.data, "--num-samples",
                str(args.num_samples), "--memory-budget", args.budget, "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
                "--storage", str(tmp / "ray")]
-        pss, rss, wall = measured_search(cmd)
+        pss, rss, wall, _ = measured_search(cmd)
         verdict = "under" if pss <= parse_size(args.budget) else "OVER"
         rows.append([f"--memory-budget {args.budget} ({verdict} budget)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}",
                      f"{wall:.0f}"])
@@ -103,7 +141,18 @@ def main() -> None:
             f"{args.num_samples} trials.\n\n"
             + table(["search", "peak PSS, all processes (GiB)", "peak RSS sum (GiB)", "wall (s)"], rows)
             + f"\n\nThe second concurrent trial adds {extra / 2**30:.2f} GiB of PSS = "
-              f"{extra / cache:.2f} x the cache size.")
+              f"{extra / cache:.2f} x the cache size.\n\n"
+            + "Where the memory is at the 2-trial peak (PSS, GiB; a shared page counts 1/k in each of its k "
+              "processes):\n\n"
+            + table(["process", "feature-cache pages resident", "feature-cache pages, PSS",
+                     "private anonymous (Python, torch, buffers)", "other (libraries, ...)"],
+                    [[name, f"{b['cache_rss'] / 2**30:.2f}", f"{b['cache_pss'] / 2**30:.2f}", f"{b['anon'] / 2**30:.2f}",
+                      f"{b['other_pss'] / 2**30:.2f}"]
+                     for name, group in (("trial", trials), ("driver (search.run)", driver), ("Ray's own", rest))
+                     for b in (group if name == "trial" else [_sum(group)])])
+            + "\n\nEach trial has the cache pages it reads resident, but together they count once (the PSS "
+              "column sums to the cache's resident size): the cache is shared, not copied. What a second trial "
+              "adds is its own Python process: torch, Ray's worker runtime and training buffers.")
     write_result("memory", "Peak memory of a whole search", body, "python bench/memory.py " + " ".join(sys.argv[1:]))
 
 

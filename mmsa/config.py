@@ -68,7 +68,9 @@ class TrainConfig:
     warmup_frac: float = 0.1
     class_weights: str = "none"
     label_smoothing: float = 0.0
-    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and kept; 0: off
+    # Decay of an exponential moving average of the weights (per optimizer step), evaluated and kept;
+    # 0: off. 0.9 measured +0.5 point accuracy over 3 seeds (bench notes in README).
+    ema: float = 0.9
     patience: int = 3  # epochs without improvement of `monitor` before stopping; 0: never
     monitor: str = "val_acc"
     seed: int = 0

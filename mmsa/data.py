@@ -11,8 +11,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
-
 from mmsa.errors import DataError
 
 LABELS: tuple[str, ...] = ("positive", "neutral", "negative")
@@ -220,5 +218,6 @@ def split_train_val(examples: list[Example], val_fraction: float, seed: int
         raise DataError(f"only {len(examples)} usable labeled pair(s): too few to hold out a validation split")
     # Stratify where every class can be on both sides; tiny data falls back to a seeded shuffle.
     stratify = labels if min(counts.values()) >= 2 and len(counts) <= n_val <= len(examples) - len(counts) else None
+    from sklearn.model_selection import train_test_split
     train, val = train_test_split(examples, test_size=n_val, random_state=seed, stratify=stratify)
     return list(train), list(val)

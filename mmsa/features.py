@@ -7,6 +7,9 @@ settings (text length, layer) and the data content (guids, decoded texts, image 
 any of them and a new cache is built. A folder is built under a temporary name and renamed into
 place only once complete, with `meta.json` written last; a folder without a matching
 `meta.json` (a killed build, a copy gone wrong) is never trusted and gets rebuilt.
+
+torch is imported only where backbones run or batches are made, so a process that just opens the
+cache (the search driver) does not pay torch's ~0.4 GiB.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, normalize_tweet
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -65,6 +72,7 @@ class FeatureSet:
 
     def batch(self, rows: np.ndarray, device: torch.device):
         """Model inputs for these rows (sorted by the caller for locality), float32 on `device`."""
+        import torch
         mask = self.text_mask[rows]
         length = max(int(mask.sum(1).max()), 1)  # texts are right-padded: drop all-pad columns
 
@@ -147,7 +155,9 @@ def _progress(total: int, desc: str):
                 mininterval=1.0)
 
 
-class _ImageFiles(torch.utils.data.Dataset):
+class _ImageFiles:
+    """Map-style dataset of preprocessed images for torch's DataLoader."""
+
     def __init__(self, examples: list[Example], transform, size: int):
         self.examples, self.transform, self.size = examples, transform, size
 
@@ -163,6 +173,7 @@ class _ImageFiles(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError):
                 pass
         # A blank (mean-coloured) image: the features then say "no picture".
+        import torch
         return torch.zeros(3, self.size, self.size), False
 
 
@@ -222,6 +233,7 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
     content = image_content_hash(examples)
 
     def prepare():
+        import torch
         encoder = build_image_encoder(cfg.image_encoder)
         pre = encoder.preprocess
         loader = torch.utils.data.DataLoader(

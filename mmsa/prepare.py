@@ -8,8 +8,7 @@ import numpy as np
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, load_dataset, split_train_val
-from mmsa.encoders import check_encoder_names
-from mmsa.features import FeatureSet, load_features
+from mmsa.features import FeatureSet
 
 
 @dataclass
@@ -44,6 +43,8 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
 
     Training pairs whose image turned out unreadable are dropped here and counted in the report.
     """
+    from mmsa.encoders import check_encoder_names
+    from mmsa.features import load_features
     check_encoder_names(cfg.text_encoder, cfg.image_encoder)
     dataset = load_dataset(cfg.data_dir)
     if cfg.finetune == "full":  # backbones run per batch: no cache to build
@@ -60,3 +61,27 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
     return Prepared(dataset=dataset, features=features, train=Split.of(features, train),
                     val=Split.of(features, val) if val else None,
                     test=Split.of(features, dataset.test))
+
+
+def _prepare_for_parent(cfg: DataConfig) -> tuple:
+    data = prepare(cfg)
+    f = data.features
+    return data.dataset, f.guids, str(f.text_dir), str(f.image_dir), data.train, data.val, data.test
+
+
+def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
+    """`prepare()` in a short-lived child process; this process then only memory-maps the cache.
+
+    Building (or merely fingerprinting) the cache loads torch and both backbones; done here, they
+    would stay in this process's memory for good. The search driver calls this, so that for the
+    whole search it holds no torch and no backbone (measured: about 0.4 GiB less, bench/memory.py).
+    Errors in the child (a bad dataset folder, ...) are raised here as they are.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    if cfg.finetune == "full":
+        raise ValueError("finetune=full has no cache to prepare in a child process; call prepare()")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        dataset, guids, text_dir, image_dir, train, val, test = pool.submit(_prepare_for_parent, cfg).result()
+    return Prepared(dataset=dataset, features=FeatureSet.open(guids, text_dir, image_dir), train=train, val=val,
+                    test=test)

@@ -14,7 +14,6 @@ from ray import tune
 from mmsa.config import Config
 from mmsa.features import FeatureSet
 from mmsa.prepare import Split
-from mmsa.train import fit
 
 # Set on the last epoch a trial trains by its own decision (max_epochs or its own early
 # stopping). A trial whose last result lacks it was stopped by the scheduler.
@@ -39,6 +38,7 @@ def scalar_metrics(metrics: dict) -> dict:
 
 
 def train_trial(config: dict, data: TrialData) -> None:
+    from mmsa.train import fit  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
     cfg.train.num_threads = data.threads
     features = FeatureSet.open(data.guids, data.text_dir, data.image_dir)

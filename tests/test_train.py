@@ -45,6 +45,18 @@ def test_accumulation_matches_the_full_batch(subset_prepared):
         assert torch.allclose(models[0][key], models[1][key], atol=1e-5), key
 
 
+def test_ema_weights_are_evaluated_and_kept_as_a_plain_state_dict(subset_prepared):
+    data_cfg, p = subset_prepared
+    train = replace(p.train, rows=p.train.rows[:16], labels=p.train.labels[:16], guids=p.train.guids[:16])
+    states = {}
+    for ema in (0.0, 0.5):
+        cfg = _cfg(data_cfg, max_epochs=1, batch_size=8, dropout=0.0, token_dropout=0.0, warmup_frac=0.0, ema=ema)
+        states[ema] = fit(cfg, p.features, train, None).model.state_dict()
+    assert states[0.5].keys() == states[0.0].keys()  # no AveragedModel "module." prefix
+    # Same training trajectory (same seed); the kept weights are the average, not the last step's.
+    assert any(not torch.allclose(states[0.0][k].float(), states[0.5][k].float()) for k in states[0.0])
+
+
 def test_class_weights():
     labels = np.array([0] * 8 + [1] * 2 + [2] * 4)
     assert torch.allclose(class_weights("none", labels, 3), torch.ones(3))
