@@ -113,14 +113,18 @@ def main() -> None:
     cache = feats.nbytes
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-mem-"))
     rows, peaks = [], {}
+
+    def search_cmd(space: Path | str, *more: str) -> list[str]:
+        return [sys.executable, "-m", "search.run", "--space", str(space), "--data", args.data, "--num-samples",
+                str(args.num_samples), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--storage", str(tmp / "ray"),
+                *more]
+
     for concurrent in (1, 2):
         space = yaml.safe_load(Path(args.space).read_text())
         space["max_concurrent"] = concurrent
         path = tmp / f"c{concurrent}.yaml"
         path.write_text(yaml.safe_dump(space))
-        cmd = [sys.executable, "-m", "search.run", "--space", str(path), "--data", args.data, "--num-samples",
-               str(args.num_samples), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--storage", str(tmp / "ray")]
-        pss, rss, wall, parts = measured_search(cmd)
+        pss, rss, wall, parts = measured_search(search_cmd(path))
         peaks[concurrent] = pss
         if concurrent == 2:
             trials = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
@@ -129,10 +133,7 @@ def main() -> None:
         rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     if args.budget:
         from search.budget import parse_size
-        cmd = [sys.executable, "-m", "search.run", "--space", args.space, "--data", args.data, "--num-samples",
-               str(args.num_samples), "--memory-budget", args.budget, "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
-               "--storage", str(tmp / "ray")]
-        pss, rss, wall, _ = measured_search(cmd)
+        pss, rss, wall, _ = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
         verdict = "under" if pss <= parse_size(args.budget) else "OVER"
         rows.append([f"--memory-budget {args.budget} ({verdict} budget)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}",
                      f"{wall:.0f}"])

@@ -9,7 +9,7 @@ place only once complete, with `meta.json` written last; a folder without a matc
 `meta.json` (a killed build, a copy gone wrong) is never trusted and gets rebuilt.
 
 torch is imported only where backbones run or batches are made, so a process that just opens the
-cache (the search driver) does not pay torch's ~0.4 GiB.
+cache (the search driver) does not pay for torch (~0.3 GiB of private memory per process).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
