@@ -24,10 +24,8 @@ from mmsa.cli import quiet_libraries, run_main
 from mmsa.config import Config
 from mmsa.data import LABELS
 from mmsa.errors import UserError
+from mmsa.run_tags import DEFAULT_TRACKING_URI, TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-# Tag names shared with search/tracking.py (mmsa may not import search).
-TAG_KIND, TAG_BEST_RUN, TAG_PARENT = "mmsa.kind", "mmsa.best_trial_run_id", "mlflow.parentRunId"
 
 
 def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 def _log_final_run(client, parent_id, cfg, result, out: Path, tags, what, seconds, partial) -> None:
     run = client.get_run(parent_id) if parent_id else None
     experiment_id = run.info.experiment_id if run else client.get_experiment_by_name("Default").experiment_id
-    run_tags = {TAG_KIND: "final", "mmsa.source": what}
+    run_tags = {TAG_KIND: "final", TAG_SOURCE: what}
     if parent_id:
         run_tags[TAG_PARENT] = parent_id
     final = client.create_run(experiment_id, run_name="final-retrain", tags=run_tags)

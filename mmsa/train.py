@@ -75,7 +75,9 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: torch.device,
-                  batch_size: int = 256) -> np.ndarray:
+                  batch_size: int = 64) -> np.ndarray:
+    """Class probabilities for `rows`. Batches of 64: a batch of 256 (float32 text tokens and the
+    7x7 image grid) raised a trial's peak memory by 0.15 GB instead of 0.04 GB, at the same speed."""
     model.eval()
     out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
     order = np.argsort(rows)

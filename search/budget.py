@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from mmsa.errors import ConfigError
 
 GIB = 2 ** 30
-# bench/memory.py, smoke space, 0.73 GiB cache: 1 trial peaks at 2.74 GiB PSS, 2 trials at 3.33 GiB
-# (a second run: 2.74 / 3.28 GiB, bench/results/memory.md).
-TRIAL_BYTES = int(0.60 * GIB)  # what each trial process adds (2 trials - 1 trial: 0.59 GiB)
-DRIVER_BYTES = int(1.45 * GIB)  # search driver (no torch) + Ray's own processes: 2.74 - 0.73 - 0.59 = 1.42 GiB
+# bench/memory.py, smoke space, 0.73 GiB cache, trials handing freed memory back after every epoch:
+# 1 trial peaks at 2.35 GiB PSS, 2 trials at 2.96 GiB (a second run: 2.37 / 2.97, bench/results/memory.md).
+TRIAL_BYTES = int(0.61 * GIB)  # what each trial process adds (2 trials - 1 trial: 0.59-0.61 GiB)
+DRIVER_BYTES = int(1.05 * GIB)  # search driver (no torch) + Ray's own processes: 2.37 - 0.73 - 0.61 = 1.03 GiB
 BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (measured: 4.4 MB/example at 113 tokens, d=128, 5 layers)
 
 

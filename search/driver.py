@@ -14,6 +14,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
+from mmsa.run_tags import TAG_TRIAL
 from search.tracking import MlflowTrialLogger, child_runs
 from search.trainable import TrialData, train_trial
 
@@ -78,7 +79,7 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
     # MLflow is the record: the search is complete when every trial has ended there.
     client = MlflowClient(tracking_uri)
     runs = child_runs(client, experiment_id, parent_id)
-    ended = {r.data.tags.get("mmsa.trial_id") for r in runs
+    ended = {r.data.tags.get(TAG_TRIAL) for r in runs
              if r.info.status in ("FINISHED", "FAILED")}
     interrupted = len(ended) < spec.num_samples
     if interrupted:

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from mmsa.config import Config
 from mmsa.final import peak_epoch
-from search.tracking import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL, child_runs, log_metrics
+from mmsa.run_tags import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL
+from search.tracking import child_runs, log_metrics
 
 
 @dataclass

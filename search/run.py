@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TAG_KIND, TAG_RAY_PATH, TAG_SPACE,
-                                 TAG_STATE, find_resumable_search, get_experiment_id, log_params,
+    from mmsa.run_tags import DEFAULT_TRACKING_URI, TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE
+    from search.tracking import (DEFAULT_EXPERIMENT, find_resumable_search, get_experiment_id, log_params,
                                  prepare_tracking_uri)
     tracking_uri = prepare_tracking_uri(args.tracking_uri or DEFAULT_TRACKING_URI)
     client = MlflowClient(tracking_uri)

@@ -17,22 +17,10 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from mmsa.run_tags import TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_SPACE, TAG_STATE, TAG_TRIAL
 from search.trainable import FINAL_KEY, scalar_metrics
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "mmsa-search"
-
-TAG_KIND = "mmsa.kind"  # search | trial | final
-TAG_STATE = "mmsa.state"  # on a search: running | interrupted | finished
-TAG_TRIAL = "mmsa.trial_id"
-TAG_ATTEMPT = "mmsa.attempt"
-TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | interrupted
-TAG_ERROR = "mmsa.error"
-TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
-TAG_SPACE = "mmsa.space"
-TAG_RAY_PATH = "mmsa.ray_path"
-TAG_BEST_RUN = "mmsa.best_trial_run_id"
-PARENT_TAG = "mlflow.parentRunId"
 MAX_TAG_CHARS = 5000
 
 
@@ -69,7 +57,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, kind: str = "trial") -> list:
     return client.search_runs([experiment_id],
-                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+                              filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' "
                                             f"and tags.`{TAG_KIND}` = '{kind}'",
                               max_results=5000)
 
@@ -133,7 +121,7 @@ class MlflowTrialLogger(Callback):
         self._attempts[trial.trial_id] = attempt
         name = f"trial-{trial.trial_id}" + (f"-attempt{attempt}" if attempt > 1 else "")
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            PARENT_TAG: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial.trial_id,
+            TAG_PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial.trial_id,
             TAG_ATTEMPT: str(attempt)})
         runs[trial.trial_id] = run.info.run_id
         self._started_here.add(trial.trial_id)

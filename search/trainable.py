@@ -6,6 +6,8 @@ so N concurrent trials share one copy of the features through the OS page cache.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +39,21 @@ def scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS (glibc's malloc_trim).
+
+    glibc keeps freed heap memory for reuse; a trial process that Ray reuses for the next trial
+    (reuse_actors) carried each earlier trial's largest batches: measured +0.1 to +0.3 GB of
+    resident memory per trial run in the same process. A no-op where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def train_trial(config: dict, data: TrialData) -> None:
+    release_freed_memory()  # what the previous trial in this process left behind
     from mmsa.train import fit  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
     cfg.train.num_threads = data.threads
@@ -50,6 +66,7 @@ def train_trial(config: dict, data: TrialData) -> None:
         out = scalar_metrics(metrics)
         out["val_confusion"] = np.asarray(metrics["val_confusion"]).tolist()
         out["node_id"] = node
+        release_freed_memory()
         tune.report(out)
 
     fit(cfg, features, data.train, data.val, on_epoch=report)

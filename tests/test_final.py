@@ -5,7 +5,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from search.tracking import TAG_KIND, child_runs
+from mmsa.run_tags import TAG_KIND
+from search.tracking import child_runs
 from tests.search_helpers import ROOT
 
 

@@ -11,7 +11,8 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.tracking import TAG_NODE, child_runs
+from mmsa.run_tags import TAG_NODE
+from search.tracking import child_runs
 from tests.search_helpers import run_search, write_space
 
 PORT = "6391"

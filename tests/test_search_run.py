@@ -4,7 +4,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from search.tracking import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL, child_runs
+from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL
+from search.tracking import child_runs
 from tests.search_helpers import ROOT, run_search, search_cmd, write_space
 
 

@@ -1,0 +1,17 @@
+"""Names of the MLflow tags and the store that the search writes and `mmsa.final` reads: the one
+contract between `search/` and `mmsa/final.py` (mmsa may not import search)."""
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+TAG_KIND = "mmsa.kind"  # search | trial | final
+TAG_STATE = "mmsa.state"  # on a search: running | interrupted | finished
+TAG_TRIAL = "mmsa.trial_id"
+TAG_ATTEMPT = "mmsa.attempt"
+TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | interrupted
+TAG_ERROR = "mmsa.error"
+TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
+TAG_SPACE = "mmsa.space"
+TAG_RAY_PATH = "mmsa.ray_path"
+TAG_BEST_RUN = "mmsa.best_trial_run_id"
+TAG_SOURCE = "mmsa.source"  # on a final run: which search or trial its config came from
+TAG_PARENT = "mlflow.parentRunId"
