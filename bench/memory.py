@@ -65,7 +65,9 @@ def breakdown(proc: psutil.Process, cache_root: str) -> dict | None:
     return out
 
 
-def measured_search(cmd: list[str], cache_root: str = "mmsa-features") -> tuple[int, int, float, list[dict]]:
+def measured_search(cmd: list[str], cache_root: str = "mmsa-features") -> tuple[int, int, float, list[dict], str]:
+    """Peak PSS and RSS of the search's process tree, its wall time, the per-process breakdown at
+    the PSS peak, and the memory plan it printed (with --memory-budget; else "")."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0, 0]
     at_peak: list[dict] = []
@@ -90,7 +92,8 @@ def measured_search(cmd: list[str], cache_root: str = "mmsa-features") -> tuple[
     thread.join()
     if proc.returncode != 0:
         sys.exit(f"search failed:\n{out[-3000:]}")
-    return peak[0], peak[1], time.time() - start, at_peak
+    plan = next((line for line in out.splitlines() if line.startswith("memory budget")), "")
+    return peak[0], peak[1], time.time() - start, at_peak, plan
 
 
 def _sum(parts: list[dict]) -> dict:
@@ -103,6 +106,7 @@ def main() -> None:
     p.add_argument("--space", default="spaces/smoke.yaml")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--budget", help="also run the space under --memory-budget BUDGET and compare its peak")
+    p.add_argument("--out", default="memory", help="results file name: bench/results/OUT.md")
     args = p.parse_args()
 
     from mmsa.config import Config
@@ -124,7 +128,7 @@ def main() -> None:
         space["max_concurrent"] = concurrent
         path = tmp / f"c{concurrent}.yaml"
         path.write_text(yaml.safe_dump(space))
-        pss, rss, wall, parts = measured_search(search_cmd(path))
+        pss, rss, wall, parts, _ = measured_search(search_cmd(path))
         peaks[concurrent] = pss
         if concurrent == 2:
             trials = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
@@ -133,9 +137,9 @@ def main() -> None:
         rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     if args.budget:
         from search.budget import parse_size
-        pss, rss, wall, _ = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
+        pss, rss, wall, _, plan = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
         verdict = "under" if pss <= parse_size(args.budget) else "OVER"
-        rows.append([f"--memory-budget {args.budget} ({verdict} budget)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}",
+        rows.append([f"--memory-budget {args.budget} ({verdict} budget; plan: {plan.split(': ', 1)[-1]})", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}",
                      f"{wall:.0f}"])
     extra = peaks[2] - peaks[1]
     body = (f"Feature cache: {cache / 2**30:.2f} GiB (float16, memory-mapped). Space `{args.space}`, "
@@ -154,7 +158,7 @@ def main() -> None:
             + "\n\nEach trial has the cache pages it reads resident, but together they count once (the PSS "
               "column sums to the cache's resident size): the cache is shared, not copied. What a second trial "
               "adds is its own Python process: torch, Ray's worker runtime and training buffers.")
-    write_result("memory", "Peak memory of a whole search", body, "python bench/memory.py " + " ".join(sys.argv[1:]))
+    write_result(args.out, "Peak memory of a whole search", body, "python bench/memory.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
