@@ -49,6 +49,10 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
               address: str | None = None, resume: bool = False) -> bool:
     """Run (or continue) the search. Returns True when it was interrupted before the end."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray saves the search state (which trials finished, the searcher) every 10 s or more by
+    # default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that had
+    # finished since, and lost the ones started since. Every second costs little: the state is small.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     metric = f"best_{spec.metric}"
     logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat())
     trainable = make_trainable(spec, base, data)
@@ -82,6 +86,7 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
     ended = {r.data.tags.get(TAG_TRIAL) for r in runs
              if r.info.status in ("FINISHED", "FAILED")}
     interrupted = len(ended) < spec.num_samples
-    if interrupted:
-        MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted()
+    # Runs still open now belong to trials cut off by this interruption, or left open by an
+    # earlier driver that was killed outright and not restarted by Ray: close them as interrupted.
+    MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted()
     return interrupted

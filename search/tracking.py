@@ -156,7 +156,7 @@ class MlflowTrialLogger(Callback):
         self._started_here.discard(trial.trial_id)
 
     def mark_interrupted(self) -> int:
-        """Close the runs of trials cut off by an interruption; they rerun on --resume."""
+        """Close the trial runs still open (cut off by an interruption: they rerun on --resume)."""
         runs = self._run_map()
         for trial_id, run_id in list(runs.items()):
             self.client.set_tag(run_id, TAG_ENDED, "interrupted")

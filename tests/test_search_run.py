@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import time
@@ -34,10 +35,11 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     assert "top trials" in out.stdout and "rank" in out.stdout
 
 
-def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared, tmp_path):
-    # Long enough trials (40 epochs each, no early stopping) that the kill lands mid-search.
+def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
+    """A 5-trial search whose trials are long (`epochs`, no early stopping), returned once two
+    trials have finished, so that a kill lands mid-search with a trial running."""
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5,
-                        max_epochs=40, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": 40})
+                        max_epochs=epochs, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": epochs})
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["fixed"]["patience"] = 0
@@ -46,26 +48,24 @@ def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_di
     (tmp_path / "mlruns").mkdir()
     experiment_id = MlflowClient(uri).create_experiment("mmsa-search")  # db ready before two processes use it
     proc = subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, **popen)
     deadline = time.time() + 240
-    finished_before = []
     while time.time() < deadline:
         time.sleep(1)
         runs = MlflowClient(uri).search_runs([experiment_id], f"tags.`{TAG_KIND}` = 'trial'")
-        finished_before = [r for r in runs if r.info.status == "FINISHED"]
-        if len(finished_before) >= 2:
-            break
-    assert finished_before, "no trial finished in time"
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output[-3000:]
-    parent_id = output.strip().splitlines()[-1].split("=", 1)[1]
-    client = MlflowClient(uri)
-    assert client.get_run(parent_id).data.tags[TAG_STATE] == "interrupted"
-    finished_before = {r.data.tags[TAG_TRIAL]: r.info.run_id for r in
-                       child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
-                       if r.info.status == "FINISHED"}
+        if len([r for r in runs if r.info.status == "FINISHED"]) >= 2:
+            return space, uri, proc
+    proc.kill()
+    raise AssertionError("no two trials finished in time: " + proc.communicate()[0][-3000:])
 
+
+def _finished_trials(client, parent_id) -> dict[str, str]:
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return {r.data.tags[TAG_TRIAL]: r.info.run_id for r in child_runs(client, experiment_id, parent_id)
+            if r.info.status == "FINISHED"}
+
+
+def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[str, str]) -> list:
     out = run_search(space, tmp_path, "--resume")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"parent_run_id={parent_id}"  # the same parent run
@@ -78,6 +78,39 @@ def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_di
         assert [c.info.run_id for c in done if c.data.tags[TAG_TRIAL] == trial_id] == [run_id]
     searches = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_KIND}` = 'search'")
     assert len(searches) == 1
+    return children
+
+
+def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared, tmp_path):
+    space, uri, proc = _start_long_search(tmp_path, subset_dir, subset_cache)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    parent_id = output.strip().splitlines()[-1].split("=", 1)[1]
+    client = MlflowClient(uri)
+    assert client.get_run(parent_id).data.tags[TAG_STATE] == "interrupted"
+    _resume_and_check(space, tmp_path, client, parent_id, _finished_trials(client, parent_id))
+
+
+def test_search_killed_outright_resumes_and_closes_the_trial_it_left_running(
+        subset_dir, subset_cache, subset_prepared, tmp_path):
+    # SIGKILL to the whole process group (driver, Ray, trials): nothing gets to clean up.
+    # Trials of ~5 s; the kill comes 2 s after the second one finished, when Ray has saved its state.
+    space, uri, proc = _start_long_search(tmp_path, subset_dir, subset_cache, epochs=120, start_new_session=True)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    client = MlflowClient(uri)
+    (search,) = client.search_runs([client.get_experiment_by_name("mmsa-search").experiment_id],
+                                   f"tags.`{TAG_KIND}` = 'search'")
+    parent_id = search.info.run_id
+    left_running = {r.data.tags[TAG_TRIAL] for r in child_runs(client, search.info.experiment_id, parent_id)
+                    if r.info.status == "RUNNING"}
+    assert left_running, "the kill should have caught a trial mid-training"
+    children = _resume_and_check(space, tmp_path, client, parent_id, _finished_trials(client, parent_id))
+    closed = [c for c in children if c.data.tags[TAG_TRIAL] in left_running and c.info.status != "FINISHED"]
+    assert closed and all(c.info.status == "KILLED" and c.data.tags[TAG_ENDED] == "interrupted" for c in closed)
+    assert not [c for c in children if c.info.status == "RUNNING"]
 
 
 def test_resume_with_nothing_to_resume(subset_dir, subset_cache, tmp_path):
