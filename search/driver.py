@@ -12,9 +12,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from mmsa.run_tags import TAG_TRIAL
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
-from mmsa.run_tags import TAG_TRIAL
 from search.tracking import MlflowTrialLogger, child_runs
 from search.trainable import TrialData, train_trial
 
