@@ -139,8 +139,8 @@ def main() -> None:
         from search.budget import parse_size
         pss, rss, wall, _, plan = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
         verdict = "under" if pss <= parse_size(args.budget) else "OVER"
-        rows.append([f"--memory-budget {args.budget} ({verdict} budget; plan: {plan.split(': ', 1)[-1]})", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}",
-                     f"{wall:.0f}"])
+        label = f"--memory-budget {args.budget} ({verdict} budget; plan: {plan.split(': ', 1)[-1]})"
+        rows.append([label, f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     extra = peaks[2] - peaks[1]
     body = (f"Feature cache: {cache / 2**30:.2f} GiB (float16, memory-mapped). Space `{args.space}`, "
             f"{args.num_samples} trials.\n\n"

@@ -77,11 +77,12 @@ def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
     whole search it holds no torch and no backbone (measured: driver 0.83 -> 0.59 GiB PSS; a
     one-trial search 2.89 -> 2.74 GiB, bench/memory.py).
     Errors in the child (a bad dataset folder, ...) are raised here as they are.
+    With finetune=full there is no cache (backbones run per batch): prepared here, in-process.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     if cfg.finetune == "full":
-        raise ValueError("finetune=full has no cache to prepare in a child process; call prepare()")
+        return prepare(cfg)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         dataset, guids, text_dir, image_dir, train, val, test = pool.submit(_prepare_for_parent, cfg).result()
     return Prepared(dataset=dataset, features=FeatureSet.open(guids, text_dir, image_dir), train=train, val=val,

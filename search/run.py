@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
                             f"in experiment '{args.experiment or DEFAULT_EXPERIMENT}'")
 
-    from mmsa.prepare import prepare, prepare_in_subprocess
+    from mmsa.prepare import prepare_in_subprocess
     t0 = time.time()
     print(f"data: {base.data.data_dir}; preparing features (built once, then cached)", flush=True)
     # Cached features: built or checked in a child process, so this driver never holds torch.
-    data = prepare(base.data) if base.data.finetune == "full" else prepare_in_subprocess(base.data)
+    data = prepare_in_subprocess(base.data)
     check_against_data(spec, len(data.train))
     print(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val pairs; features ready in "
           f"{time.time() - t0:.1f}s; {data.dataset.report.summary()}", flush=True)

@@ -155,14 +155,13 @@ class MlflowTrialLogger(Callback):
         self._end(trial, "FAILED", "failed (retried)", error=trial_error_text(trial))
         self._started_here.discard(trial.trial_id)
 
-    def mark_interrupted(self) -> int:
+    def mark_interrupted(self) -> None:
         """Close the trial runs still open (cut off by an interruption: they rerun on --resume)."""
         runs = self._run_map()
         for trial_id, run_id in list(runs.items()):
             self.client.set_tag(run_id, TAG_ENDED, "interrupted")
             self.client.set_terminated(run_id, status="KILLED")
             runs.pop(trial_id)
-        return len(runs)
 
 
 def trial_error_text(trial) -> str:
