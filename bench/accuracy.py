@@ -2,10 +2,13 @@
 image-only, and a search's best config, over several training seeds (mean ± std).
 
     python bench/accuracy.py --data ../shared/mvsa [--run-id SEARCH_OR_TRIAL_RUN] [--seeds 3]
-        [--finetune-layers 1 2]
+        [--finetune-layers 1 2] [--ensembles 3 5 [--ensemble-seeds 20]]
 
 `--finetune-layers K ...` adds the default config with `finetune: last_k` for each K (the top K
 MiniLM layers train with the head; each K has its own cache, built on first use).
+`--ensembles K ...` adds a second table in mmsa.final's protocol: a fixed number of epochs (the
+median best epoch of the default fusion runs above) and no choice of epoch on validation; one
+model, then ensembles of K models, the default config otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from bench.common import RESULTS, mean_std, table, write_result  # noqa: E402
 from mmsa.config import Config  # noqa: E402
 from mmsa.data import LABELS  # noqa: E402
 from mmsa.prepare import prepare  # noqa: E402
-from mmsa.train import classification_metrics, fit  # noqa: E402
+from mmsa.train import classification_metrics, fit, predict_proba  # noqa: E402
 
 
 def pooled(features, rows):
@@ -45,6 +48,27 @@ def linear_probe(data) -> dict:
     return classification_metrics(data.val.labels, grid.predict(x_val))
 
 
+def summary_row(name: str, runs: list[dict]) -> list[str]:
+    return ([name, mean_std([r["val_acc"] for r in runs]), mean_std([r["val_macro_f1"] for r in runs])]
+            + [mean_std([r["val_f1_" + n] for r in runs]) for n in LABELS]
+            + [f"{np.mean([r['mean_epoch_seconds'] for r in runs]):.1f}"])
+
+
+def retrained(data, base: Config, k: int, epochs: int, seeds: int) -> list[dict]:
+    """The default config as an ensemble of k, trained for `epochs` without validation, then scored."""
+    import torch
+    runs = []
+    for seed in range(seeds):
+        cfg = Config.from_flat({**base.to_flat(), "ensemble": k, "stop_epoch": epochs, "seed": seed})
+        result = fit(cfg, data.features, data.train, None)
+        probs = predict_proba(result.model, data.features, data.val.rows, torch.device("cpu"))
+        runs.append({**classification_metrics(data.val.labels, probs.argmax(1)),
+                     "mean_epoch_seconds": result.metrics["mean_epoch_seconds"]})
+        print(f"retrained, {k} model(s), seed {seed}: acc {runs[-1]['val_acc']:.4f} "
+              f"f1 {runs[-1]['val_macro_f1']:.4f}", flush=True)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -53,6 +77,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--finetune-layers", type=int, nargs="*", default=[], metavar="K",
                    help="also run finetune=last_k with these numbers of top text layers")
+    p.add_argument("--ensembles", type=int, nargs="*", default=[], metavar="K",
+                   help="also score ensembles of K models, trained as mmsa.final retrains")
+    p.add_argument("--ensemble-seeds", type=int, metavar="N",
+                   help="training seeds for the ensemble table (default: --seeds); the gain is below one "
+                        "seed's spread, so it needs more of them")
     args = p.parse_args()
 
     base = Config()
@@ -70,6 +99,7 @@ def main() -> None:
         variants[f"default, last_k k={k}"] = {"finetune": "last_k", "text_finetune_layers": k}
 
     rows = []
+    best_epochs = []
     probe = linear_probe(data)
     rows.append(["linear probe (floor)", f"{probe['val_acc']:.4f}", f"{probe['val_macro_f1']:.4f}"]
                 + [f"{probe['val_f1_' + n]:.4f}" for n in LABELS] + ["-"])
@@ -85,15 +115,24 @@ def main() -> None:
             runs.append(result.metrics)
             print(f"{name} seed {seed}: acc {result.metrics['val_acc']:.4f} f1 {result.metrics['val_macro_f1']:.4f} "
                   f"({result.metrics['mean_epoch_seconds']:.1f}s/epoch)", flush=True)
-            if name == "default fusion" and seed == 0:
-                confusion = result.metrics["val_confusion"]
-        rows.append([name, mean_std([r["val_acc"] for r in runs]), mean_std([r["val_macro_f1"] for r in runs])]
-                    + [mean_std([r["val_f1_" + n] for r in runs]) for n in LABELS]
-                    + [f"{np.mean([r['mean_epoch_seconds'] for r in runs]):.1f}"])
+            if name == "default fusion":
+                best_epochs.append(result.metrics["best_epoch"])
+                if seed == 0:
+                    confusion = result.metrics["val_confusion"]
+        rows.append(summary_row(name, runs))
+    header = ["model", "accuracy", "macro-F1"] + [f"F1 {n}" for n in LABELS] + ["s/epoch"]
     body = (f"Validation split: seed {base.data.split_seed}, {len(data.val)} of {len(data.train) + len(data.val)} "
             f"labeled pairs. Fusion rows: mean ± std over {args.seeds} training seeds, each the best epoch "
-            f"on validation.\n\n" + table(["model", "accuracy", "macro-F1"] + [f"F1 {n}" for n in LABELS]
-                                          + ["s/epoch"], rows))
+            f"on validation.\n\n" + table(header, rows))
+    if args.ensembles:
+        epochs = int(np.median(best_epochs))
+        seeds = args.ensemble_seeds or args.seeds
+        body += (f"\n\nAs `mmsa.final` retrains (a fixed {epochs} epochs of the {base.train.max_epochs}-epoch "
+                 f"schedule: the median best epoch of the default fusion rows above; no epoch chosen on validation), trained on the "
+                 f"training part only and scored on the same validation pairs, over {seeds} seeds:\n\n"
+                 + table(header, [summary_row(f"default, {k} model{'s' if k > 1 else ''}",
+                                              retrained(data, base, k, epochs, seeds))
+                                  for k in [1] + args.ensembles]))
     if confusion is not None:
         import matplotlib
         matplotlib.use("Agg")

@@ -50,6 +50,8 @@ class ModelConfig:
     image_grid: int = 0  # average a square grid of image tokens down to k x k; 0: keep all
     token_dropout: float = 0.1  # training only: share of text/image tokens hidden per example
     text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers
+    # Models trained from different seeds (initialisation and batch order), probabilities averaged.
+    ensemble: int = 1
     # Set from the data config and the feature cache, not by users.
     text_backbone: str = "minilm"
     text_layers: int = 0  # top text-encoder layers trained with the head (data.text_finetune_layers)
@@ -131,6 +133,8 @@ class Config:
             ("d_model", m.d_model > 0 and m.heads > 0 and m.d_model % m.heads == 0,
              f"a positive multiple of heads ({m.heads})"),
             ("fusion_depth", m.fusion_depth >= 0, ">= 0"),
+            ("ensemble", m.ensemble >= 1 and (m.ensemble == 1 or d.finetune != "full"),
+             ">= 1 (and 1 with finetune=full)"),
             ("dropout", 0 <= m.dropout < 1, "in [0, 1)"),
             ("image_grid", m.image_grid >= 0, ">= 0"),
             ("text_lr_scale", m.text_lr_scale > 0, "> 0"),

@@ -183,3 +183,22 @@ class FusionModel(nn.Module):
             out = layer(hidden, attention_mask=additive)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+class EnsembleModel(nn.Module):
+    """`cfg.ensemble` FusionModels, each trained on its own (mmsa.train: own initialisation, batch
+    order, optimizer); predicts the mean of their class probabilities."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.members = nn.ModuleList(FusionModel(cfg) for _ in range(cfg.ensemble))
+
+    def forward(self, text, text_mask, image) -> torch.Tensor:
+        """Logits whose softmax is the members' mean probability."""
+        log_probs = torch.stack([m(text, text_mask, image).float().log_softmax(-1) for m in self.members])
+        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
+
+
+def build_head(cfg: ModelConfig) -> nn.Module:
+    """One FusionModel, or an ensemble of `cfg.ensemble` of them."""
+    return FusionModel(cfg) if cfg.ensemble == 1 else EnsembleModel(cfg)

@@ -22,7 +22,7 @@ from mmsa.config import Config
 from mmsa.data import LABELS
 from mmsa.features import FeatureSet
 from mmsa.finetune import RawSource
-from mmsa.model import FusionModel
+from mmsa.model import EnsembleModel, build_head
 from mmsa.prepare import Split
 
 EpochCallback = Callable[[int, dict], None]
@@ -102,78 +102,113 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim
 
 
 def build_model(cfg: Config, features) -> torch.nn.Module:
-    """The head on cached features, or (finetune=full) the backbones and the head together."""
+    """The head on cached features (one, or an ensemble), or (finetune=full) the backbones and the
+    head together."""
     cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
     cfg.model.text_backbone = cfg.data.text_encoder
     cfg.model.text_layers = cfg.data.text_finetune_layers if cfg.data.finetune == "last_k" else 0
     if cfg.data.finetune == "full":
         from mmsa.finetune import FullFusion
         return FullFusion(cfg)
-    return FusionModel(cfg.model)
+    return build_head(cfg.model)
 
 
-def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Split | None = None,
-        on_epoch: EpochCallback | None = None) -> FitResult:
-    """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch."""
+@dataclass
+class _Member:
+    """One model of a run, with its own optimizer, schedule, weight average and batch order."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: torch.nn.Module | None
+    rng: np.random.Generator
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Member:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     t = cfg.train
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    torch.manual_seed(t.seed)
-    rng = np.random.default_rng(t.seed)
-    device = resolve_device(t.device)
-    model = build_model(cfg, features).to(device)
-    weights = class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device)
-    batch = min(t.batch_size, len(train))
-    micro = min(t.micro_batch or batch, batch)
-    steps_per_epoch = math.ceil(len(train) / batch)
-    total_steps = steps_per_epoch * t.max_epochs
     top = set(model.text_top.parameters()) if hasattr(model, "text_top") else set()
     groups = [{"params": [p for p in model.parameters() if p not in top], "lr": t.lr}]
     if top:
         groups.append({"params": list(top), "lr": t.lr * cfg.model.text_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True) if t.ema > 0 else None
     scheduler = warmup_cosine(optimizer, int(t.warmup_frac * total_steps), total_steps)
+    return _Member(model, optimizer, scheduler, ema, rng)
+
+
+def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
+                 label_smoothing: float, device: torch.device, epoch: int) -> tuple[float, int]:
+    """One pass over `train` in the member's own order; returns (summed loss, examples seen)."""
+    model = member.model
+    model.train()
+    order = member.rng.permutation(len(train))
+    loss_sum, seen = 0.0, 0
+    for s in range(0, len(order), batch):
+        step_idx = order[s:s + batch]
+        weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
+        member.optimizer.zero_grad(set_to_none=True)
+        for m in range(0, len(step_idx), micro):
+            idx = np.sort(step_idx[m:m + micro])
+            rows = train.rows[idx]
+            y = torch.from_numpy(train.labels[idx]).to(device)
+            with _autocast(device):
+                logits = model(*features.batch(rows, device))
+            per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
+            # Weighted mean over the whole effective batch, however it is split.
+            loss = (per_example * weights[y]).sum() / weight_total
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {s // batch + 1}")
+            loss.backward()
+            loss_sum += per_example.detach().sum().item()
+            seen += len(idx)
+        member.optimizer.step()
+        member.scheduler.step()
+        if member.ema is not None:
+            member.ema.update_parameters(model)
+    return loss_sum, seen
+
+
+def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Split | None = None,
+        on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch.
+    With `ensemble` K > 1, K members train epoch by epoch side by side, each on its own seed, and
+    every epoch is scored (and reported) on their averaged probabilities."""
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+    model = build_model(cfg, features).to(device)
+    parts = list(model.members) if isinstance(model, EnsembleModel) else [model]
+    weights = class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device)
+    batch = min(t.batch_size, len(train))
+    micro = min(t.micro_batch or batch, batch)
+    total_steps = math.ceil(len(train) / batch) * t.max_epochs
+    # Member 0 draws the batch order a single model would; the others draw their own.
+    members = [_new_member(part, cfg, np.random.default_rng(t.seed if i == 0 else [t.seed, i]), total_steps)
+               for i, part in enumerate(parts)]
 
     history: list[dict] = []
     best: dict | None = None
-    best_state = None
+    best_states: list[dict] = []
     stale = 0
     last_epoch = t.stop_epoch or t.max_epochs
     for epoch in range(1, last_epoch + 1):
         start = time.perf_counter()
-        model.train()
-        order = rng.permutation(len(train))
         loss_sum, seen = 0.0, 0
-        for s in range(0, len(order), batch):
-            step_idx = order[s:s + batch]
-            weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
-            optimizer.zero_grad(set_to_none=True)
-            for m in range(0, len(step_idx), micro):
-                idx = np.sort(step_idx[m:m + micro])
-                rows = train.rows[idx]
-                y = torch.from_numpy(train.labels[idx]).to(device)
-                with _autocast(device):
-                    logits = model(*features.batch(rows, device))
-                per_example = F.cross_entropy(logits.float(), y, reduction="none",
-                                              label_smoothing=t.label_smoothing)
-                # Weighted mean over the whole effective batch, however it is split.
-                loss = (per_example * weights[y]).sum() / weight_total
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {s // batch + 1}")
-                loss.backward()
-                loss_sum += per_example.detach().sum().item()
-                seen += len(idx)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-        evaluated = ema.module if ema is not None else model
+        for member in members:
+            member_loss, member_seen = _train_epoch(member, features, train, weights, batch, micro,
+                                                    t.label_smoothing, device, epoch)
+            loss_sum, seen = loss_sum + member_loss, seen + member_seen
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                   "lr": scheduler.get_last_lr()[0]}
+                   "lr": members[0].scheduler.get_last_lr()[0]}
         if val is not None and len(val):
-            probs = predict_proba(evaluated, features, val.rows, device)
+            probs = np.mean([predict_proba(m.evaluated, features, val.rows, device) for m in members], 0)
             metrics.update(classification_metrics(val.labels, probs.argmax(1)))
         metrics["epoch_seconds"] = time.perf_counter() - start
         if device.type == "cuda":
@@ -182,7 +217,7 @@ def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Spli
         improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
         if improved:
             best, stale = metrics, 0
-            best_state = copy.deepcopy(evaluated.state_dict())
+            best_states = [copy.deepcopy(m.evaluated.state_dict()) for m in members]
         else:
             stale += 1
         stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
@@ -195,7 +230,8 @@ def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Spli
             on_epoch(epoch, report)
         if stop:
             break
-    model.load_state_dict(best_state)
+    for part, state in zip(parts, best_states):
+        part.load_state_dict(state)
     final = dict(best)
     final.update(best_epoch=best["epoch"], epochs_run=len(history),
                  mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))

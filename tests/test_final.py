@@ -39,6 +39,8 @@ def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
     local = client.download_artifacts(run_id, "model/model.pt", str(tmp_path))
     ckpt = torch.load(local, weights_only=True)
     assert set(ckpt) == {"model", "config", "labels"} and ckpt["config"]["d_model"] == 32
+    assert ckpt["config"]["ensemble"] == 5 and "an ensemble of 5 models" in out.stdout  # the default
+    assert {k.split(".")[1] for k in ckpt["model"]} == {"0", "1", "2", "3", "4"}
     assert {a.path for a in client.list_artifacts(run_id, "predictions")} == {"predictions/pred.txt"}
 
 
@@ -46,9 +48,12 @@ def test_final_from_one_trial(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
     client = MlflowClient(uri)
     trial = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)[0]
-    out = _final(uri, trial.info.run_id, tmp_path / "p.txt")
+    out = _final(uri, trial.info.run_id, tmp_path / "p.txt", "--ensemble", "1")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "retraining 1 model on train+val" in out.stdout
     _check_predictions(tmp_path / "p.txt", subset_dir)
+    bad = _final(uri, trial.info.run_id, tmp_path / "q.txt", "--ensemble", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--ensemble 0" in bad.stderr
 
 
 @pytest.mark.parametrize("case", ["unknown", "no-config", "deleted"])

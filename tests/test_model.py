@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmsa.config import COMBINES, MODALITIES, POOLINGS, ModelConfig
-from mmsa.model import FusionModel
+from mmsa.model import EnsembleModel, FusionModel, build_head
 
 
 def _inputs(b=3, L=7, T=5, dt=12, di=10):
@@ -67,3 +67,15 @@ def test_image_grid_pooling():
     assert model._pool_grid(image).shape == (3, 9, 10)
     assert torch.allclose(model._pool_grid(image).mean(1), image.mean(1), atol=0.2)
     assert model(text, mask, image).shape == (3, 3)
+
+
+def test_ensemble_predicts_the_mean_of_its_members_probabilities():
+    cfg = ModelConfig(d_model=16, heads=2, text_dim=12, image_dim=10, ensemble=3)
+    assert isinstance(build_head(ModelConfig(d_model=16, heads=2, text_dim=12, image_dim=10)), FusionModel)
+    model = build_head(cfg).eval()
+    assert isinstance(model, EnsembleModel) and len(model.members) == 3
+    inputs = _inputs()
+    with torch.no_grad():
+        members = torch.stack([m(*inputs).softmax(-1) for m in model.members])
+        assert not torch.allclose(members[0], members[1])  # each member starts from its own weights
+        assert torch.allclose(model(*inputs).softmax(-1), members.mean(0), atol=1e-6)

@@ -57,6 +57,27 @@ def test_ema_weights_are_evaluated_and_kept_as_a_plain_state_dict(subset_prepare
     assert any(not torch.allclose(states[0.0][k].float(), states[0.5][k].float()) for k in states[0.0])
 
 
+def test_ensemble_members_train_on_their_own_and_are_scored_together(subset_prepared):
+    data_cfg, p = subset_prepared
+    quiet = dict(max_epochs=2, batch_size=16, dropout=0.0, token_dropout=0.0)  # no random draws in training
+    single = fit(_cfg(data_cfg, **quiet), p.features, p.train, p.val).model
+    result = fit(_cfg(data_cfg, ensemble=3, **quiet), p.features, p.train, p.val)
+    members = result.model.members
+    # Member 0 trains exactly as the single model would; the others from their own start and order.
+    first, second = members[0].state_dict(), members[1].state_dict()
+    for key, value in single.state_dict().items():
+        assert torch.allclose(first[key], value), key
+    assert all(not torch.allclose(first[k], second[k]) for k in first if k.endswith("weight"))
+    probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
+    each = np.mean([predict_proba(m, p.features, p.val.rows, torch.device("cpu")) for m in members], 0)
+    assert np.allclose(probs, each, atol=1e-5)
+    assert result.metrics["val_acc"] == pytest.approx(classification_metrics(p.val.labels, each.argmax(1))["val_acc"])
+    state = result.model.state_dict()
+    from mmsa.train import build_model
+    rebuilt = build_model(_cfg(data_cfg, ensemble=3), p.features)
+    rebuilt.load_state_dict(state)  # a checkpoint's state_dict loads into the model the config builds
+
+
 def test_class_weights():
     labels = np.array([0] * 8 + [1] * 2 + [2] * 4)
     assert torch.allclose(class_weights("none", labels, 3), torch.ones(3))
