@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="dataset folder (default: the one the search used)")
     p.add_argument("--out", default="predictions.txt", help="predictions file (default: predictions.txt)")
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
-    p.add_argument("--ensemble", type=int, default=DEFAULT_ENSEMBLE, metavar="K",
-                   help=f"models trained from different seeds, probabilities averaged (default {DEFAULT_ENSEMBLE}; "
-                        "1: the single model the trial trained)")
+    p.add_argument("--ensemble", type=int, metavar="K",
+                   help=f"models trained from different seeds, probabilities averaged (default {DEFAULT_ENSEMBLE}, "
+                        "or 1 with finetune=full; 1: the single model the trial trained)")
     args = p.parse_args(argv)
-    if args.ensemble < 1:
+    if args.ensemble is not None and args.ensemble < 1:
         raise UserError(f"--ensemble {args.ensemble}: expected a number of models >= 1")
 
     from mlflow.tracking import MlflowClient
@@ -120,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         cfg.data.data_dir = args.data
     cfg.train.stop_epoch = epochs
-    if cfg.data.finetune != "full":  # backbones trained K times over: left to the config
+    if args.ensemble is not None:
         cfg.model.ensemble = args.ensemble
-    cfg.validate(f"config of {what}")
+        if args.ensemble > 1 and cfg.data.finetune == "full":
+            raise UserError(f"--ensemble {args.ensemble}: the config of {what} fine-tunes the backbones "
+                            "(finetune=full), which an ensemble would train K times over; use --ensemble 1")
+    elif cfg.data.finetune != "full":
+        cfg.model.ensemble = DEFAULT_ENSEMBLE
     models = f"an ensemble of {cfg.model.ensemble} models" if cfg.model.ensemble > 1 else "1 model"
     print(f"config of {what}; retraining {models} on train+val for {epochs} of {cfg.train.max_epochs} "
           "scheduled epochs", flush=True)

@@ -90,3 +90,16 @@ def test_test_pairs_with_a_missing_file_still_get_predictions(smoke_search, subs
     _check_predictions(tmp_path / "p.txt", data)
     assert "3 test pairs predicted from one modality" in out.stdout
     assert all(g in out.stdout for g in test_guids[:3])
+
+
+def test_an_ensemble_of_fully_fine_tuned_backbones_is_refused(smoke_search, tmp_path):
+    _, uri, parent_id, _ = smoke_search
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.get_run(parent_id).info.experiment_id, tags={TAG_KIND: "trial"}).info.run_id
+    for key, value in {"finetune": "full", "d_model": 32, "heads": 2}.items():
+        client.log_param(run_id, key, value)
+    client.log_metric(run_id, "val_acc", 0.5, step=1)
+    client.set_terminated(run_id)
+    out = _final(uri, run_id, tmp_path / "p.txt", "--ensemble", "3")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "--ensemble 3" in out.stderr and "finetune=full" in out.stderr
