@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"best: trial {best.trial_id}, best_{spec.metric} {best.score:.4f} "
               f"(run {best.run_id}); best_config.yaml logged on the parent run", flush=True)
+        store = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+        print(f"next: python -m mmsa.final --run-id {parent_id}" + (f" --data {args.data}" if args.data else "")
+              + store + "   (retrain on train+val, predict the test set)", flush=True)
     print(f"parent_run_id={parent_id}", flush=True)
     return 0 if best is not None else 1
 

@@ -20,6 +20,7 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"best_config.yaml", "space", "plots", "data_report.json"} <= artifacts
     assert any(a.path.endswith(".png") for a in client.list_artifacts(parent_id, "plots"))
+    assert f"next: python -m mmsa.final --run-id {parent_id}" in out.stdout  # what to run next
 
     children = child_runs(client, parent.info.experiment_id, parent_id)
     assert len(children) == 4 and len({c.data.tags[TAG_TRIAL] for c in children}) == 4
