@@ -104,9 +104,14 @@ def main() -> None:
     rows.append(["linear probe (floor)", f"{probe['val_acc']:.4f}", f"{probe['val_macro_f1']:.4f}"]
                 + [f"{probe['val_f1_' + n]:.4f}" for n in LABELS] + ["-"])
     confusion = None
+    scored: dict[tuple, tuple[str, list]] = {}  # config -> (variant name, its row)
     for name, overrides in variants.items():
         runs = []
         cfg = Config.from_flat({**base.to_flat(), **overrides})
+        key = tuple(sorted(cfg.to_flat().items()))
+        if key in scored:  # e.g. a search that chose the default config: the same runs, not trained again
+            rows.append([f"{name} (the {scored[key][0]} config)"] + scored[key][1][1:])
+            continue
         own = data if cfg.data == base.data else prepare(cfg.data)  # e.g. last_k: another cache
         assert own.val.guids == data.val.guids, "every variant must be scored on the same split"
         for seed in range(args.seeds):
@@ -120,6 +125,7 @@ def main() -> None:
                 if seed == 0:
                     confusion = result.metrics["val_confusion"]
         rows.append(summary_row(name, runs))
+        scored[key] = (name, rows[-1])
     header = ["model", "accuracy", "macro-F1"] + [f"F1 {n}" for n in LABELS] + ["s/epoch"]
     body = (f"Validation split: seed {base.data.split_seed}, {len(data.val)} of {len(data.train) + len(data.val)} "
             f"labeled pairs. Fusion rows: mean ± std over {args.seeds} training seeds, each the best epoch "
