@@ -41,6 +41,9 @@ def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
     assert set(ckpt) == {"model", "config", "labels"} and ckpt["config"]["d_model"] == 32
     assert ckpt["config"]["ensemble"] == 5 and "an ensemble of 5 models" in out.stdout  # the default
     assert {k.split(".")[1] for k in ckpt["model"]} == {"0", "1", "2", "3", "4"}
+    from mmsa.config import Config
+    from mmsa.model import build_head
+    build_head(Config.from_flat(ckpt["config"]).model).load_state_dict(ckpt["model"])  # rebuilt from its config
     assert {a.path for a in client.list_artifacts(run_id, "predictions")} == {"predictions/pred.txt"}
 
 
