@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="predictions.txt", help="predictions file (default: predictions.txt)")
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
     p.add_argument("--ensemble", type=int, metavar="K",
-                   help=f"models trained from different seeds, probabilities averaged (default {DEFAULT_ENSEMBLE}, "
-                        "or 1 with finetune=full; 1: the single model the trial trained)")
+                   help=f"models trained from different seeds, probabilities averaged; replaces the config's "
+                        f"ensemble (default {DEFAULT_ENSEMBLE}, or 1 with finetune=full; 1: one model, as a trial trains)")
     args = p.parse_args(argv)
     if args.ensemble is not None and args.ensemble < 1:
         raise UserError(f"--ensemble {args.ensemble}: expected a number of models >= 1")
