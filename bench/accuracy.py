@@ -134,8 +134,8 @@ def main() -> None:
         epochs = int(np.median(best_epochs))
         seeds = args.ensemble_seeds or args.seeds
         body += (f"\n\nAs `mmsa.final` retrains (a fixed {epochs} epochs of the {base.train.max_epochs}-epoch "
-                 f"schedule: the median best epoch of the default fusion rows above; no epoch chosen on validation), trained on the "
-                 f"training part only and scored on the same validation pairs, over {seeds} seeds:\n\n"
+                 f"schedule: the median best epoch of the default fusion rows above; no epoch chosen on "
+                 f"validation), trained on the training part only and scored on the same validation pairs, over {seeds} seeds:\n\n"
                  + table(header, [summary_row(f"default, {k} model{'s' if k > 1 else ''}",
                                               retrained(data, base, k, epochs, seeds))
                                   for k in [1] + args.ensembles]))

@@ -6,8 +6,8 @@ learning-rate schedule (warm-up + cosine over its max_epochs) and stops at the e
 trial peaked on validation. By default it trains an ensemble of 5 models from different seeds
 and averages their probabilities (`--ensemble`): retrained this way on the training part and scored
 on the validation split (20 seeds, bench/results/accuracy.md), 5 models scored 0.7 point of accuracy
-above one model and spread half as much from seed to seed. The predictions file is written atomically; the config, metrics, the
-model checkpoint (state_dict + config, loadable with weights_only=True) and the predictions are
+above one model and spread half as much from seed to seed. The predictions file is written
+atomically; the config, metrics, the model checkpoint (state_dict + config, loadable with weights_only=True) and the predictions are
 logged as a child run of the search. This module is mmsa's one MLflow edge.
 """
 
@@ -30,7 +30,6 @@ from mmsa.errors import UserError
 from mmsa.run_tags import DEFAULT_TRACKING_URI, TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE
 
 DEFAULT_ENSEMBLE = 5
-
 
 
 def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
@@ -106,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
     p.add_argument("--ensemble", type=int, metavar="K",
                    help=f"models trained from different seeds, probabilities averaged; replaces the config's "
-                        f"ensemble (default {DEFAULT_ENSEMBLE}, or 1 with finetune=full; 1: one model, as a trial trains)")
+                        f"ensemble (default {DEFAULT_ENSEMBLE}, or 1 with finetune=full; 1: one model, as a "
+                        "trial trains)")
     args = p.parse_args(argv)
-    if args.ensemble is not None and args.ensemble < 1:
-        raise UserError(f"--ensemble {args.ensemble}: expected a number of models >= 1")
 
     from mlflow.tracking import MlflowClient
     if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[len("sqlite:///"):]).exists():
@@ -122,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.train.stop_epoch = epochs
     if args.ensemble is not None:
         cfg.model.ensemble = args.ensemble
-        if args.ensemble > 1 and cfg.data.finetune == "full":
-            raise UserError(f"--ensemble {args.ensemble}: the config of {what} fine-tunes the backbones "
-                            "(finetune=full), which an ensemble would train K times over; use --ensemble 1")
+        cfg.validate(f"--ensemble {args.ensemble}")  # >= 1, and 1 with finetune=full
     elif cfg.data.finetune != "full":
         cfg.model.ensemble = DEFAULT_ENSEMBLE
     models = f"an ensemble of {cfg.model.ensemble} models" if cfg.model.ensemble > 1 else "1 model"

@@ -17,7 +17,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from mmsa.run_tags import TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_SPACE, TAG_STATE, TAG_TRIAL
+from mmsa.run_tags import (TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_SPACE, TAG_STATE,
+                            TAG_TRIAL)
 from search.trainable import FINAL_KEY, scalar_metrics
 
 DEFAULT_EXPERIMENT = "mmsa-search"

@@ -82,7 +82,8 @@ def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[
     return children
 
 
-def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared, tmp_path):
+def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared,
+                                                                       tmp_path):
     space, uri, proc = _start_long_search(tmp_path, subset_dir, subset_cache)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
