@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU check: a short finetune=full search (both backbones trained per batch, bf16 autocast) on a
-# GPU machine, two trials sharing the GPU (gpu: 0.5 each). Prints each trial's epoch times and
-# peak GPU memory from the MLflow record. Usage: bash bench/gpu_check.sh [DATASET_DIR]
+# GPU check on a GPU machine: (1) bench/gpu_check.py: finetune=full runs (both backbones trained per
+# batch, bf16 autocast) alone and two sharing the GPU, with epoch times, peak GPU memory and
+# validation scores; (2) a short finetune=full search, two trials sharing the GPU (gpu: 0.5 each),
+# each trial's epoch times and peak GPU memory read back from the MLflow record.
+# Usage: bash bench/gpu_check.sh [DATASET_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/mvsa}"
 OUT="${OUT:-$(mktemp -d)}"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(0))"
+python bench/gpu_check.py --data "$DATA" --out "$OUT/gpu_check.md"
 cat > "$OUT/gpu.yaml" <<YAML
 data_dir: $DATA
 num_samples: 2
@@ -14,9 +17,10 @@ max_concurrent: 2
 resources: {cpu: 4, gpu: 0.5}
 scheduler: {type: fifo, max_epochs: 2}
 searcher: {type: random}
-fixed: {finetune: full, batch_size: 32, max_text_len: 64, d_model: 128, device: cuda}
+fixed: {finetune: full, batch_size: 32, max_text_len: 64, device: cuda}
 params:
-  lr: {type: loguniform, low: 2.0e-5, high: 1.0e-4}
+  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}
+  backbone_lr_scale: {type: loguniform, low: 0.03, high: 0.3}
 YAML
 python -m search.run --space "$OUT/gpu.yaml" --tracking-uri "sqlite:///$OUT/mlflow.db" --storage "$OUT/ray" | tee "$OUT/search.log"
 PARENT=$(tail -n 1 "$OUT/search.log" | cut -d= -f2)

@@ -35,6 +35,9 @@ class DataConfig:
     finetune: str = "none"
     text_finetune_layers: int = 2
     cache_dir: str = ".cache/mmsa-features"
+    # finetune=full: processes decoding images and tokenizing ahead of the model.
+    # -1: up to 8 on a GPU, none on a CPU (where the model needs the cores).
+    loader_workers: int = -1
 
 
 @dataclass
@@ -49,7 +52,9 @@ class ModelConfig:
     dropout: float = 0.12
     image_grid: int = 0  # average a square grid of image tokens down to k x k; 0: keep all
     token_dropout: float = 0.1  # training only: share of text/image tokens hidden per example
-    text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers
+    text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers (last_k)
+    # finetune=full: learning-rate factor for both pretrained backbones, against the new head's lr.
+    backbone_lr_scale: float = 0.1
     # Models trained from different seeds (initialisation and batch order), probabilities averaged.
     ensemble: int = 1
     # Set from the data config and the feature cache, not by users.
@@ -138,6 +143,7 @@ class Config:
             ("dropout", 0 <= m.dropout < 1, "in [0, 1)"),
             ("image_grid", m.image_grid >= 0, ">= 0"),
             ("text_lr_scale", m.text_lr_scale > 0, "> 0"),
+            ("backbone_lr_scale", m.backbone_lr_scale > 0, "> 0"),
             ("token_dropout", 0 <= m.token_dropout < 1, "in [0, 1)"),
             ("lr", t.lr > 0, "> 0"),
             ("weight_decay", t.weight_decay >= 0, ">= 0"),
@@ -153,6 +159,7 @@ class Config:
             ("max_text_len", d.max_text_len >= 4, ">= 4"),
             ("finetune", d.finetune in FINETUNES, f"one of {FINETUNES}"),
             ("text_finetune_layers", d.text_finetune_layers >= 1, ">= 1"),
+            ("loader_workers", d.loader_workers >= -1, ">= 0, or -1 for automatic"),
         ]
         from mmsa.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
         for key, registry in (("text_encoder", TEXT_ENCODERS), ("image_encoder", IMAGE_ENCODERS)):

@@ -8,7 +8,7 @@ import numpy as np
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, load_dataset, split_train_val
-from mmsa.features import FeatureSet
+from mmsa.features import FeatureSet, RawSource
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Split:
 @dataclass
 class Prepared:
     dataset: Dataset
-    features: FeatureSet  # or a mmsa.finetune.RawSource when finetune=full
+    features: FeatureSet | RawSource  # RawSource when finetune=full
     train: Split
     val: Split | None
     test: Split
@@ -48,9 +48,7 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
     check_encoder_names(cfg.text_encoder, cfg.image_encoder)
     dataset = load_dataset(cfg.data_dir)
     if cfg.finetune == "full":  # backbones run per batch: no cache to build
-        from mmsa.config import Config
-        from mmsa.finetune import RawSource
-        features = RawSource(dataset.all_examples, Config(data=cfg))
+        features = RawSource(dataset.all_examples, cfg)
     else:
         features = load_features(cfg, dataset)
     unreadable = set(dataset.report.unreadable_image)
@@ -63,9 +61,11 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
                     test=Split.of(features, dataset.test))
 
 
-def _prepare_for_parent(cfg: DataConfig) -> tuple:
+def _prepare_for_parent(cfg: DataConfig) -> tuple | Prepared:
     data = prepare(cfg)
     f = data.features
+    if isinstance(f, RawSource):  # small and lazy: it travels whole
+        return data
     return data.dataset, f.guids, str(f.text_dir), str(f.image_dir), data.train, data.val, data.test
 
 
@@ -77,13 +77,15 @@ def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
     whole search it holds no torch and no backbone (measured: driver 0.83 -> 0.59 GiB PSS; a
     one-trial search 2.89 -> 2.74 GiB, bench/memory.py).
     Errors in the child (a bad dataset folder, ...) are raised here as they are.
-    With finetune=full there is no cache (backbones run per batch): prepared here, in-process.
+    With finetune=full there is no cache (backbones run per batch): the child only reads the
+    dataset and splits it.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    if cfg.finetune == "full":
-        return prepare(cfg)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        dataset, guids, text_dir, image_dir, train, val, test = pool.submit(_prepare_for_parent, cfg).result()
+        result = pool.submit(_prepare_for_parent, cfg).result()
+    if isinstance(result, Prepared):
+        return result
+    dataset, guids, text_dir, image_dir, train, val, test = result
     return Prepared(dataset=dataset, features=FeatureSet.open(guids, text_dir, image_dir), train=train, val=val,
                     test=test)

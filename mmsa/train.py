@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from mmsa.config import Config
 from mmsa.data import LABELS
 from mmsa.features import FeatureSet
-from mmsa.finetune import RawSource
+from mmsa.features import RawSource
 from mmsa.model import EnsembleModel, build_head
 from mmsa.prepare import Split
 
@@ -81,10 +81,10 @@ def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: to
     model.eval()
     out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
     order = np.argsort(rows)
-    for s in range(0, len(rows), batch_size):
-        idx = order[s:s + batch_size]
+    chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
         with _autocast(device):
-            logits = model(*features.batch(rows[idx], device))
+            logits = model(*inputs)
         out[idx] = logits.float().softmax(-1).cpu().numpy()
     return out
 
@@ -128,13 +128,24 @@ class _Member:
         return self.ema.module if self.ema is not None else self.model
 
 
+def _pretrained_parameters(model: torch.nn.Module, cfg: Config) -> tuple[list, float]:
+    """Pretrained weights being fine-tuned, and their learning-rate factor against the head's lr:
+    the backbones (finetune=full, backbone_lr_scale) or the top text layers (last_k, text_lr_scale)."""
+    if hasattr(model, "text_backbone"):
+        return [*model.text_backbone.parameters(), *model.image_backbone.parameters()], cfg.model.backbone_lr_scale
+    if hasattr(model, "text_top"):
+        return list(model.text_top.parameters()), cfg.model.text_lr_scale
+    return [], 1.0
+
+
 def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Member:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     t = cfg.train
-    top = set(model.text_top.parameters()) if hasattr(model, "text_top") else set()
-    groups = [{"params": [p for p in model.parameters() if p not in top], "lr": t.lr}]
-    if top:
-        groups.append({"params": list(top), "lr": t.lr * cfg.model.text_lr_scale})
+    pretrained, scale = _pretrained_parameters(model, cfg)
+    slow = set(pretrained)
+    groups = [{"params": [p for p in model.parameters() if p not in slow], "lr": t.lr}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr": t.lr * scale})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True) if t.ema > 0 else None
     scheduler = warmup_cosine(optimizer, int(t.warmup_frac * total_steps), total_steps)
@@ -147,22 +158,23 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
     model = member.model
     model.train()
     order = member.rng.permutation(len(train))
+    steps = [order[s:s + batch] for s in range(0, len(order), batch)]
+    micro_batches = [np.sort(step[m:m + micro]) for step in steps for m in range(0, len(step), micro)]
+    inputs = features.iter_batches([train.rows[idx] for idx in micro_batches], device)
     loss_sum, seen = 0.0, 0
-    for s in range(0, len(order), batch):
-        step_idx = order[s:s + batch]
+    for step, step_idx in enumerate(steps):
         weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
         member.optimizer.zero_grad(set_to_none=True)
         for m in range(0, len(step_idx), micro):
             idx = np.sort(step_idx[m:m + micro])
-            rows = train.rows[idx]
             y = torch.from_numpy(train.labels[idx]).to(device)
             with _autocast(device):
-                logits = model(*features.batch(rows, device))
+                logits = model(*next(inputs))
             per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
             # Weighted mean over the whole effective batch, however it is split.
             loss = (per_example * weights[y]).sum() / weight_total
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {s // batch + 1}")
+                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
             loss.backward()
             loss_sum += per_example.detach().sum().item()
             seen += len(idx)
@@ -213,6 +225,7 @@ def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Spli
         metrics["epoch_seconds"] = time.perf_counter() - start
         if device.type == "cuda":
             metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            metrics["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
         history.append(metrics)
         improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
         if improved:
@@ -243,6 +256,8 @@ def format_epoch(epoch: int, m: dict) -> str:
     if "val_acc" in m:
         parts += [f"val_acc {m['val_acc']:.4f}", f"val_macro_f1 {m['val_macro_f1']:.4f}"]
     parts.append(f"{m['epoch_seconds']:.1f}s")
+    if "gpu_peak_mb" in m:
+        parts.append(f"gpu peak {m['gpu_peak_mb']:.0f} MiB (reserved {m['gpu_reserved_mb']:.0f})")
     return "  ".join(parts)
 
 
@@ -271,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"{len(data.train)} training examples")
     print(f"data: {len(data.train)} train, {len(data.val) if data.val else 0} val, {len(data.test)} test; "
           f"{data.dataset.report.summary()}", file=sys.stderr)
-    print(f"features ready in {time.perf_counter() - t0:.1f}s "
-          f"(text {data.features.text.shape}, image {data.features.image.shape})", file=sys.stderr)
+    if isinstance(data.features, FeatureSet):
+        print(f"features ready in {time.perf_counter() - t0:.1f}s "
+              f"(text {data.features.text.shape}, image {data.features.image.shape})", file=sys.stderr)
+    else:
+        print("finetune=full: no feature cache; batches are read from the files", file=sys.stderr)
     result = fit(cfg, data.features, data.train, data.val, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True))
     metrics = {k: v for k, v in result.metrics.items() if k != "epoch"}
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -12,6 +12,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from mmsa.features import RawSource
 from mmsa.run_tags import TAG_TRIAL
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
@@ -27,9 +28,12 @@ def make_scheduler(spec):
 
 
 def make_trainable(spec, base, data):
-    trial_data = TrialData(guids=data.features.guids, text_dir=str(data.features.text_dir.resolve()),
-                           image_dir=str(data.features.image_dir.resolve()), train=data.train, val=data.val,
-                           base=base.to_flat(), threads=max(1, int(spec.cpu)))
+    f = data.features
+    common = dict(guids=f.guids, train=data.train, val=data.val, base=base.to_flat(), threads=max(1, int(spec.cpu)))
+    if isinstance(f, RawSource):  # finetune=full
+        trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
+    else:
+        trial_data = TrialData(text_dir=str(f.text_dir.resolve()), image_dir=str(f.image_dir.resolve()), **common)
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
 

@@ -108,6 +108,10 @@ def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
     known = Config.known_keys()
     if name not in known:
         raise ConfigError(f"{path}: unknown key '{where}' (not a config key; known: {', '.join(sorted(known))})")
+    if known[name][0] == "data":
+        # The driver prepares the data once per search (features, split): a trial cannot change it.
+        raise ConfigError(f"{path}: '{where}': '{name}' decides the features and the split, prepared once "
+                          f"per search: set it under 'fixed' (one search per value)")
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"{path}: '{where}' needs a 'type' ({', '.join(DISTRIBUTIONS)})")
     kind = spec["type"]

@@ -15,7 +15,7 @@ import numpy as np
 from ray import tune
 
 from mmsa.config import Config
-from mmsa.features import FeatureSet
+from mmsa.features import FeatureSet, RawSource
 from mmsa.prepare import Split
 
 # Set on the last epoch a trial trains by its own decision (max_epochs or its own early
@@ -34,6 +34,12 @@ class TrialData:
     val: Split
     base: dict  # flat config: defaults + the space file's fixed values
     threads: int
+    raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
+
+    def features(self) -> FeatureSet | RawSource:
+        if self.raw is not None:
+            return self.raw
+        return FeatureSet.open(self.guids, self.text_dir, self.image_dir)
 
 
 def scalar_metrics(metrics: dict) -> dict:
@@ -65,7 +71,7 @@ def train_trial(config: dict, data: TrialData) -> None:
     from mmsa.train import fit  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
     cfg.train.num_threads = data.threads
-    features = FeatureSet.open(data.guids, data.text_dir, data.image_dir)
+    features = data.features()
 
     import ray
     node = ray.get_runtime_context().get_node_id()

@@ -121,3 +121,26 @@ def test_image_files_that_load_or_are_reported(tiny, content):
     if not readable:
         from mmsa.prepare import prepare
         assert "a" in prepare(tiny, val_fraction=0.0).dataset.report.skipped_train  # not usable for training
+
+
+def test_raw_source_prepares_batches_ahead_in_workers_exactly_as_one_at_a_time(subset_dir):
+    """finetune=full reads the files per batch; worker processes must not change a single value
+    nor the order of the batches."""
+    import pickle
+
+    import torch
+
+    from mmsa.features import RawSource
+    cfg = DataConfig(data_dir=str(subset_dir), max_text_len=16, finetune="full", loader_workers=2)
+    examples = load_dataset(subset_dir).all_examples
+    source = pickle.loads(pickle.dumps(RawSource(examples, cfg)))  # as shipped to a trial
+    rng = np.random.default_rng(0)
+    row_batches = [np.sort(rng.choice(len(examples), size=n, replace=False)) for n in (5, 3, 7, 1)]
+    ahead = list(source.iter_batches(row_batches, torch.device("cpu")))
+    assert len(ahead) == len(row_batches)
+    for rows, got in zip(row_batches, ahead):
+        want = source.batch(rows, torch.device("cpu"))
+        assert got[2].shape == (len(rows), 3, 224, 224)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert pickle.loads(pickle.dumps(source))._loaded is None  # loaded state stays behind

@@ -145,3 +145,24 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(subset_dir, subset_c
         assert attempts == ["failed", "failed (retried)"]
     assert all(c.data.params["lr"] == "0.001" for c in ok)
     assert "FAILED" in out.stdout
+
+
+def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, tmp_path):
+    """finetune=full: no cache anywhere; each trial reads the files and trains both backbones."""
+    space = write_space(tmp_path / "full.yaml", str(subset_dir), str(tmp_path / "never"), num_samples=2,
+                        max_epochs=1, scheduler={"type": "fifo", "max_epochs": 1}, searcher={"type": "random"})
+    import yaml
+    spec = yaml.safe_load(space.read_text())
+    spec["fixed"].update(finetune="full", max_text_len=16, batch_size=32)
+    spec["params"] = {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}}
+    space.write_text(yaml.safe_dump(spec))
+    out = run_search(space, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "never").exists()  # no feature cache was built
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags[TAG_ENDED] == "completed" and child.data.params["finetune"] == "full"
+        assert 0 <= child.data.metrics["val_acc"] <= 1 and child.data.metrics["epoch_seconds"] > 0

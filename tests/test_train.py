@@ -147,7 +147,7 @@ def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
 
 def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     from mmsa.config import DataConfig
-    from mmsa.finetune import RawSource
+    from mmsa.features import RawSource
     from mmsa.prepare import prepare
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), val_fraction=0.3,
                           max_text_len=16, finetune="full")
@@ -164,6 +164,21 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
                and not torch.equal(start[k], end[k])]
     assert any(k.startswith("text_backbone") for k in changed) and any(k.startswith("image_backbone") for k in changed)
     assert 0 <= result.metrics["val_acc"] <= 1
+
+
+def test_full_finetune_trains_the_backbones_at_a_scaled_learning_rate(subset_dir, tmp_path):
+    from mmsa.config import DataConfig
+    from mmsa.prepare import prepare
+    from mmsa.train import _new_member, build_model
+    data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), max_text_len=16,
+                          finetune="full")
+    cfg = _cfg(data_cfg, lr=1e-3, backbone_lr_scale=0.05)
+    model = build_model(cfg, prepare(data_cfg).features)
+    head, backbones = _new_member(model, cfg, np.random.default_rng(0), 10).optimizer.param_groups
+    assert head["initial_lr"] == 1e-3 and backbones["initial_lr"] == pytest.approx(5e-5)
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    n_backbone = sum(1 for _ in model.text_backbone.parameters()) + sum(1 for _ in model.image_backbone.parameters())
+    assert len(backbones["params"]) == n_backbone
 
 
 def test_schedule_matches_transformers():
