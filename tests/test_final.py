@@ -95,14 +95,27 @@ def test_test_pairs_with_a_missing_file_still_get_predictions(smoke_search, subs
     assert all(g in out.stdout for g in test_guids[:3])
 
 
-def test_an_ensemble_of_fully_fine_tuned_backbones_is_refused(smoke_search, tmp_path):
+def _fully_fine_tuned_trial(smoke_search) -> tuple[str, str]:
+    """A finished trial run whose config fine-tunes both backbones: (tracking uri, run id)."""
     _, uri, parent_id, _ = smoke_search
     client = MlflowClient(uri)
     run_id = client.create_run(client.get_run(parent_id).info.experiment_id, tags={TAG_KIND: "trial"}).info.run_id
-    for key, value in {"finetune": "full", "d_model": 32, "heads": 2}.items():
+    for key, value in {"finetune": "full", "d_model": 32, "heads": 2, "max_text_len": 16, "batch_size": 32}.items():
         client.log_param(run_id, key, value)
     client.log_metric(run_id, "val_acc", 0.5, step=1)
     client.set_terminated(run_id)
+    return uri, run_id
+
+
+def test_a_fully_fine_tuned_config_retrains_and_predicts(smoke_search, subset_dir, tmp_path):
+    uri, run_id = _fully_fine_tuned_trial(smoke_search)
+    out = _final(uri, run_id, tmp_path / "p.txt", "--data", str(subset_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    _check_predictions(tmp_path / "p.txt", subset_dir)
+
+
+def test_an_ensemble_of_fully_fine_tuned_backbones_is_refused(smoke_search, tmp_path):
+    uri, run_id = _fully_fine_tuned_trial(smoke_search)
     out = _final(uri, run_id, tmp_path / "p.txt", "--ensemble", "3")
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "--ensemble 3" in out.stderr and "finetune=full" in out.stderr
