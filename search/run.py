@@ -70,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmsa.prepare import prepare_in_subprocess
     t0 = time.time()
-    print(f"data: {base.data.data_dir}; preparing features (built once, then cached)", flush=True)
+    full = base.data.finetune == "full"
+    print(f"data: {base.data.data_dir}; " + ("finetune=full: no feature cache, trials read the files" if full
+                                             else "preparing features (built once, then cached)"), flush=True)
     # Cached features: built or checked in a child process, so this driver never holds torch.
     data = prepare_in_subprocess(base.data)
     check_against_data(spec, len(data.train))
-    print(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val pairs; features ready in "
-          f"{time.time() - t0:.1f}s; {data.dataset.report.summary()}", flush=True)
+    print(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val pairs; "
+          f"{'read' if full else 'features ready'} in {time.time() - t0:.1f}s; {data.dataset.report.summary()}",
+          flush=True)
     if data.val is None:
         raise UserError(f"{spec.path}: a search needs a validation split (val_fraction > 0)")
     budget_text = args.memory_budget or spec.memory_budget

@@ -158,7 +158,7 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
     space.write_text(yaml.safe_dump(spec))
     out = run_search(space, tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert not (tmp_path / "never").exists()  # no feature cache was built
+    assert not (tmp_path / "never").exists() and "finetune=full: no feature cache" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
     children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
