@@ -140,6 +140,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script itself")
     p.add_argument("--timeout", type=float, default=400, help="seconds allowed to each phase")
     p.add_argument("--out", help="also write the tables to this markdown file")
+    p.add_argument("--phases", nargs="+", choices=("in-process", "alone", "shared"),
+                   default=["in-process", "alone", "shared"], help="which runs (default: all three)")
     args = p.parse_args()
     if args.device == "cuda":
         import torch
@@ -149,15 +151,16 @@ def main() -> int:
         print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
     base = {"lr": 3e-4, "batch_size": 32}
     phases = {
-        "alone, batches made in the training process": {
-            "full-0.1-w0": {**base, "backbone_lr_scale": 0.1, "seed": 0, "loader_workers": 0}},
-        "alone": {"full-0.1": {**base, "backbone_lr_scale": 0.1, "seed": 0}},
-        "two sharing the GPU": {"full-0.03": {**base, "backbone_lr_scale": 0.03, "seed": 1},
-                                "full-0.3": {**base, "backbone_lr_scale": 0.3, "seed": 2}},
+        "in-process": ("alone, batches made in the training process", {
+            "full-0.1-w0": {**base, "backbone_lr_scale": 0.1, "seed": 0, "loader_workers": 0}}),
+        "alone": ("alone", {"full-0.1": {**base, "backbone_lr_scale": 0.1, "seed": 0}}),
+        "shared": ("two sharing the GPU", {"full-0.03": {**base, "backbone_lr_scale": 0.03, "seed": 1},
+                                           "full-0.3": {**base, "backbone_lr_scale": 0.3, "seed": 2}}),
     }
-    report = [f"GPU check, `python bench/gpu_check.py --data {args.data} --epochs {args.epochs}`, "
+    report = [f"GPU check, `python bench/gpu_check.py --data {args.data} --epochs {args.epochs} "
+              f"--phases {' '.join(args.phases)}`, "
               f"{time.strftime('%Y-%m-%d')}", ""]
-    for phase, configs in phases.items():
+    for phase, configs in (phases[key] for key in args.phases):
         idle = GpuMemorySampler.used_mib()
         start = time.time()
         with GpuMemorySampler() as sampler:
