@@ -303,14 +303,16 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
         encoder = build_text_encoder(cfg.text_encoder)
 
         def fill(tmp: Path) -> list[str]:
+            device = _extraction_device()
+            encoder.to(device)
             tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (n, L, encoder.dim))
             mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, L))
-            with _progress(n, f"text features ({cfg.text_encoder})") as bar:
+            with _progress(n, f"text features ({cfg.text_encoder}, {device})") as bar:
                 for s in range(0, n, batch_size):
                     batch = encoder.tokenize(texts[s:s + batch_size], L)
-                    hidden, m = encoder(batch["input_ids"], batch["attention_mask"], layers)
-                    tokens[s:s + len(hidden)] = hidden.numpy().astype(np.float16)
-                    mask[s:s + len(hidden)] = m.numpy()
+                    hidden, m = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device), layers)
+                    tokens[s:s + len(hidden)] = hidden.float().cpu().numpy().astype(np.float16)
+                    mask[s:s + len(hidden)] = m.cpu().numpy()
                     bar.update(len(hidden))
             tokens.flush(), mask.flush()
             return ["tokens", "mask"]
@@ -330,16 +332,21 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
         import torch
         encoder = build_image_encoder(cfg.image_encoder)
         pre = encoder.preprocess
-        loader = torch.utils.data.DataLoader(
-            _ImageFiles(examples, pre.transform(), pre.size), batch_size=batch_size,
-            num_workers=workers if workers is not None else min(2, os.cpu_count() or 1))
 
         def fill(tmp: Path) -> list[str]:
+            device = _extraction_device()
+            encoder.to(device)
+            # Decoding JPEGs bounds the build on a GPU; on a CPU the backbone needs the cores.
+            n_workers = workers if workers is not None else min(8 if device.type == "cuda" else 2,
+                                                                os.cpu_count() or 1)
+            loader = torch.utils.data.DataLoader(_ImageFiles(examples, pre.transform(), pre.size),
+                                                 batch_size=batch_size, num_workers=n_workers,
+                                                 pin_memory=device.type == "cuda")
             tokens = valid = None
-            with _progress(n, f"image features ({cfg.image_encoder})") as bar:
+            with _progress(n, f"image features ({cfg.image_encoder}, {device})") as bar:
                 s = 0
                 for images, ok in loader:
-                    feats = encoder(images)
+                    feats = encoder(images.to(device, non_blocking=True)).float().cpu()
                     if tokens is None:
                         tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16,
                                                            (n, feats.shape[1], feats.shape[2]))
@@ -353,6 +360,12 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
         return _hash(encoder.fingerprint(), content), fill
 
     return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", n, prepare)
+
+
+def _extraction_device() -> "torch.device":
+    """The backbones fill the cache on the GPU where there is one (CUDA_VISIBLE_DEVICES= to not)."""
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_features(cfg: DataConfig, dataset: Dataset) -> FeatureSet:
