@@ -137,8 +137,8 @@ class RawSource:
 
     def iter_batches(self, row_batches: list[np.ndarray], device: torch.device):
         """`batch(rows)` for each of `row_batches` in order, prepared ahead by `loader_workers`
-        processes. By default none on a CPU: the model needs the cores itself there (workers made a 2-core
-        machine's epochs 1.5-3x slower, bench/gpu_check.py --device cpu)."""
+        processes. By default none on a CPU: the model needs the cores itself there (workers made
+        a 2-core machine's epochs 1.5-3x slower, bench/gpu_check.py --device cpu)."""
         import torch
         loaded = self._load()
         workers = self.cfg.loader_workers
