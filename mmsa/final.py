@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if not data.test.guids:
         raise UserError(f"{cfg.data.data_dir}: test_without_label.txt is missing or empty")
     report = data.dataset.report
-    result = fit(cfg, data.features, data.train, None, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True))
+    result = fit(cfg, data.features, data.train, None, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True),
+                 progress=cfg.data.finetune == "full")
     probs = predict_proba(result.model, data.features, data.test.rows, resolve_device(cfg.train.device))
     tags = [LABELS[i] for i in probs.argmax(1)]
     out = Path(args.out)

@@ -153,8 +153,10 @@ def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, t
 
 
 def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
-                 label_smoothing: float, device: torch.device, epoch: int) -> tuple[float, int]:
-    """One pass over `train` in the member's own order; returns (summed loss, examples seen)."""
+                 label_smoothing: float, device: torch.device, epoch: int, progress: bool = False
+                 ) -> tuple[float, int]:
+    """One pass over `train` in the member's own order; returns (summed loss, examples seen).
+    `progress`: a progress bar over the steps on stderr (for epochs of minutes, finetune=full)."""
     model = member.model
     model.train()
     order = member.rng.permutation(len(train))
@@ -162,6 +164,11 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
     micro_batches = [np.sort(step[m:m + micro]) for step in steps for m in range(0, len(step), micro)]
     inputs = features.iter_batches([train.rows[idx] for idx in micro_batches], device)
     loss_sum, seen = 0.0, 0
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"epoch {epoch}", unit="step", file=sys.stderr, leave=False, mininterval=2.0)
     for step, step_idx in enumerate(steps):
         weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
         member.optimizer.zero_grad(set_to_none=True)
@@ -186,10 +193,11 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
 
 
 def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Split | None = None,
-        on_epoch: EpochCallback | None = None) -> FitResult:
+        on_epoch: EpochCallback | None = None, progress: bool = False) -> FitResult:
     """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch.
     With `ensemble` K > 1, K members train epoch by epoch side by side, each on its own seed, and
-    every epoch is scored (and reported) on their averaged probabilities."""
+    every epoch is scored (and reported) on their averaged probabilities.
+    `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on for finetune=full)."""
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
@@ -215,7 +223,7 @@ def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Spli
         loss_sum, seen = 0.0, 0
         for member in members:
             member_loss, member_seen = _train_epoch(member, features, train, weights, batch, micro,
-                                                    t.label_smoothing, device, epoch)
+                                                    t.label_smoothing, device, epoch, progress)
             loss_sum, seen = loss_sum + member_loss, seen + member_seen
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                    "lr": members[0].scheduler.get_last_lr()[0]}
@@ -291,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(text {data.features.text.shape}, image {data.features.image.shape})", file=sys.stderr)
     else:
         print("finetune=full: no feature cache; batches are read from the files", file=sys.stderr)
-    result = fit(cfg, data.features, data.train, data.val, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True))
+    result = fit(cfg, data.features, data.train, data.val, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True),
+                 progress=cfg.data.finetune == "full")
     metrics = {k: v for k, v in result.metrics.items() if k != "epoch"}
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)

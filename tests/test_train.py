@@ -181,6 +181,15 @@ def test_full_finetune_trains_the_backbones_at_a_scaled_learning_rate(subset_dir
     assert len(backbones["params"]) == n_backbone
 
 
+def test_progress_bar_over_the_steps_only_when_asked(subset_prepared, capsys):
+    data_cfg, p = subset_prepared
+    fit(_cfg(data_cfg, max_epochs=1, batch_size=16), p.features, p.train, None)
+    assert "step" not in capsys.readouterr().err
+    fit(_cfg(data_cfg, max_epochs=1, batch_size=16), p.features, p.train, None, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1" in err and "step" in err
+
+
 def test_schedule_matches_transformers():
     from transformers import get_cosine_schedule_with_warmup
 
