@@ -141,9 +141,7 @@ class RawSource:
         a 2-core machine's epochs 1.5-3x slower, bench/gpu_check.py --device cpu)."""
         import torch
         loaded = self._load()
-        workers = self.cfg.loader_workers
-        if workers < 0:
-            workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+        workers = self.cfg.loader_workers if self.cfg.loader_workers >= 0 else _loader_workers(device, on_cpu=0)
         loader = torch.utils.data.DataLoader(
             loaded["pairs"], batch_sampler=[[int(r) for r in rows] for rows in row_batches],
             collate_fn=loaded["collate"], num_workers=workers, pin_memory=device.type == "cuda",
@@ -336,9 +334,7 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
         def fill(tmp: Path) -> list[str]:
             device = _extraction_device()
             encoder.to(device)
-            # Decoding JPEGs bounds the build on a GPU; on a CPU the backbone needs the cores.
-            n_workers = workers if workers is not None else min(8 if device.type == "cuda" else 2,
-                                                                os.cpu_count() or 1)
+            n_workers = workers if workers is not None else _loader_workers(device, on_cpu=2)
             loader = torch.utils.data.DataLoader(_ImageFiles(examples, pre.transform(), pre.size),
                                                  batch_size=batch_size, num_workers=n_workers,
                                                  pin_memory=device.type == "cuda")
@@ -360,6 +356,12 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
         return _hash(encoder.fingerprint(), content), fill
 
     return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", n, prepare)
+
+
+def _loader_workers(device: "torch.device", on_cpu: int) -> int:
+    """Processes decoding images ahead of the model: up to 8 on a GPU, where decoding bounds the
+    speed; `on_cpu` on a CPU, where the model needs the cores itself."""
+    return min(8 if device.type == "cuda" else on_cpu, os.cpu_count() or 1)
 
 
 def _extraction_device() -> "torch.device":

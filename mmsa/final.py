@@ -7,8 +7,9 @@ trial peaked on validation. By default it trains an ensemble of 5 models from di
 and averages their probabilities (`--ensemble`): retrained this way on the training part and scored
 on the validation split (20 seeds, bench/results/accuracy.md), 5 models scored 0.7 point of accuracy
 above one model and spread half as much from seed to seed. The predictions file is written
-atomically; the config, metrics, the model checkpoint (state_dict + config, loadable with weights_only=True) and the predictions are
-logged as a child run of the search. This module is mmsa's one MLflow edge.
+atomically; the config, metrics, the model checkpoint (state_dict + config, loadable with
+weights_only=True) and the predictions are logged as a child run of the search. This module is
+mmsa's one MLflow edge.
 """
 
 from __future__ import annotations

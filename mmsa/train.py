@@ -20,8 +20,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from mmsa.config import Config
 from mmsa.data import LABELS
-from mmsa.features import FeatureSet
-from mmsa.features import RawSource
+from mmsa.features import FeatureSet, RawSource
 from mmsa.model import EnsembleModel, build_head
 from mmsa.prepare import Split
 
@@ -161,19 +160,21 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
     model.train()
     order = member.rng.permutation(len(train))
     steps = [order[s:s + batch] for s in range(0, len(order), batch)]
-    micro_batches = [np.sort(step[m:m + micro]) for step in steps for m in range(0, len(step), micro)]
-    inputs = features.iter_batches([train.rows[idx] for idx in micro_batches], device)
+    # Each step's micro-batches (sorted rows: locality in the cache); inputs arrive in this order.
+    plan = [[np.sort(step[m:m + micro]) for m in range(0, len(step), micro)] for step in steps]
+    inputs = features.iter_batches([train.rows[idx] for micros in plan for idx in micros], device)
     loss_sum, seen = 0.0, 0
+    planned = zip(steps, plan)
     if progress:
         import sys
 
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"epoch {epoch}", unit="step", file=sys.stderr, leave=False, mininterval=2.0)
-    for step, step_idx in enumerate(steps):
+        planned = tqdm(planned, total=len(steps), desc=f"epoch {epoch}", unit="step", file=sys.stderr,
+                       leave=False, mininterval=2.0)
+    for step, (step_idx, micros) in enumerate(planned):
         weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
         member.optimizer.zero_grad(set_to_none=True)
-        for m in range(0, len(step_idx), micro):
-            idx = np.sort(step_idx[m:m + micro])
+        for idx in micros:
             y = torch.from_numpy(train.labels[idx]).to(device)
             with _autocast(device):
                 logits = model(*next(inputs))
