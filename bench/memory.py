@@ -42,9 +42,10 @@ def tree_memory(root: psutil.Process) -> tuple[int, int, list[psutil.Process]]:
 def breakdown(proc: psutil.Process, cache_root: str) -> dict | None:
     """One process's memory by kind: feature-cache pages (resident, and PSS: shared ones split),
     private anonymous memory (Python objects, torch, buffers), and everything else."""
-    out = {"name": "", "cache_rss": 0, "cache_pss": 0, "anon": 0, "other_pss": 0}
+    out = {"name": "", "pid": proc.pid, "ppid": 0, "cache_rss": 0, "cache_pss": 0, "anon": 0, "other_pss": 0}
     try:
         out["name"] = " ".join(proc.cmdline())[:60]
+        out["ppid"] = proc.ppid()
         kind = None
         with open(f"/proc/{proc.pid}/smaps") as f:
             for line in f:
@@ -100,6 +101,21 @@ def _sum(parts: list[dict]) -> dict:
     return {k: sum(b[k] for b in parts) for k in ("cache_rss", "cache_pss", "anon", "other_pss")}
 
 
+def process_groups(parts: list[dict]) -> list[tuple[str, dict]]:
+    """Rows of the breakdown table: each trial's processes on their own, the rest summed."""
+    servers = {b["pid"] for b in parts if "search.forkserver" in b["name"] and "search.forkserver" not in
+               next((q["name"] for q in parts if q["pid"] == b["ppid"]), "")}
+    forks = [b for b in parts if b["ppid"] in servers]
+    workers = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
+    server = [b for b in parts if b["pid"] in servers]
+    driver = [b for b in parts if "search.run" in b["name"]]
+    named = forks + workers + server + driver
+    rest = [b for b in parts if b not in named]
+    return ([("trial: Ray worker", b) for b in workers] + [("trial: its fork", b) for b in forks]
+            + [(name, _sum(group)) for name, group in (("fork server", server), ("driver (search.run)", driver),
+                                                       ("Ray's own", rest)) if group])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -116,48 +132,52 @@ def main() -> None:
     feats = prepare(cfg.data).features  # built once here, so both searches only read it
     cache = feats.nbytes
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-mem-"))
-    rows, peaks = [], {}
+    rows, peaks, groups = [], {}, {}
 
     def search_cmd(space: Path | str, *more: str) -> list[str]:
         return [sys.executable, "-m", "search.run", "--space", str(space), "--data", args.data, "--num-samples",
                 str(args.num_samples), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--storage", str(tmp / "ray"),
                 *more]
 
-    for concurrent in (1, 2):
-        space = yaml.safe_load(Path(args.space).read_text())
-        space["max_concurrent"] = concurrent
-        path = tmp / f"c{concurrent}.yaml"
-        path.write_text(yaml.safe_dump(space))
-        pss, rss, wall, parts, _ = measured_search(search_cmd(path))
-        peaks[concurrent] = pss
-        if concurrent == 2:
-            trials = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
-            driver = [b for b in parts if "search.run" in b["name"]]
-            rest = [b for b in parts if b not in trials and b not in driver]
-        rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
+    for fork in (True, False):
+        for concurrent in (1, 2):
+            space = yaml.safe_load(Path(args.space).read_text())
+            space["max_concurrent"] = concurrent
+            space["fork_trials"] = fork
+            path = tmp / f"c{concurrent}-{'fork' if fork else 'nofork'}.yaml"
+            path.write_text(yaml.safe_dump(space))
+            pss, rss, wall, parts, _ = measured_search(search_cmd(path))
+            peaks[fork, concurrent] = pss
+            if concurrent == 2:
+                groups[fork] = process_groups(parts)
+            label = f"{concurrent} concurrent trial(s), fork_trials: {str(fork).lower()}"
+            rows.append([label, f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     if args.budget:
         from search.budget import parse_size
         pss, rss, wall, _, plan = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
         verdict = "under" if pss <= parse_size(args.budget) else "OVER"
         label = f"--memory-budget {args.budget} ({verdict} budget; plan: {plan.split(': ', 1)[-1]})"
         rows.append([label, f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
-    extra = peaks[2] - peaks[1]
+    extra = {fork: peaks[fork, 2] - peaks[fork, 1] for fork in (True, False)}
     body = (f"Feature cache: {cache / 2**30:.2f} GiB (float16, memory-mapped). Space `{args.space}`, "
             f"{args.num_samples} trials.\n\n"
             + table(["search", "peak PSS, all processes (GiB)", "peak RSS sum (GiB)", "wall (s)"], rows)
-            + f"\n\nThe second concurrent trial adds {extra / 2**30:.2f} GiB of PSS = "
-              f"{extra / cache:.2f} x the cache size.\n\n"
-            + "Where the memory is at the 2-trial peak (PSS, GiB; a shared page counts 1/k in each of its k "
-              "processes):\n\n"
-            + table(["process", "feature-cache pages resident", "feature-cache pages, PSS",
-                     "private anonymous (Python, torch, buffers)", "other (libraries, ...)"],
-                    [[name, f"{b['cache_rss'] / 2**30:.2f}", f"{b['cache_pss'] / 2**30:.2f}", f"{b['anon'] / 2**30:.2f}",
-                      f"{b['other_pss'] / 2**30:.2f}"]
-                     for name, group in (("trial", trials), ("driver (search.run)", driver), ("Ray's own", rest))
-                     for b in (group if name == "trial" else [_sum(group)])])
-            + "\n\nEach trial has the cache pages it reads resident, but together they count once (the PSS "
-              "column sums to the cache's resident size): the cache is shared, not copied. What a second trial "
-              "adds is its own Python process: torch, Ray's worker runtime and training buffers.")
+            + f"\n\nThe second concurrent trial adds {extra[True] / 2**30:.2f} GiB of PSS = "
+              f"{extra[True] / cache:.2f} x the cache size (trials forked from the fork server, the default); "
+              f"{extra[False] / 2**30:.2f} GiB = {extra[False] / cache:.2f} x with `fork_trials: false` (every "
+              "trial process imports torch itself).\n\n"
+            + "".join(
+                f"Where the memory is at the 2-trial peak, fork_trials: {str(fork).lower()} (PSS, GiB; a shared "
+                "page counts 1/k in each of its k processes):\n\n"
+                + table(["process", "feature-cache pages resident", "feature-cache pages, PSS",
+                         "private anonymous (Python, torch, buffers; PSS)", "other (libraries, ...)"],
+                        [[name, f"{b['cache_rss'] / 2**30:.2f}", f"{b['cache_pss'] / 2**30:.2f}",
+                          f"{b['anon'] / 2**30:.2f}", f"{b['other_pss'] / 2**30:.2f}"] for name, b in groups[fork]])
+                + "\n\n" for fork in (True, False))
+            + "Each trial has the cache pages it reads resident, but together they count once (the PSS "
+              "column sums to the cache's resident size): the cache is shared, not copied. Without the fork "
+              "server, what a second trial adds is a whole Python process that imported torch, scikit-learn and "
+              "Ray; with it, a Ray worker (Ray only) plus a fork whose torch pages stay shared with the server.")
     write_result(args.out, "Peak memory of a whole search", body, "python bench/memory.py " + " ".join(sys.argv[1:]))
 
 

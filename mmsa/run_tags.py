@@ -10,6 +10,7 @@ TAG_ATTEMPT = "mmsa.attempt"
 TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | interrupted
 TAG_ERROR = "mmsa.error"
 TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
+TAG_PROCESS = "mmsa.trial_process"  # "fork" (of the search's fork server) or "ray worker"
 TAG_SPACE = "mmsa.space"
 TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"

@@ -2,8 +2,8 @@
 whole search (driver, Ray's own processes, trials, the shared feature cache) stays under a budget.
 
 The estimate is a sum of measured parts (bench/memory.py, this 2-core CPU, PSS):
-- the driver with its Ray system processes, and each idle trial process (torch, transformers,
-  the model): FIXED_* below;
+- the driver with its Ray system processes (and the fork server), and what each idle trial adds
+  (its Ray worker and its fork, or a whole process that imported torch): `Footprint` below;
 - the feature cache once, whatever the number of trials (it is memory-mapped and shared);
 - each trial's activations, proportional to its micro-batch and tokens.
 Gradient accumulation keeps the tuned effective batch size when the micro-batch shrinks.
@@ -17,10 +17,21 @@ from dataclasses import dataclass
 from mmsa.errors import ConfigError
 
 GIB = 2 ** 30
-# bench/memory.py, smoke space, 0.73 GiB cache, trials handing freed memory back after every epoch:
-# 1 trial peaks at 2.35 GiB PSS, 2 trials at 2.96 GiB (a second run: 2.37 / 2.97, bench/results/memory.md).
-TRIAL_BYTES = int(0.61 * GIB)  # what each trial process adds (2 trials - 1 trial: 0.59-0.61 GiB)
-DRIVER_BYTES = int(1.05 * GIB)  # search driver (no torch) + Ray's own processes: 2.37 - 0.73 - 0.61 = 1.03 GiB
+
+
+@dataclass(frozen=True)
+class Footprint:
+    driver: int  # search driver (no torch) + Ray's own processes (+ the fork server, when trials fork)
+    trial: int  # what each concurrent trial adds before its activations
+
+
+# bench/memory.py, smoke space, 0.73 GiB cache, trials handing freed memory back after every epoch
+# (bench/results/memory.md, 2026-11-27). Trials forked from the fork server (the default): 1 trial
+# peaks at 2.39 GiB PSS, 2 at 2.59, so a trial adds 0.19-0.20 and the rest is 2.39 - 0.73 - 0.20
+# = 1.46; rounded up here, as the fusion space's trials hold more.
+FORKED = Footprint(driver=int(1.55 * GIB), trial=int(0.25 * GIB))
+# fork_trials: false (every trial process imports torch): 2.26-2.37 / 2.92-2.97 GiB, a trial 0.59-0.66.
+OWN_PROCESS = Footprint(driver=int(1.05 * GIB), trial=int(0.66 * GIB))
 BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (measured: 4.4 MB/example at 113 tokens, d=128, 5 layers)
 
 
@@ -48,24 +59,25 @@ def activation_bytes(batch: int, tokens: int, d_model: int, layers: int) -> int:
 
 
 def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, tokens: int,
-         d_model: int, layers: int, input_dims: int) -> Plan:
+         d_model: int, layers: int, input_dims: int, footprint: Footprint = FORKED) -> Plan:
     """The most concurrent trials (up to max_concurrent) that fit, then the largest micro-batch."""
-    fixed = DRIVER_BYTES + cache_bytes
+    fixed = footprint.driver + cache_bytes
     for concurrent in range(max_concurrent, 0, -1):
         micro = batch_size
         while micro >= 1:
-            per_trial = TRIAL_BYTES + activation_bytes(micro, tokens, d_model, layers) + micro * input_dims * 4
+            per_trial = footprint.trial + activation_bytes(micro, tokens, d_model, layers) + micro * input_dims * 4
             total = fixed + concurrent * per_trial
             if total <= budget:
                 return Plan(concurrent, 0 if micro == batch_size else micro, total)
             micro //= 2
-    need = fixed + TRIAL_BYTES + activation_bytes(1, tokens, d_model, layers)
+    need = fixed + footprint.trial + activation_bytes(1, tokens, d_model, layers)
     raise ConfigError(f"--memory-budget {budget / GIB:.1f} GiB is too small: one trial alone needs about "
                       f"{need / GIB:.1f} GiB (driver, cache {cache_bytes / GIB:.2f} GiB, one trial)")
 
 
-def plan_for_space(spec, budget: int, features, max_text_len: int) -> Plan:
-    """Plan for the most demanding trial the space can sample (largest batch, width, depth)."""
+def plan_for_space(spec, budget: int, features, max_text_len: int, forked: bool) -> Plan:
+    """Plan for the most demanding trial the space can sample (largest batch, width, depth);
+    forked: trials fork from the fork server (search/forkserver.py)."""
     base = spec.base_config()
 
     def largest(name: str, default):
@@ -78,4 +90,5 @@ def plan_for_space(spec, budget: int, features, max_text_len: int) -> Plan:
     depth = int(largest("fusion_depth", base.model.fusion_depth))
     return plan(budget, features.nbytes, spec.max_concurrent, int(largest("batch_size", base.train.batch_size)),
                 tokens, int(largest("d_model", base.model.d_model)), 1 + 4 * depth,
-                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim)
+                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim,
+                FORKED if forked else OWN_PROCESS)

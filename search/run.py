@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if base.data.finetune == "full":
             raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
         budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
-        chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len)
+        from search.driver import trials_fork
+        chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len,
+                                forked=trials_fork(spec, args.address))
         spec.max_concurrent = chosen.concurrent
         if chosen.micro_batch:
             spec.fixed["micro_batch"] = chosen.micro_batch

@@ -18,7 +18,8 @@ from mmsa.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 TOP_KEYS = ("data_dir", "metric", "mode", "num_samples", "max_concurrent", "resources", "max_failures",
-            "seed", "scheduler", "searcher", "fixed", "params", "memory_budget")
+            "seed", "scheduler", "searcher", "fixed", "params", "memory_budget",
+            "fork_trials")
 SCHEDULER_KEYS = ("type", "max_epochs", "grace_period", "reduction_factor")
 SEARCHER_KEYS = ("type", "n_startup_trials", "start_from_defaults")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -61,6 +62,7 @@ class SearchSpec:
     n_startup_trials: int = 8
     start_from_defaults: bool = True  # the first trial is the default config, where the space holds it
     memory_budget: str | None = None
+    fork_trials: bool = True  # trials fork from one process that imported torch (search/forkserver.py)
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
 
@@ -79,6 +81,12 @@ class SearchSpec:
 
     def optuna_space(self) -> dict:
         return {name: p.to_optuna() for name, p in self.params.items()}
+
+
+def _flag(path: Path, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: key '{key}' must be true or false")
+    return value
 
 
 def _number(path: Path, where: str, value: Any) -> float:
@@ -183,9 +191,9 @@ def load_space(path: str | Path) -> SearchSpec:
     search = _check_keys(path, "searcher", data.get("searcher") or {}, SEARCHER_KEYS)
     spec.searcher = search.get("type", spec.searcher)
     if "start_from_defaults" in search:
-        if not isinstance(search["start_from_defaults"], bool):
-            raise ConfigError(f"{path}: key 'searcher.start_from_defaults' must be true or false")
-        spec.start_from_defaults = search["start_from_defaults"]
+        spec.start_from_defaults = _flag(path, "searcher.start_from_defaults", search["start_from_defaults"])
+    if data.get("fork_trials") is not None:
+        spec.fork_trials = _flag(path, "fork_trials", data["fork_trials"])
     if "n_startup_trials" in search:
         spec.n_startup_trials = int(_number(path, "searcher.n_startup_trials", search["n_startup_trials"]))
     res = _check_keys(path, "resources", data.get("resources") or {}, RESOURCE_KEYS)

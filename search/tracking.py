@@ -17,8 +17,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from mmsa.run_tags import (TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_SPACE, TAG_STATE,
-                            TAG_TRIAL)
+from mmsa.run_tags import (TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_PROCESS,
+                            TAG_SPACE, TAG_STATE, TAG_TRIAL)
 from search.trainable import FINAL_KEY, scalar_metrics
 
 DEFAULT_EXPERIMENT = "mmsa-search"
@@ -130,8 +130,10 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_map().get(trial.trial_id)
-        if run_id and result.get("node_id") and result.get("training_iteration") == 1:
-            self.client.set_tag(run_id, TAG_NODE, result["node_id"])
+        if run_id and result.get("training_iteration") == 1:
+            for tag, key in ((TAG_NODE, "node_id"), (TAG_PROCESS, "trial_process")):
+                if result.get(key):
+                    self.client.set_tag(run_id, tag, result[key])
         if run_id:
             log_metrics(self.client, run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
 

@@ -1,7 +1,10 @@
 """The Ray Tune trainable: a thin wrapper over `mmsa.train.fit` that reports every epoch.
 
 Trials receive the cache folders' paths, not the arrays: each trial memory-maps the same files,
-so N concurrent trials share one copy of the features through the OS page cache.
+so N concurrent trials share one copy of the features through the OS page cache. Training runs
+in a fork of the driver's fork server where there is one (search/forkserver.py), so concurrent
+trials also share torch itself. Ray is imported only in `train_trial`: the fork server preloads
+this module without it.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from ray import tune
 
 from mmsa.config import Config
 from mmsa.features import FeatureSet, RawSource
 from mmsa.prepare import Split
+from search import forkserver
 
 # Set on the last epoch a trial trains by its own decision (max_epochs or its own early
 # stopping). A trial whose last result lacks it was stopped by the scheduler.
@@ -35,6 +38,7 @@ class TrialData:
     base: dict  # flat config: defaults + the space file's fixed values
     threads: int
     raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
+    fork_address: str | None = None  # the driver's fork server (search/forkserver.py), if any
 
     def features(self) -> FeatureSet | RawSource:
         if self.raw is not None:
@@ -67,20 +71,33 @@ def _malloc_trim():
 
 
 def train_trial(config: dict, data: TrialData) -> None:
+    import ray
+    from ray import tune
+    node = ray.get_runtime_context().get_node_id()
+
+    conn = forkserver.connect(data.fork_address)
+    process = "fork" if conn is not None else "ray worker"
+
+    def report(metrics: dict) -> None:
+        tune.report({**metrics, "node_id": node, "trial_process": process})
+
+    if conn is not None:  # train in a fork of the warm server: torch's pages are shared
+        forkserver.run_forked(conn, "search.trainable:fit_trial", (config, data), report)
+    else:  # no server on this machine (e.g. another node of a cluster): train here
+        fit_trial(report, config, data)
+
+
+def fit_trial(emit, config: dict, data: TrialData) -> None:
+    """One trial's training; emit(metrics) after every epoch (it may stop the trial by raising)."""
     release_freed_memory()  # what the previous trial in this process left behind
     from mmsa.train import fit  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
     cfg.train.num_threads = data.threads
-    features = data.features()
 
-    import ray
-    node = ray.get_runtime_context().get_node_id()
-
-    def report(epoch: int, metrics: dict) -> None:
+    def on_epoch(epoch: int, metrics: dict) -> None:
         out = scalar_metrics(metrics)
         out["val_confusion"] = np.asarray(metrics["val_confusion"]).tolist()
-        out["node_id"] = node
         release_freed_memory()
-        tune.report(out)
+        emit(out)
 
-    fit(cfg, features, data.train, data.val, on_epoch=report)
+    fit(cfg, data.features(), data.train, data.val, on_epoch=on_epoch)

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_NODE
+from mmsa.run_tags import TAG_NODE, TAG_PROCESS
 from search.tracking import child_runs
 from tests.search_helpers import run_search, write_space
 
@@ -58,3 +58,5 @@ def test_search_on_a_two_node_cluster(two_node_cluster, subset_dir, subset_cache
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     used = {c.data.tags.get(TAG_NODE) for c in children}
     assert None not in used and len(used) == 2  # one CPU per node, two at a time: both nodes ran trials
+    # No fork server on a cluster (the driver's machine may run no trials): trials train in Ray's workers.
+    assert {c.data.tags.get(TAG_PROCESS) for c in children} == {"ray worker"}

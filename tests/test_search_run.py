@@ -5,7 +5,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL
+from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_PROCESS, TAG_STATE, TAG_TRIAL
 from search.tracking import child_runs
 from tests.search_helpers import ROOT, run_search, search_cmd, write_space
 
@@ -27,6 +27,7 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     for child in children:
         assert child.data.tags[TAG_ENDED] in ("completed", "stopped early")
         assert child.data.params["d_model"] == "32" and "lr" in child.data.params
+        assert child.data.tags[TAG_PROCESS] == "fork"  # of the search's fork server: torch imported once
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 2
         if child.data.tags[TAG_ENDED] == "completed":

@@ -38,6 +38,7 @@ def test_shipped_spaces_load():
 def test_good_space(tmp_path):
     spec = load_space(_write(tmp_path, GOOD))
     assert spec.num_samples == 3 and spec.max_epochs == 3 and spec.fixed == {"d_model": 64}
+    assert spec.fork_trials and not load_space(_write(tmp_path, GOOD + "fork_trials: false\n")).fork_trials
     cfg = spec.trial_config({"lr": 1e-3, "pooling": "attention", "fusion_depth": 2})
     assert cfg.model.d_model == 64 and cfg.model.pooling == "attention" and cfg.train.max_epochs == 3
 
@@ -57,6 +58,8 @@ def test_good_space(tmp_path):
     ("params:\n  text_encoder: {type: choice, values: [minilm, bert-base-uncased]}\n", "params.text_encoder.*under 'fixed'"),
     ("params:\n  finetune: {type: choice, values: [none, last_k]}\n", "params.finetune.*prepared once per search"),
     ("scheduler: {type: hyperband}\n", "scheduler.type"),
+    ("fork_trials: yes please\n", "'fork_trials' must be true or false"),
+    ("searcher: {start_from_defaults: 1}\n", "'searcher.start_from_defaults' must be true or false"),
     ("scheduler: {max_epochs: 3, grace_period: 5}\n", "grace_period"),
     ("num_samples: lots\n", "num_samples"),
     ("params: [1, 2]\n", "params"),

@@ -1,0 +1,88 @@
+"""The fork server: trials run in forks of one warm process, and end with their connection."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from search import forkserver
+from tests.search_helpers import ROOT
+
+pytestmark = pytest.mark.skipif(not forkserver.available(), reason="fork server: Linux only")
+
+
+def emit_then_maybe_fail(emit, n: int, fail: str) -> None:  # runs in the fork
+    import sys
+    for i in range(n):
+        emit({"i": i, "pid": os.getpid(), "env": os.environ.get("MMSA_TEST_VALUE"),
+              "preloaded": "colorsys" in sys.modules})
+    if fail == "raise":
+        raise ValueError("trial went wrong")
+    if fail == "die":  # as if killed (out of memory): no word back
+        os._exit(9)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    srv = forkserver.ForkServer(preload=["colorsys"])
+    assert srv.wait_ready(), srv.log_tail()
+    yield srv
+    srv.close()
+    assert srv.process.poll() is not None and not srv.folder.exists()
+
+
+def run(server, n: int, fail: str = "", on_message=None) -> list[dict]:
+    got = []
+    conn = forkserver.connect(server.address)
+    assert conn is not None
+    forkserver.run_forked(conn, "tests.test_search_forkserver:emit_then_maybe_fail", (n, fail),
+                          on_message or got.append)
+    return got
+
+
+def test_a_fork_runs_the_target_with_the_callers_environment_and_the_servers_imports(server, monkeypatch):
+    monkeypatch.setenv("MMSA_TEST_VALUE", "from the trial")
+    got = run(server, 3)
+    assert [m["i"] for m in got] == [0, 1, 2]
+    assert {m["env"] for m in got} == {"from the trial"} and all(m["preloaded"] for m in got)
+    pids = {m["pid"] for m in got}
+    assert len(pids) == 1 and pids != {os.getpid(), server.process.pid}
+    assert run(server, 1)[0]["pid"] not in pids  # a fresh fork per trial
+
+
+def test_an_error_in_the_fork_reaches_the_trial_with_its_traceback(server):
+    with pytest.raises(forkserver.ForkedTrialError) as info:
+        run(server, 1, fail="raise")
+    text = str(info.value)
+    assert text.splitlines()[-1] == "ValueError: trial went wrong" and "emit_then_maybe_fail" in text
+
+
+def test_a_fork_that_dies_fails_its_trial_with_a_message(server):
+    with pytest.raises(forkserver.ForkedTrialError, match="ended without a result"):
+        run(server, 2, fail="die")
+
+
+def test_a_trial_stopped_between_epochs_ends_its_fork(server):
+    pids = []
+
+    def stop_after_first(message):  # what tune.report does when ASHA stops the trial
+        pids.append(message["pid"])
+        raise SystemExit
+
+    with pytest.raises(SystemExit):
+        run(server, 1000, on_message=stop_after_first)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pids[0]}") and \
+            open(f"/proc/{pids[0]}/stat").read().split()[2] != "Z":
+        time.sleep(0.05)
+    stat = f"/proc/{pids[0]}/stat"
+    assert not os.path.exists(stat) or open(stat).read().split()[2] == "Z", "the fork outlived its trial"
+    assert len(pids) == 1
+
+
+def test_no_server_means_the_trial_trains_in_its_own_process(tmp_path):
+    assert forkserver.connect(None) is None
+    assert forkserver.connect(str(tmp_path / "absent.sock")) is None
