@@ -4,7 +4,10 @@ Every Ray trial process imports torch, scikit-learn and mmsa: about 0.4 GB of pr
 concurrent trial before a single batch (torch alone 0.28 GB, measured in a bare process). Ray
 starts its workers by exec, so nothing of that is shared. Here the driver starts one server that
 imports them once; each trial's Ray worker asks it for a fork, which shares those pages
-copy-on-write and trains there. The Ray worker keeps only Ray (about 0.11 GB) and relays results.
+copy-on-write and trains there. The Ray worker keeps only Ray (about 0.12 GiB) and relays results.
+The server only imports: it must never run a torch op (OpenMP's thread pool does not survive a
+fork: a fork of a process that had already run torch code hung in a test here) nor touch CUDA
+(each fork initialises it with its own trial's CUDA_VISIBLE_DEVICES).
 
 Protocol, one Unix-socket connection per trial (multiprocessing.connection framing, pickles):
 the client sends (env, "module:function", args); the forked child sets the environment and calls
