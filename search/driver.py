@@ -87,7 +87,7 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
         start_ray(address)  # while the fork server imports torch
         fork_address = server.address if server is not None and server.wait_ready() else None
         if server is not None and fork_address is None:
-            print(f"note: the fork server did not start, trials import torch themselves:\n{server.log_tail()}",
+            print(f"note: the fork server did not start, trials import torch themselves:\n{server.failure}",
                   flush=True)
         trainable = make_trainable(spec, base, data, fork_address)
         if resume and tune.Tuner.can_restore(ray_path):

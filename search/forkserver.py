@@ -59,6 +59,7 @@ class ForkServer:
         self.address = str(self.folder / SOCKET_NAME)
         self.log_path = self.folder / "server.log"
         self._ready_timeout_s = ready_timeout_s
+        self.failure = ""
         with open(self.log_path, "wb") as log:
             # Its own session: Ctrl-C in the terminal reaches the driver (which stops the search
             # cleanly), not the trials' forks. It ends when the driver closes its stdin, or dies.
@@ -67,20 +68,20 @@ class ForkServer:
                                             start_new_session=True)
 
     def wait_ready(self) -> bool:
-        """True once the server accepts connections; False (and stopped) if it failed to start."""
+        """True once the server accepts connections; False (stopped, and `failure` says why) if
+        it failed to start."""
         deadline = time.monotonic() + self._ready_timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
             if os.path.exists(self.address):
                 return True
             time.sleep(0.05)
+        try:
+            log = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            log = []
+        self.failure = "\n".join(log[-5:]) or f"not ready after {self._ready_timeout_s:.0f} s"
         self.close()
         return False
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
-        except OSError:
-            return ""
 
     def close(self) -> None:
         if self.process.poll() is None:

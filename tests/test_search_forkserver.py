@@ -28,7 +28,7 @@ def emit_then_maybe_fail(emit, n: int, fail: str) -> None:  # runs in the fork
 def server(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     srv = forkserver.ForkServer(preload=["colorsys"])
-    assert srv.wait_ready(), srv.log_tail()
+    assert srv.wait_ready(), srv.failure
     yield srv
     srv.close()
     assert srv.process.poll() is not None and not srv.folder.exists()
@@ -86,3 +86,10 @@ def test_a_trial_stopped_between_epochs_ends_its_fork(server):
 def test_no_server_means_the_trial_trains_in_its_own_process(tmp_path):
     assert forkserver.connect(None) is None
     assert forkserver.connect(str(tmp_path / "absent.sock")) is None
+
+
+def test_a_server_that_cannot_start_says_why_and_leaves_nothing_behind():
+    srv = forkserver.ForkServer(preload=["no_such_module_for_mmsa"])
+    assert not srv.wait_ready()
+    assert "No module named 'no_such_module_for_mmsa'" in srv.failure
+    assert srv.process.poll() is not None and not srv.folder.exists()
