@@ -16,7 +16,8 @@ answers, so the trial trains no further than Ray lets it (ASHA decides in tune.r
 ends with ("done", None) or ("error", traceback text), and exits as soon as the connection closes:
 a trial that Ray stops or kills takes its fork with it.
 
-The socket lives in a fresh folder that only this user can enter: a connection can run code.
+Right after connecting, the client passes its stdout and stderr (SCM_RIGHTS), and the fork writes
+to them. The socket lives in a fresh folder that only this user can enter: a connection can run code.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def connect(address: str | None) -> Connection | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(address)
+        # The fork writes to this process's stdout and stderr (for a Ray worker: its log files,
+        # which Ray forwards to the driver's terminal), as the trial did before it forked.
+        socket.send_fds(sock, [b"io"], [1, 2])
     except OSError:
         sock.close()
         return None
@@ -166,6 +170,15 @@ def _child(conn: Connection) -> None:
         conn.send(("error", "".join(traceback.format_exception(exc)).strip()))
 
 
+def _take_output(sock: socket.socket) -> None:
+    _, fds, _, _ = socket.recv_fds(sock, 2, 2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for target, fd in zip((1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+
+
 def _reap() -> None:
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
@@ -201,6 +214,7 @@ def serve(address: str, preload: list[str]) -> None:
                 listener.close()
                 code = 0
                 try:
+                    _take_output(sock)
                     _child(Connection(sock.detach()))
                 except BaseException:  # noqa: BLE001
                     traceback.print_exc()

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(not forkserver.available(), reason="fork server:
 
 def emit_then_maybe_fail(emit, n: int, fail: str) -> None:  # runs in the fork
     import sys
+    print(f"fork {os.getpid()} says hello", flush=True)
     for i in range(n):
         emit({"i": i, "pid": os.getpid(), "env": os.environ.get("MMSA_TEST_VALUE"),
               "preloaded": "colorsys" in sys.modules})
@@ -51,6 +52,11 @@ def test_a_fork_runs_the_target_with_the_callers_environment_and_the_servers_imp
     pids = {m["pid"] for m in got}
     assert len(pids) == 1 and pids != {os.getpid(), server.process.pid}
     assert run(server, 1)[0]["pid"] not in pids  # a fresh fork per trial
+
+
+def test_the_fork_writes_to_the_trials_stdout(server, capfd):
+    pid = run(server, 1)[0]["pid"]
+    assert f"fork {pid} says hello" in capfd.readouterr().out
 
 
 def test_an_error_in_the_fork_reaches_the_trial_with_its_traceback(server):
