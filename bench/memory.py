@@ -103,8 +103,9 @@ def _sum(parts: list[dict]) -> dict:
 
 def process_groups(parts: list[dict]) -> list[tuple[str, dict]]:
     """Rows of the breakdown table: each trial's processes on their own, the rest summed."""
-    servers = {b["pid"] for b in parts if "search.forkserver" in b["name"] and "search.forkserver" not in
-               next((q["name"] for q in parts if q["pid"] == b["ppid"]), "")}
+    # The server's forks run under its command line too: the server is the one not forked from another.
+    forkserver = {b["pid"] for b in parts if "search.forkserver" in b["name"]}
+    servers = {b["pid"] for b in parts if b["pid"] in forkserver and b["ppid"] not in forkserver}
     forks = [b for b in parts if b["ppid"] in servers]
     workers = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
     server = [b for b in parts if b["pid"] in servers]

@@ -15,7 +15,6 @@ from ray.tune.search import ConcurrencyLimiter
 from mmsa.features import RawSource
 from mmsa.run_tags import TAG_TRIAL
 from search import forkserver
-from search.forkserver import ForkServer
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
 from search.tracking import MlflowTrialLogger, child_runs
@@ -55,10 +54,10 @@ TRIAL_IMPORTS = ["mmsa.train", "mmsa.encoders", "torch._dynamo", "search.trainab
 FULL_FINETUNE_IMPORTS = ["transformers", "timm"]  # the backbones train in the trials
 
 
-def start_fork_server(spec, base, address: str | None) -> ForkServer | None:
+def start_fork_server(spec, base, address: str | None) -> forkserver.ForkServer | None:
     if not trials_fork(spec, address):
         return None
-    return ForkServer(preload=TRIAL_IMPORTS + (FULL_FINETUNE_IMPORTS if base.data.finetune == "full" else []))
+    return forkserver.ForkServer(preload=TRIAL_IMPORTS + (FULL_FINETUNE_IMPORTS if base.data.finetune == "full" else []))
 
 
 def start_ray(address: str | None) -> None:

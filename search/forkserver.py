@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import queue
 import selectors
 import shutil
 import socket
@@ -142,24 +143,18 @@ def _child(conn: Connection) -> None:
     env, target, args = conn.recv()
     os.environ.clear()
     os.environ.update(env)
-    acks: list[threading.Event] = []
-    lock = threading.Lock()
+    answers: queue.SimpleQueue = queue.SimpleQueue()
 
     def watch() -> None:  # the only reader: answers wake the trainer; a closed connection ends us
         while True:
             try:
-                conn.recv()
+                answers.put(conn.recv())
             except (EOFError, OSError):
                 os._exit(0)
-            with lock:
-                acks.pop(0).set()
 
     def emit(message) -> None:
-        ack = threading.Event()
-        with lock:
-            acks.append(ack)
         conn.send(("message", message))
-        ack.wait()
+        answers.get()
 
     threading.Thread(target=watch, daemon=True).start()
     module, name = target.split(":")

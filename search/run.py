@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     budget_text = args.memory_budget or spec.memory_budget
     if budget_text:
         from search.budget import parse_size, plan_for_space
-        if base.data.finetune == "full":
+        if full:
             raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
         budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
         from search.driver import trials_fork

@@ -183,6 +183,8 @@ def load_space(path: str | Path) -> SearchSpec:
                     raise ConfigError(f"{path}: '{key}' = {value!r} must be a whole number")
                 value = int(number)
             setattr(spec, key, typ(value))
+    if data.get("fork_trials") is not None:
+        spec.fork_trials = _flag(path, "fork_trials", data["fork_trials"])
     sched = _check_keys(path, "scheduler", data.get("scheduler") or {}, SCHEDULER_KEYS)
     spec.scheduler = sched.get("type", spec.scheduler)
     for key in ("max_epochs", "grace_period", "reduction_factor"):
@@ -192,8 +194,6 @@ def load_space(path: str | Path) -> SearchSpec:
     spec.searcher = search.get("type", spec.searcher)
     if "start_from_defaults" in search:
         spec.start_from_defaults = _flag(path, "searcher.start_from_defaults", search["start_from_defaults"])
-    if data.get("fork_trials") is not None:
-        spec.fork_trials = _flag(path, "fork_trials", data["fork_trials"])
     if "n_startup_trials" in search:
         spec.n_startup_trials = int(_number(path, "searcher.n_startup_trials", search["n_startup_trials"]))
     res = _check_keys(path, "resources", data.get("resources") or {}, RESOURCE_KEYS)
