@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,12 +82,28 @@ def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
     With finetune=full there is no cache (backbones run per batch): the child only reads the
     dataset and splits it.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result = pool.submit(_prepare_for_parent, cfg).result()
+    result = _in_child(_prepare_for_parent, cfg)
     if isinstance(result, Prepared):
         return result
     dataset, guids, text_dir, image_dir, train, val, test = result
     return Prepared(dataset=dataset, features=FeatureSet.open(guids, text_dir, image_dir), train=train, val=val,
                     test=test)
+
+
+def _in_child(fn, *args, attempts: int = 2):
+    """fn(*args) in a fresh (spawned) child process. A child that dies without an answer (killed
+    by a signal, a crash in native code) is started once more before giving up: a test run saw
+    such a death, with no trace of why, while a two-node Ray cluster started beside it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    for attempt in range(1, attempts + 1):
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            if attempt == attempts:
+                raise RuntimeError(f"preparing the features: the child process died {attempts} times "
+                                   "without an answer (killed, or out of memory?)") from None
+            print("preparing the features: the child process died without an answer; starting it again",
+                  file=sys.stderr, flush=True)

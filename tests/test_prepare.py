@@ -6,7 +6,7 @@ import pytest
 
 from mmsa.config import DataConfig
 from mmsa.errors import DataError
-from mmsa.prepare import prepare_in_subprocess
+from mmsa.prepare import _in_child, prepare_in_subprocess
 
 
 def test_prepare_in_a_child_gives_the_same_splits_and_keeps_torch_out(subset_prepared):
@@ -30,3 +30,27 @@ def test_prepare_in_a_child_gives_the_same_splits_and_keeps_torch_out(subset_pre
 def test_errors_in_the_child_reach_the_caller(tmp_path):
     with pytest.raises(DataError, match="absent"):
         prepare_in_subprocess(DataConfig(data_dir=str(tmp_path / "absent"), cache_dir=str(tmp_path / "c")))
+
+
+def _die_the_first_time(marker: str) -> str:
+    import os
+    from pathlib import Path
+    if not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(9)  # as a process killed mid-work: no answer, no exception
+    return "answer"
+
+
+def _always_die(marker: str) -> str:
+    import os
+    os._exit(9)
+
+
+def test_a_preparing_child_that_dies_is_started_once_more(tmp_path, capsys):
+    assert _in_child(_die_the_first_time, str(tmp_path / "died")) == "answer"
+    assert "starting it again" in capsys.readouterr().err
+
+
+def test_a_preparing_child_that_keeps_dying_is_one_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="died 2 times"):
+        _in_child(_always_die, str(tmp_path / "x"))
