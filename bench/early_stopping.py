@@ -29,15 +29,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from bench.common import run_search, table, write_result  # noqa: E402
 from search.space import load_space  # noqa: E402
+from search.tracking import child_runs  # noqa: E402
 
 
 def recorded_trials(client: MlflowClient, parent: str) -> dict[tuple, tuple[int, list[float]]]:
     """Each trial of a search, keyed by its params: (when it reported epoch 1, its val_acc per epoch)."""
-    run = client.get_run(parent)
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
-                                  max_results=10000)
     out = {}
-    for child in children:
+    for child in child_runs(client, client.get_run(parent).info.experiment_id, parent):
         history = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
         if history:
             out[tuple(sorted(child.data.params.items()))] = (history[0].timestamp, [m.value for m in history])
