@@ -1,10 +1,15 @@
-"""ASHA versus no early stopping (FIFO): the same space, trials and seed; epochs trained, wall
-time and best validation accuracy found, with the ratios.
+"""ASHA versus no early stopping (FIFO) over several searcher seeds: epochs, wall time, best val_acc.
+
+Per seed, both searches run the same space and number of trials: epochs trained, wall time and
+best validation accuracy found, with the ratios.
 
     python bench/early_stopping.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--num-samples N]
-        [--searcher random]
+        [--searcher random] [--seeds 0,1,2]
 
-By default both searches run as many trials as the space file asks for (40 for the default space).
+For each searcher seed (default 0, 1 and 2) an ASHA search and a FIFO search run as many trials as
+the space file asks for (40 for the default space); the table gives each pair's ratios and their
+mean.
+
 `--searcher random` replaces the space's searcher (TPE) by seeded random search: both searches
 then train the very same configurations, so the comparison isolates the scheduler. Its table
 goes to bench/results/early_stopping_random.md, with a replay of Ray's ASHA rule (successive
@@ -40,6 +45,13 @@ def recorded_trials(client: MlflowClient, parent: str) -> dict[tuple, tuple[int,
         if history:
             out[tuple(sorted(child.data.params.items()))] = (history[0].timestamp, [m.value for m in history])
     return out
+
+
+def trial_seconds(client: MlflowClient, parent: str) -> float:
+    """Seconds the search's trials ran, summed over trials (their MLflow runs' start to end): the
+    compute they took, whatever the concurrency and Ray's start-up."""
+    runs = child_runs(client, client.get_run(parent).info.experiment_id, parent)
+    return sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
 
 
 def replay_asha(curves: list[list[float]], grace: int, rf: int, max_t: int) -> tuple[int, float]:
@@ -87,45 +99,90 @@ def replay_table(client: MlflowClient, asha_parent: str, fifo_parent: str, spec,
                     rows))
 
 
+def run_pair(args, seed: int, tmp: Path, uri: str) -> dict:
+    """The ASHA and the FIFO search of one searcher seed: epochs, wall seconds, best val_acc, its F1."""
+    outcome = {}
+    for scheduler in ("asha", "fifo"):
+        space = yaml.safe_load(Path(args.space).read_text())
+        space["seed"] = seed
+        space.setdefault("scheduler", {})["type"] = scheduler
+        if args.searcher:
+            space.setdefault("searcher", {})["type"] = args.searcher
+        path = tmp / f"{scheduler}-seed{seed}.yaml"
+        path.write_text(yaml.safe_dump(space))
+        print(f"seed {seed}: running the {scheduler} search ({args.num_samples} trials)...", flush=True)
+        parent, wall, _ = run_search(path, uri, tmp / "ray", "--data", args.data, "--num-samples",
+                                     str(args.num_samples), "--experiment", f"bench-{scheduler}-seed{seed}")
+        client = MlflowClient(uri)
+        m = client.get_run(parent).data.metrics
+        outcome[scheduler] = dict(epochs=int(m["epochs_trained"]), wall=wall, best=m["best_val_acc"],
+                                  trial_s=trial_seconds(client, parent),
+                                  f1=m.get("best_trial_val_macro_f1", float("nan")), parent=parent, space=path)
+        print(f"seed {seed}: {scheduler} trained {outcome[scheduler]['epochs']} epochs in {wall / 60:.1f} min, "
+              f"best val_acc {outcome[scheduler]['best']:.4f}", flush=True)
+    return outcome
+
+
+def pairs_summary(pairs: dict[int, dict]) -> str:
+    """Per seed and on average: ASHA's epochs, wall time and best val_acc against FIFO's, and whether
+    the target holds (mean epoch ratio at most 0.40, best within 1 point of FIFO's in every seed)."""
+    rows, ratios, time_ratios, wall_ratios, gaps = [], [], [], [], []
+    for seed, o in pairs.items():
+        a, f = o["asha"], o["fifo"]
+        ratios.append(a["epochs"] / f["epochs"])
+        time_ratios.append(a["trial_s"] / f["trial_s"])
+        wall_ratios.append(a["wall"] / f["wall"])
+        gaps.append(a["best"] - f["best"])
+        rows.append([f"{seed}", f"{a['epochs']} / {f['epochs']}", f"{ratios[-1]:.2f}",
+                     f"{a['trial_s'] / 60:.1f} / {f['trial_s'] / 60:.1f}", f"{time_ratios[-1]:.2f}",
+                     f"{a['wall'] / 60:.1f} / {f['wall'] / 60:.1f}", f"{wall_ratios[-1]:.2f}",
+                     f"{a['best']:.4f} / {f['best']:.4f}", f"{gaps[-1]:+.4f}", f"{a['f1']:.4f} / {f['f1']:.4f}"])
+    if len(pairs) > 1:
+        rows.append([f"mean of {len(pairs)}", "", f"{np.mean(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})",
+                     "", f"{np.mean(time_ratios):.2f}", "", f"{np.mean(wall_ratios):.2f}", "",
+                     f"{np.mean(gaps):+.4f} (worst {min(gaps):+.4f})", ""])
+    met = np.mean(ratios) <= 0.40 and min(gaps) >= -0.01
+    return (table(["seed", "epochs ASHA / FIFO", "epoch ratio", "trial min ASHA / FIFO", "trial-time ratio",
+                   "wall min ASHA / FIFO", "wall ratio", "best val_acc ASHA / FIFO", "difference",
+                   "its val macro-F1 ASHA / FIFO"], rows)
+            + f"\n\nTarget: ASHA trains at most 40 % of FIFO's epochs (mean over seeds: {np.mean(ratios):.0%}) "
+            f"and finds a best val_acc within 1 point of FIFO's in every seed (worst: {100 * min(gaps):+.2f} "
+            f"points): {'met' if met else 'not met'}.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--space", default="spaces/fusion.yaml")
     p.add_argument("--num-samples", type=int, help="trials per search (default: the space file's num_samples)")
     p.add_argument("--searcher", choices=("tpe", "random"), help="override the space's searcher type")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="searcher seeds, comma-separated; each runs one ASHA and one FIFO search (default 0,1,2)")
     args = p.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
 
     if args.num_samples is None:
         args.num_samples = int(yaml.safe_load(Path(args.space).read_text()).get("num_samples", 20))
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-es-"))
     uri = f"sqlite:///{tmp}/mlflow.db"
-    outcome = {}
-    for scheduler in ("asha", "fifo"):
-        space = yaml.safe_load(Path(args.space).read_text())
-        space.setdefault("scheduler", {})["type"] = scheduler
-        if args.searcher:
-            space.setdefault("searcher", {})["type"] = args.searcher
-        path = tmp / f"{scheduler}.yaml"
-        path.write_text(yaml.safe_dump(space))
-        print(f"running the {scheduler} search ({args.num_samples} trials)...", flush=True)
-        parent, wall, _ = run_search(path, uri, tmp / "ray", "--data", args.data, "--num-samples",
-                                     str(args.num_samples), "--experiment", f"bench-{scheduler}")
-        m = MlflowClient(uri).get_run(parent).data.metrics
-        outcome[scheduler] = dict(epochs=m["epochs_trained"], wall=wall, best=m["best_val_acc"],
-                                  f1=m.get("best_trial_val_macro_f1", float("nan")), parent=parent)
-    a, f = outcome["asha"], outcome["fifo"]
-    rows = [[name, int(o["epochs"]), f"{o['wall'] / 60:.1f}", f"{o['best']:.4f}", f"{o['f1']:.4f}"]
-            for name, o in (("ASHA", a), ("FIFO (no early stopping)", f))]
-    rows.append(["ASHA / FIFO", f"{a['epochs'] / f['epochs']:.2f}", f"{a['wall'] / f['wall']:.2f}",
-                 f"{a['best'] - f['best']:+.4f} (difference)", ""])
-    searcher = args.searcher or space.get("searcher", {}).get("type", "tpe")
-    body = (f"Space `{args.space}`, searcher {searcher}, {args.num_samples} trials each, same searcher seed; "
-            f"wall time includes "
-            f"Ray start-up (the feature cache already built).\n\n"
-            + table(["search", "epochs trained", "wall (min)", "best val_acc", "its val macro-F1"], rows))
+    print(f"MLflow record of these searches: {uri}", flush=True)
+    pairs = {seed: run_pair(args, seed, tmp, uri) for seed in seeds}
+
+    searcher = args.searcher or yaml.safe_load(Path(args.space).read_text()).get("searcher", {}).get("type", "tpe")
+    body = (f"Space `{args.space}`, searcher {searcher}, {args.num_samples} trials per search; for each searcher "
+            "seed one ASHA and one FIFO (no early stopping) search. Trial minutes are the trials' run times "
+            "summed (the compute they took); wall time includes Ray start-up (the feature cache already built). "
+            "Two trials run at once, so a TPE search's proposals depend on which results arrive first: the "
+            "same seed can vary from run to run, hence several seeds.\n\n" + pairs_summary(pairs))
     if args.searcher == "random":
-        body += "\n\n" + replay_table(MlflowClient(uri), a["parent"], f["parent"], load_space(tmp / "asha.yaml"),
-                                       int(a["epochs"]))
+        client = MlflowClient(uri)
+        for seed, o in pairs.items():
+            a, f = o["asha"], o["fifo"]
+            body += (f"\n\nSeed {seed}. "
+                     + replay_table(client, a["parent"], f["parent"], load_space(a["space"]), a["epochs"]))
     name = "early_stopping_random" if args.searcher == "random" else "early_stopping"
     write_result(name, f"Early stopping: ASHA vs FIFO ({searcher} search)", body,
                  "python bench/early_stopping.py " + " ".join(sys.argv[1:]))
