@@ -47,13 +47,6 @@ def recorded_trials(client: MlflowClient, parent: str) -> dict[tuple, tuple[int,
     return out
 
 
-def trial_seconds(client: MlflowClient, parent: str) -> float:
-    """Seconds the search's trials ran, summed over trials (their MLflow runs' start to end): the
-    compute they took, whatever the concurrency and Ray's start-up."""
-    runs = child_runs(client, client.get_run(parent).info.experiment_id, parent)
-    return sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
-
-
 def replay_asha(curves: list[list[float]], grace: int, rf: int, max_t: int) -> tuple[int, float]:
     """(epochs trained, best val_acc seen) if ASHA decided as Ray's ASHAScheduler does on these
     learning curves in this order (each curve as long as the trial ran without a scheduler)."""
@@ -116,7 +109,7 @@ def run_pair(args, seed: int, tmp: Path, uri: str) -> dict:
         client = MlflowClient(uri)
         m = client.get_run(parent).data.metrics
         outcome[scheduler] = dict(epochs=int(m["epochs_trained"]), wall=wall, best=m["best_val_acc"],
-                                  trial_s=trial_seconds(client, parent),
+                                  trial_s=m["trial_seconds"],
                                   f1=m.get("best_trial_val_macro_f1", float("nan")), parent=parent, space=path)
         print(f"seed {seed}: {scheduler} trained {outcome[scheduler]['epochs']} epochs in {wall / 60:.1f} min, "
               f"best val_acc {outcome[scheduler]['best']:.4f}", flush=True)

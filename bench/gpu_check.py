@@ -56,7 +56,7 @@ class GpuMemorySampler:
                 self.peak = used if self.peak is None else max(self.peak, used)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "GpuMemorySampler":
+    def __enter__(self) -> GpuMemorySampler:
         self._thread.start()
         return self
 

@@ -105,12 +105,12 @@ class Config:
         return out
 
     @classmethod
-    def from_flat(cls, values: dict[str, Any], source: str = "config") -> "Config":
+    def from_flat(cls, values: dict[str, Any], source: str = "config") -> Config:
         cfg = cls()
         cfg.update(values, source)
         return cfg
 
-    def update(self, values: dict[str, Any], source: str = "config") -> "Config":
+    def update(self, values: dict[str, Any], source: str = "config") -> Config:
         known = self.known_keys()
         for key, value in values.items():
             if key not in known:

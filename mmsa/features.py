@@ -50,7 +50,7 @@ class FeatureSet:
     image_dir: Path
 
     @classmethod
-    def open(cls, guids: list[str], text_dir: str | Path, image_dir: str | Path) -> "FeatureSet":
+    def open(cls, guids: list[str], text_dir: str | Path, image_dir: str | Path) -> FeatureSet:
         """Memory-map two complete cache folders (e.g. inside a trial process)."""
         text_dir, image_dir = Path(text_dir), Path(image_dir)
         text = {n: np.load(text_dir / f"{n}.npy", mmap_mode="r") for n in ("tokens", "mask")}
@@ -153,7 +153,7 @@ class RawSource:
 class _RawPairs:
     """Map-style dataset: row -> (text, preprocessed image; a blank one where unreadable)."""
 
-    def __init__(self, texts: list[str], images: "_ImageFiles"):
+    def __init__(self, texts: list[str], images: _ImageFiles):
         self.texts, self.images = texts, images
 
     def __len__(self) -> int:
@@ -358,13 +358,13 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
     return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", n, prepare)
 
 
-def _loader_workers(device: "torch.device", on_cpu: int) -> int:
+def _loader_workers(device: torch.device, on_cpu: int) -> int:
     """Processes decoding images ahead of the model: up to 8 on a GPU, where decoding bounds the
     speed; `on_cpu` on a CPU, where the model needs the cores itself."""
     return min(8 if device.type == "cuda" else on_cpu, os.cpu_count() or 1)
 
 
-def _extraction_device() -> "torch.device":
+def _extraction_device() -> torch.device:
     """The backbones fill the cache on the GPU where there is one (CUDA_VISIBLE_DEVICES= to not)."""
     import torch
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

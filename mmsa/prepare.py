@@ -21,7 +21,7 @@ class Split:
     guids: list[str]
 
     @classmethod
-    def of(cls, features: FeatureSet, examples: list[Example]) -> "Split":
+    def of(cls, features: FeatureSet, examples: list[Example]) -> Split:
         labels = np.array([-1 if ex.label is None else ex.label for ex in examples], dtype=np.int64)
         guids = [ex.guid for ex in examples]
         return cls(rows=features.rows(guids), labels=labels, guids=guids)

@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -193,7 +193,7 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
     return loss_sum, seen
 
 
-def fit(cfg: Config, features: "FeatureSet | RawSource", train: Split, val: Split | None = None,
+def fit(cfg: Config, features: FeatureSet | RawSource, train: Split, val: Split | None = None,
         on_epoch: EpochCallback | None = None, progress: bool = False) -> FitResult:
     """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch.
     With `ensemble` K > 1, K members train epoch by epoch side by side, each on its own seed, and

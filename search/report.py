@@ -27,6 +27,7 @@ class TrialRecord:
     score: float
     metrics: dict
     params: dict
+    seconds: float = 0.0  # its MLflow run's start to end: the compute it took
 
 
 def collect_trials(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str) -> list[TrialRecord]:
@@ -36,7 +37,8 @@ def collect_trials(client: MlflowClient, experiment_id: str, parent_run_id: str,
         score = run.data.metrics.get(f"best_{metric}", float("nan"))
         out.append(TrialRecord(run_id=run.info.run_id, trial_id=run.data.tags.get(TAG_TRIAL, "?"), ended=ended,
                                epochs=int(run.data.metrics.get("epoch", 0)), score=score,
-                               metrics=dict(run.data.metrics), params=dict(run.data.params)))
+                               metrics=dict(run.data.metrics), params=dict(run.data.params),
+                               seconds=(run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0))
     return out
 
 
@@ -134,6 +136,7 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
         counts["n_" + ended.replace(" ", "_")] = sum(t.ended == ended for t in trials)
     counts["epochs_trained"] = sum(t.epochs for t in trials if t.ended != "interrupted")
     counts["epochs_without_early_stopping"] = spec.max_epochs * sum(t.ended != "interrupted" for t in trials)
+    counts["trial_seconds"] = sum(t.seconds for t in trials if t.ended != "interrupted")
     log_metrics(client, parent_run_id, counts, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -150,6 +153,16 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
         for path in search_plots(trials, spec, tmp):
             client.log_artifact(parent_run_id, str(path), artifact_path="plots")
     return best, trials
+
+
+def cost_line(client: MlflowClient, parent_run_id: str) -> str:
+    """What the search cost, from its parent run's metrics: epochs against a search without early
+    stopping, and the trials' run times summed."""
+    m = client.get_run(parent_run_id).data.metrics
+    trained, full = int(m.get("epochs_trained", 0)), int(m.get("epochs_without_early_stopping", 0))
+    share = f" ({trained / full:.0%})" if full else ""
+    return (f"cost: {trained} epochs of the {full} that the trials would train without early stopping{share}; "
+            f"trials ran {m.get('trial_seconds', 0) / 60:.1f} min in all")
 
 
 def _metric_at_best_epoch(client: MlflowClient, trial: TrialRecord, monitor: str, name: str) -> float:

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = run_tuner(spec, base, data, tracking_uri, experiment_id, parent_id, ray_path,
                             address=args.address, resume=args.resume)
 
-    from search.report import finalize_parent, top_table
+    from search.report import cost_line, finalize_parent, top_table
     if interrupted:
         client.set_tag(parent_id, TAG_STATE, "interrupted")
         client.set_terminated(parent_id, status="KILLED")
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     client.set_terminated(parent_id, status="FINISHED")
     print(f"\ntop trials ({len(trials)} recorded, {time.time() - t0:.0f}s):", flush=True)
     print(top_table(trials, spec.metric, list(spec.params), mode=spec.mode), flush=True)
+    print(cost_line(client, parent_id), flush=True)
     if best is None:
         print("no trial produced a score; see the failed runs in MLflow", flush=True)
     else:

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_PROCESS, TAG_STATE, TAG_TRIAL
@@ -35,6 +36,12 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     best = max(c.data.metrics["best_val_acc"] for c in children)
     assert parent.data.metrics["best_val_acc"] == best
     assert "top trials" in out.stdout and "rank" in out.stdout
+    # what the search cost: epochs against running every trial to the end, and trial time summed
+    epochs = sum(len(client.get_metric_history(c.info.run_id, "val_acc")) for c in children)
+    seconds = sum((c.info.end_time - c.info.start_time) / 1000 for c in children)
+    assert parent.data.metrics["epochs_trained"] == epochs and parent.data.metrics["epochs_without_early_stopping"] == 8
+    assert 0 < parent.data.metrics["trial_seconds"] == pytest.approx(seconds)
+    assert f"cost: {epochs} epochs of the 8 that the trials would train without early stopping" in out.stdout
 
 
 def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
