@@ -156,12 +156,12 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
 
 
 def cost_line(client: MlflowClient, parent_run_id: str) -> str:
-    """What the search cost, from its parent run's metrics: epochs against a search without early
-    stopping, and the trials' run times summed."""
+    """What the search cost, from its parent run's metrics: epochs against every trial running to
+    max_epochs, and the trials' run times summed."""
     m = client.get_run(parent_run_id).data.metrics
     trained, full = int(m.get("epochs_trained", 0)), int(m.get("epochs_without_early_stopping", 0))
     share = f" ({trained / full:.0%})" if full else ""
-    return (f"cost: {trained} epochs of the {full} that the trials would train without early stopping{share}; "
+    return (f"cost: {trained} epochs trained, of {full} if every trial ran max_epochs{share}; "
             f"trials ran {m.get('trial_seconds', 0) / 60:.1f} min in all")
 
 

@@ -41,7 +41,7 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     seconds = sum((c.info.end_time - c.info.start_time) / 1000 for c in children)
     assert parent.data.metrics["epochs_trained"] == epochs and parent.data.metrics["epochs_without_early_stopping"] == 8
     assert 0 < parent.data.metrics["trial_seconds"] == pytest.approx(seconds)
-    assert f"cost: {epochs} epochs of the 8 that the trials would train without early stopping" in out.stdout
+    assert f"cost: {epochs} epochs trained, of 8 if every trial ran max_epochs" in out.stdout
 
 
 def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
