@@ -91,18 +91,32 @@ def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
 
 def _in_child(fn, *args, attempts: int = 2):
     """fn(*args) in a fresh (spawned) child process. A child that dies without an answer (killed
-    by a signal, a crash in native code) is started once more before giving up: a test run saw
-    such a death, with no trace of why, while a two-node Ray cluster started beside it."""
+    by a signal, a crash in native code), or that cannot be started because multiprocessing's own
+    helper process (its resource tracker) died as it started, is tried once more, a second later,
+    before giving up. Test runs saw both, with no trace of why, while a two-node Ray cluster ran
+    beside them. Errors that fn raises reach the caller as they are."""
     import multiprocessing
+    import time
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     for attempt in range(1, attempts + 1):
+        pool = None
         try:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                return pool.submit(fn, *args).result()
-        except BrokenProcessPool:
-            if attempt == attempts:
-                raise RuntimeError(f"preparing the features: the child process died {attempts} times "
-                                   "without an answer (killed, or out of memory?)") from None
-            print("preparing the features: the child process died without an answer; starting it again",
-                  file=sys.stderr, flush=True)
+            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            future = pool.submit(fn, *args)
+        except OSError as e:  # e.g. BrokenPipeError from the resource tracker
+            failure = f"could not be started ({e})"
+        else:
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                failure = "died without an answer"
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if attempt == attempts:
+            raise RuntimeError(f"preparing the features: the child process {failure}, {attempts} times "
+                               "(killed, or out of memory?)")
+        print(f"preparing the features: the child process {failure}; starting it again",
+              file=sys.stderr, flush=True)
+        time.sleep(1)
