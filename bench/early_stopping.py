@@ -1,7 +1,8 @@
-"""ASHA versus no early stopping (FIFO) over several searcher seeds: epochs, wall time, best val_acc.
+"""ASHA versus no early stopping (FIFO) over several searcher seeds: epochs, time, best val_acc.
 
-Per seed, both searches run the same space and number of trials: epochs trained, wall time and
-best validation accuracy found, with the ratios.
+Per seed, both searches run the same space and number of trials: epochs trained, trial time
+summed (the parent run's `trial_seconds`), wall time and best validation accuracy found, with
+the ratios.
 
     python bench/early_stopping.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--num-samples N]
         [--searcher random] [--seeds 0,1,2]
