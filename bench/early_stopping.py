@@ -23,6 +23,7 @@ reduction factors. The replay at the space's own factor must give the epochs ASH
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -93,11 +94,11 @@ def replay_table(client: MlflowClient, asha_parent: str, fifo_parent: str, spec,
                     rows))
 
 
-def run_pair(args, seed: int, tmp: Path, uri: str) -> dict:
+def run_pair(args, base_space: dict, seed: int, tmp: Path, uri: str) -> dict:
     """The ASHA and the FIFO search of one searcher seed: epochs, wall seconds, best val_acc, its F1."""
     outcome = {}
     for scheduler in ("asha", "fifo"):
-        space = yaml.safe_load(Path(args.space).read_text())
+        space = copy.deepcopy(base_space)
         space["seed"] = seed
         space.setdefault("scheduler", {})["type"] = scheduler
         if args.searcher:
@@ -158,14 +159,15 @@ def main() -> None:
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
 
+    base_space = yaml.safe_load(Path(args.space).read_text())
     if args.num_samples is None:
-        args.num_samples = int(yaml.safe_load(Path(args.space).read_text()).get("num_samples", 20))
+        args.num_samples = int(base_space.get("num_samples", 20))
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-es-"))
     uri = f"sqlite:///{tmp}/mlflow.db"
     print(f"MLflow record of these searches: {uri}", flush=True)
-    pairs = {seed: run_pair(args, seed, tmp, uri) for seed in seeds}
+    pairs = {seed: run_pair(args, base_space, seed, tmp, uri) for seed in seeds}
 
-    searcher = args.searcher or yaml.safe_load(Path(args.space).read_text()).get("searcher", {}).get("type", "tpe")
+    searcher = args.searcher or base_space.get("searcher", {}).get("type", "tpe")
     body = (f"Space `{args.space}`, searcher {searcher}, {args.num_samples} trials per search; for each searcher "
             "seed one ASHA and one FIFO (no early stopping) search. Trial minutes are the trials' run times "
             "summed (the compute they took); wall time includes Ray start-up (the feature cache already built). "
