@@ -92,7 +92,7 @@ def main() -> None:
         from mlflow.tracking import MlflowClient
 
         from mmsa.final import resolve_run
-        flat, _, _, what = resolve_run(MlflowClient(args.tracking_uri), args.run_id)
+        flat, _, _, what, _ = resolve_run(MlflowClient(args.tracking_uri), args.run_id)
         flat.update(data_dir=args.data)
         variants[f"search best ({args.run_id[:8]})"] = flat
     for k in args.finetune_layers:

@@ -81,7 +81,7 @@ def replay_table(client: MlflowClient, asha_parent: str, fifo_parent: str, spec,
         return f"(replay skipped: only {len(shared)} of {len(fifo)} configurations appear in both searches)"
     curves = [fifo[k][1] for k in shared]
     fifo_epochs = sum(len(c) for c in curves)
-    grace, max_t, own = spec.grace_period, spec.max_epochs, spec.reduction_factor
+    grace, max_t, own = spec.grace_period, spec.cv_folds, spec.reduction_factor  # ASHA rungs are folds
     rows = []
     for rf in sorted({2, 3, 4, 5, 6, 8, 10, own}):
         epochs, best = replay_asha(curves, grace, rf, max_t)

@@ -208,16 +208,9 @@ def load_dataset(root: str | Path) -> Dataset:
 
 def split_train_val(examples: list[Example], val_fraction: float, seed: int
                     ) -> tuple[list[Example], list[Example]]:
-    """Seeded stratified split. `val_fraction=0` returns (all, [])."""
+    """Seeded stratified split (mmsa.folds.holdout_indices). `val_fraction=0` returns (all, [])."""
     if val_fraction <= 0:
         return list(examples), []
-    labels = [ex.label for ex in examples]
-    counts = Counter(labels)
-    n_val = max(1, round(val_fraction * len(examples)))
-    if len(examples) < 2:
-        raise DataError(f"only {len(examples)} usable labeled pair(s): too few to hold out a validation split")
-    # Stratify where every class can be on both sides; tiny data falls back to a seeded shuffle.
-    stratify = labels if min(counts.values()) >= 2 and len(counts) <= n_val <= len(examples) - len(counts) else None
-    from sklearn.model_selection import train_test_split
-    train, val = train_test_split(examples, test_size=n_val, random_state=seed, stratify=stratify)
-    return list(train), list(val)
+    from mmsa.folds import holdout_indices
+    train, val = holdout_indices([ex.label for ex in examples], val_fraction, seed)
+    return [examples[i] for i in train], [examples[i] for i in val]

@@ -191,17 +191,22 @@ def _hash(*parts: str | bytes) -> str:
     return h.hexdigest()
 
 
-def image_content_hash(examples: list[Example]) -> str:
+def image_content_hash(examples: list[Example]) -> tuple[str, list[str]]:
+    """(hash of every example's guid and image bytes, each example's own hash of the same)."""
     h = hashlib.blake2b(digest_size=8)
+    items = []
     for ex in examples:
-        h.update(ex.guid.encode() + b"\0")
+        data = b""
         if ex.has_image:
             try:
-                h.update(ex.image_path.read_bytes())
+                data = ex.image_path.read_bytes()
             except OSError:
                 pass
+        h.update(ex.guid.encode() + b"\0")
+        h.update(data)
         h.update(b"\0")
-    return h.hexdigest()
+        items.append(_hash(ex.guid, data))
+    return h.hexdigest(), items
 
 
 def _safe_name(name: str) -> str:
@@ -222,7 +227,7 @@ def _load_if_complete(folder: Path, key: str, n: int) -> dict[str, np.ndarray] |
         return None
 
 
-def _build_atomically(folder: Path, key: str, n: int, fill) -> dict[str, np.ndarray]:
+def _build_atomically(folder: Path, key: str, n: int, fill, extra: dict | None = None) -> dict[str, np.ndarray]:
     """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -230,7 +235,7 @@ def _build_atomically(folder: Path, key: str, n: int, fill) -> dict[str, np.ndar
     try:
         names = fill(tmp)
         meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(folder, ignore_errors=True)  # a stale or partial one
         os.replace(tmp, folder)
@@ -279,15 +284,54 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _get_or_build(cache_root: Path, base: str, n: int, prepare) -> tuple[dict, Path]:
-    """Load `<base>-<key>` if complete, else build it. `prepare()` loads the backbone (whose
-    fingerprint is part of the key) and returns (key, fill)."""
-    key, fill = prepare()
+def _get_or_build(cache_root: Path, base: str, items: list[str], prepare) -> tuple[dict, Path]:
+    """Load `<base>-<key>` if complete, else build it. `items`: each example's content hash.
+    `prepare()` loads the backbone and returns (model, key, fill): `model` hashes the backbone's
+    fingerprint and settings, `key` that and the content. Where another complete cache of the same
+    model holds every example (a subset of a dataset, another order), its rows are copied instead
+    of running the backbone."""
+    model, key, fill = prepare()
     folder = cache_root / f"{base}-{key}"
+    n = len(items)
     arrays = _load_if_complete(folder, key, n)
     if arrays is None:
-        arrays = _build_atomically(folder, key, n, fill)
+        source = _covering_cache(cache_root, base, model, items)
+        if source is not None:
+            print(f"features of {n} examples copied from {source[0].name}", file=sys.stderr, flush=True)
+            fill = _copy_rows(*source)
+        arrays = _build_atomically(folder, key, n, fill, {"model": model, "items": items})
     return arrays, folder
+
+
+def _covering_cache(cache_root: Path, base: str, model: str, items: list[str]) -> tuple[Path, np.ndarray] | None:
+    """A complete cache folder of the same model holding every item: (folder, row of each item)."""
+    for folder in sorted(cache_root.glob(f"{base}-*")):
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue  # incomplete, or being built
+        if meta.get("model") != model or meta.get("format") != FORMAT_VERSION or "items" not in meta:
+            continue
+        if _load_if_complete(folder, meta.get("key"), meta.get("n")) is None:
+            continue
+        index = {item: row for row, item in enumerate(meta["items"])}
+        if all(item in index for item in items):
+            return folder, np.array([index[item] for item in items], dtype=np.int64)
+    return None
+
+
+def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
+    """A `fill` that copies `rows` of every array of the `source` cache folder, in that order."""
+    def fill(tmp: Path) -> list[str]:
+        names = json.loads((source / "meta.json").read_text())["arrays"]
+        for name in names:
+            src = np.load(source / f"{name}.npy", mmap_mode="r")
+            out = np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", src.dtype, (len(rows), *src.shape[1:]))
+            for s in range(0, len(rows), chunk):
+                out[s:s + chunk] = src[rows[s:s + chunk]]
+            out.flush()
+        return names
+    return fill
 
 
 def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
@@ -296,6 +340,7 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
     n, L = len(examples), cfg.max_text_len
     texts = [normalize_tweet(ex.text) if cfg.text_clean else ex.text for ex in examples]
     content = _hash(*(f"{ex.guid}\t{text}" for ex, text in zip(examples, texts)))
+    items = [_hash(f"{ex.guid}\t{text}") for ex, text in zip(examples, texts)]
 
     def prepare():
         encoder = build_text_encoder(cfg.text_encoder)
@@ -314,17 +359,18 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
                     bar.update(len(hidden))
             tokens.flush(), mask.flush()
             return ["tokens", "mask"]
-        return _hash(encoder.fingerprint(), str(L), str(layers), content), fill
+        model = _hash(encoder.fingerprint(), str(L), str(layers))
+        return model, _hash(encoder.fingerprint(), str(L), str(layers), content), fill
 
     base = f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{layers}"
-    return _get_or_build(Path(cfg.cache_dir), base, n, prepare)
+    return _get_or_build(Path(cfg.cache_dir), base, items, prepare)
 
 
 def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 32,
                       workers: int | None = None) -> tuple[dict, Path]:
     from mmsa.encoders import build_image_encoder
     n = len(examples)
-    content = image_content_hash(examples)
+    content, items = image_content_hash(examples)
 
     def prepare():
         import torch
@@ -353,9 +399,9 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
                     bar.update(len(feats))
             tokens.flush(), valid.flush()
             return ["tokens", "valid"]
-        return _hash(encoder.fingerprint(), content), fill
+        return _hash(encoder.fingerprint()), _hash(encoder.fingerprint(), content), fill
 
-    return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", n, prepare)
+    return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", items, prepare)
 
 
 def _loader_workers(device: torch.device, on_cpu: int) -> int:

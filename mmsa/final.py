@@ -1,9 +1,10 @@
-"""`python -m mmsa.final --run-id ID`: retrain the chosen config on train+val, predict the test set.
+"""`python -m mmsa.final --run-id ID`: retrain the chosen config on all labeled pairs, predict the test set.
 
 ID is a search's parent run (its chosen config, best_config.yaml) or one trial's run (that
 trial's params). The number of epochs comes from the search: the retrain replays the trial's
-learning-rate schedule (warm-up + cosine over its max_epochs) and stops at the epoch where that
-trial peaked on validation. By default it trains an ensemble of 5 models from different seeds
+learning-rate schedule (warm-up + cosine over its max_epochs) and stops at the trial's
+`best_epoch`, where its mean over the cross-validation folds peaked. A chosen config that scored
+below the linear probe on the same folds gets a one-line warning. By default it trains an ensemble of 5 models from different seeds
 and averages their probabilities (`--ensemble`): retrained this way on the training part and scored
 on the validation split (20 seeds, bench/results/accuracy.md), 5 models scored 0.7 point of accuracy
 above one model and spread half as much from seed to seed. The predictions file is written
@@ -31,6 +32,8 @@ from mmsa.errors import UserError
 from mmsa.run_tags import DEFAULT_TRACKING_URI, TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE
 
 DEFAULT_ENSEMBLE = 5
+BAGS = ("seeds", "folds")
+DEFAULT_BAG = "seeds"
 
 
 def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
@@ -52,8 +55,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config) -> None:
     os.replace(tmp, path)
 
 
-def resolve_run(client, run_id: str, metric_hint: str = "val_acc"):
-    """-> (flat config dict, epochs to train, the search's parent run id, description)."""
+def resolve_run(client, run_id: str):
+    """-> (flat config dict, epochs to train, the search's parent run id, description, the trial run)."""
     from mlflow.exceptions import MlflowException
     try:
         run = client.get_run(run_id)
@@ -72,29 +75,40 @@ def resolve_run(client, run_id: str, metric_hint: str = "val_acc"):
             except (MlflowException, OSError):
                 raise UserError(f"--run-id {run_id}: best_config.yaml is missing from the run's artifacts") from None
             flat = yaml.safe_load(Path(local).read_text())
-        return flat, _peak_epoch(client, trial_id, flat), run_id, f"search {run_id} (best trial {trial_id})"
+        trial = client.get_run(trial_id)
+        return flat, _peak_epoch(client, trial, flat), run_id, f"search {run_id} (best trial {trial_id})", trial
     if kind == "trial":
         known = Config.known_keys()
         flat = {k: v for k, v in run.data.params.items() if k in known}
         if not flat:
             raise UserError(f"--run-id {run_id}: the trial run has no config params")
         flat = Config.from_flat(flat, source=f"run {run_id} params").to_flat()
-        return flat, _peak_epoch(client, run_id, flat), run.data.tags.get(TAG_PARENT), f"trial {run_id}"
+        return flat, _peak_epoch(client, run, flat), run.data.tags.get(TAG_PARENT), f"trial {run_id}", run
     raise UserError(f"--run-id {run_id}: not a search or trial run of mmsa-search (no config to use)")
 
 
-def peak_epoch(client, run_id: str, metric: str) -> int:
-    """The epoch at which a trial peaked on `metric` (its per-epoch history); 0 without history."""
-    history = client.get_metric_history(run_id, metric)
-    return int(max(history, key=lambda m: (m.value, -m.step)).step) if history else 0
-
-
-def _peak_epoch(client, run_id: str, flat: dict) -> int:
+def _peak_epoch(client, trial, flat: dict) -> int:
+    """The epoch whose mean over the trial's folds was best (its `best_epoch`). Trials recorded
+    before cross-validation logged one split's per-epoch history instead: its peak."""
+    if "best_epoch" in trial.data.metrics:
+        return int(trial.data.metrics["best_epoch"])
     monitor = flat.get("monitor", "val_acc")
-    epoch = peak_epoch(client, run_id, monitor)
-    if not epoch:
-        raise UserError(f"--run-id {run_id}: the trial logged no '{monitor}' history to choose epochs from")
-    return epoch
+    history = client.get_metric_history(trial.info.run_id, monitor)
+    if not history:
+        raise UserError(f"--run-id {trial.info.run_id}: the trial logged no '{monitor}' history to choose epochs from")
+    return int(max(history, key=lambda m: (m.value, -m.step)).step)
+
+
+def probe_warning(client, trial, parent_id: str | None, monitor: str) -> str | None:
+    """One line when the chosen config scored below the linear probe on the same folds."""
+    if not parent_id:
+        return None
+    probe = client.get_run(parent_id).data.metrics.get(f"probe_{monitor}")
+    score = trial.data.metrics.get(f"best_{monitor}")
+    if probe is None or score is None or score >= probe:
+        return None
+    return (f"warning: the chosen config's cross-validated {monitor} ({score:.4f}) is below the linear probe's "
+            f"on the same folds ({probe:.4f}): the search found nothing better than logistic regression")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,25 +122,43 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"models trained from different seeds, probabilities averaged; replaces the config's "
                         f"ensemble (default {DEFAULT_ENSEMBLE}, or 1 with finetune=full; 1: one model, as a "
                         "trial trains)")
+    p.add_argument("--bag", choices=BAGS, default=DEFAULT_BAG,
+                   help="seeds: the ensemble's models train on all labeled pairs from different seeds; folds: "
+                        "one model per cross-validation fold of the search, each on that fold's training part "
+                        f"(as many models as folds; --ensemble does not apply). Default {DEFAULT_BAG}")
     args = p.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
     if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[len("sqlite:///"):]).exists():
         raise UserError(f"--tracking-uri {args.tracking_uri}: no MLflow store there (run a search first)")
     client = MlflowClient(args.tracking_uri)
-    flat, epochs, parent_id, what = resolve_run(client, args.run_id)
+    flat, epochs, parent_id, what, trial = resolve_run(client, args.run_id)
     cfg = Config.from_flat(flat, source=f"config of {what}")
+    warning = probe_warning(client, trial, parent_id, cfg.train.monitor)
+    if warning:
+        print(warning, flush=True)
     if args.data:
         cfg.data.data_dir = args.data
     cfg.train.stop_epoch = epochs
-    if args.ensemble is not None:
-        cfg.model.ensemble = args.ensemble
-        cfg.validate(f"--ensemble {args.ensemble}")  # >= 1, and 1 with finetune=full
-    elif cfg.data.finetune != "full":
-        cfg.model.ensemble = DEFAULT_ENSEMBLE
-    models = f"an ensemble of {cfg.model.ensemble} models" if cfg.model.ensemble > 1 else "1 model"
-    print(f"config of {what}; retraining {models} on train+val for {epochs} of {cfg.train.max_epochs} "
-          "scheduled epochs", flush=True)
+    cv_folds = int(client.get_run(parent_id).data.params.get("cv_folds", 1)) if parent_id else 1
+    if args.bag == "folds":
+        if args.ensemble is not None:
+            raise UserError("--ensemble: does not apply with --bag folds (one model per fold)")
+        if cv_folds < 2:
+            raise UserError(f"--bag folds: {what} was not cross-validated (cv_folds {cv_folds}); use --bag seeds")
+        cfg.model.ensemble = cv_folds
+        cfg.validate("--bag folds")  # an ensemble: not with finetune=full
+        models = f"one model on each of the search's {cv_folds} folds' training parts"
+    else:
+        if args.ensemble is not None:
+            cfg.model.ensemble = args.ensemble
+            cfg.validate(f"--ensemble {args.ensemble}")  # >= 1, and 1 with finetune=full
+        elif cfg.data.finetune != "full":
+            cfg.model.ensemble = DEFAULT_ENSEMBLE
+        models = (f"an ensemble of {cfg.model.ensemble} models" if cfg.model.ensemble > 1 else "1 model") + \
+            " on all labeled pairs"
+    print(f"config of {what}; retraining {models} for {epochs} of {cfg.train.max_epochs} scheduled epochs",
+          flush=True)
 
     from mmsa.prepare import prepare
     from mmsa.train import fit, format_epoch, predict_proba, resolve_device
@@ -135,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if not data.test.guids:
         raise UserError(f"{cfg.data.data_dir}: test_without_label.txt is missing or empty")
     report = data.dataset.report
-    result = fit(cfg, data.features, data.train, None, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True),
-                 progress=cfg.data.finetune == "full")
+    show = lambda e, m: print(format_epoch(e, m), flush=True)  # noqa: E731
+    if args.bag == "folds":
+        result = fit_fold_bag(cfg, data, cv_folds, show)
+    else:
+        result = fit(cfg, data.features, data.train, None, on_epoch=show, progress=cfg.data.finetune == "full")
     probs = predict_proba(result.model, data.features, data.test.rows, resolve_device(cfg.train.device))
     tags = [LABELS[i] for i in probs.argmax(1)]
     out = Path(args.out)
@@ -154,6 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     print(f"predictions={out}", flush=True)
     return 0
+
+
+def fit_fold_bag(cfg: Config, data, k: int, on_epoch=None):
+    """`k` models, each trained on one cross-validation fold's training part (the search's folds:
+    same labels, k and split seed), as one ensemble that averages their probabilities."""
+    import copy
+
+    from mmsa.model import build_head
+    from mmsa.prepare import cv_splits
+    from mmsa.train import FitResult, fit
+    single = copy.deepcopy(cfg)
+    single.model.ensemble = 1
+    parts = []
+    for i, (train, _) in enumerate(cv_splits(data.train, k, cfg.data.split_seed, cfg.data.val_fraction)):
+        print(f"fold {i + 1} of {k}: {len(train)} pairs", flush=True)
+        parts.append(fit(single, data.features, train, None, on_epoch=on_epoch))
+    cfg.model = copy.deepcopy(single.model)  # the feature sizes fit filled in
+    cfg.model.ensemble = k
+    model = build_head(cfg.model).to(next(parts[0].model.parameters()).device)
+    for member, part in zip(model.members, parts):
+        member.load_state_dict(part.model.state_dict())
+    metrics = {**parts[-1].metrics, "train_loss": sum(p.metrics["train_loss"] for p in parts) / k}
+    return FitResult(metrics=metrics, model=model, history=[h for p in parts for h in p.history])
 
 
 def _log_final_run(client, parent_id, cfg, result, out: Path, tags, what, seconds, partial) -> None:

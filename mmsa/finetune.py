@@ -10,11 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from mmsa.config import Config
-from mmsa.model import FusionModel
+from mmsa.model import build_single_head
 
 
 class FullFusion(nn.Module):
-    """Text backbone + image backbone + FusionModel head, trained end to end."""
+    """Text backbone + image backbone + the configured head, trained end to end."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -23,7 +23,7 @@ class FullFusion(nn.Module):
         self.text_backbone = text_enc.model
         self.image_backbone = image_enc.backbone
         self._image_features = image_enc._features
-        self.head = FusionModel(cfg.model)
+        self.head = build_single_head(cfg.model)
         self.cfg = cfg.model
 
     def forward(self, input_ids, attention_mask, pixels):

@@ -4,7 +4,8 @@ The seed report's design, generalised: project both token sets to d_model; image
 self-attention; per fusion layer, text->image and image->text cross-attention, each followed
 by self-attention (separate modules per route and per layer); pool each route; combine the
 routes with the pooled text feature; classify. `fusion_depth=0` is late fusion of the pooled
-projected tokens. `modalities` restricts the model to one side for ablations.
+projected tokens. `modalities` restricts the model to one side for ablations. `head=mlp|linear` (PooledHead) is the
+simpler family: pooled features of each side, no attention between them.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ class Route(nn.Module):
 
 
 class Pool(nn.Module):
-    """(B, T, D) tokens + (B, T) padding mask (True = pad) -> (B, D)."""
+    """(B, T, D) tokens + (B, T) padding mask (True = pad) -> (B, D). D: d_model unless given."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, dim: int | None = None):
         super().__init__()
         self.kind = cfg.pooling
+        dim = dim or cfg.d_model
         if self.kind == "attention":
             # No biases: softmax ignores a shift, so a bias here would never get a gradient.
-            self.score = nn.Sequential(nn.LayerNorm(cfg.d_model, bias=False), nn.Linear(cfg.d_model, 1, bias=False))
+            self.score = nn.Sequential(nn.LayerNorm(dim, bias=False), nn.Linear(dim, 1, bias=False))
 
     def forward(self, x, pad):
         valid = (~pad).float()
@@ -104,9 +106,7 @@ class FusionModel(nn.Module):
         self.use_image = cfg.modalities in ("both", "image")
         fused = cfg.modalities == "both" and cfg.fusion_depth > 0
         if self.use_text and cfg.text_layers > 0:
-            from mmsa.encoders import build_text_encoder
-            # Initialised from the pretrained backbone; the cache holds what enters these layers.
-            self.text_top = build_text_encoder(cfg.text_backbone).top_layers(cfg.text_layers)
+            self.text_top = _text_top(cfg)
         if self.use_text:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.LayerNorm(d), nn.Dropout(cfg.dropout))
         if self.use_image:
@@ -134,16 +134,9 @@ class FusionModel(nn.Module):
 
     def forward(self, text, text_mask, image) -> torch.Tensor:
         """text (B, L, Dt), text_mask (B, L) True = real token, image (B, T, Di) -> logits (B, C)."""
-        text_pad = ~text_mask.bool()
-        image = self._pool_grid(image)
-        image_pad = torch.zeros(image.shape[:2], dtype=torch.bool, device=image.device)
-        if self.training and self.cfg.token_dropout > 0:
-            text_pad = self._drop_tokens(text_pad)
-            image_pad = self._drop_tokens(image_pad)
+        text, text_pad, image, image_pad = _prepare_tokens(self, text, text_mask, image)
         feats: list[torch.Tensor] = []
         if self.use_text:
-            if hasattr(self, "text_top"):
-                text = self._run_text_top(text, text_mask)
             t = self.text_proj(text)
             for layer in getattr(self, "text_self", []):
                 t = layer(t, src_key_padding_mask=text_pad)
@@ -161,28 +154,90 @@ class FusionModel(nn.Module):
             feats += [self.pool_t2i(t2i, text_pad), self.pool_i2t(i2t, image_pad)]
         return self.head(self.combine(feats))
 
-    def _drop_tokens(self, pad: torch.Tensor) -> torch.Tensor:
-        """Hide a random `token_dropout` share of the real tokens (never the first one)."""
-        drop = torch.rand(pad.shape, device=pad.device) < self.cfg.token_dropout
-        drop[:, 0] = False
-        return pad | drop
 
-    def _pool_grid(self, image: torch.Tensor) -> torch.Tensor:
-        """Average a square grid of image tokens (e.g. a CNN's 7x7) down to image_grid x image_grid."""
-        side = math.isqrt(image.shape[1])
-        k = self.cfg.image_grid
-        if k <= 0 or k >= side or side * side != image.shape[1]:
-            return image
-        grid = image.transpose(1, 2).reshape(image.shape[0], image.shape[2], side, side)
-        return F.adaptive_avg_pool2d(grid, k).flatten(2).transpose(1, 2)
+class PooledHead(nn.Module):
+    """head=mlp | linear: pool each modality's tokens (the same `pooling` options), scale each
+    pooled vector to unit RMS (the linear probe's L2 normalisation, times sqrt(dim)), concatenate,
+    classify: one hidden layer of d_model (mlp) or none (linear)."""
 
-    def _run_text_top(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # An additive (B, 1, 1, L) mask works with both the eager and the sdpa attention of HF.
-        additive = (~mask.bool())[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
-        for layer in self.text_top:
-            out = layer(hidden, attention_mask=additive)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.use_text = cfg.modalities in ("both", "text")
+        self.use_image = cfg.modalities in ("both", "image")
+        width = 0
+        if self.use_text:
+            if cfg.text_layers > 0:
+                self.text_top = _text_top(cfg)
+            self.pool_text, width = Pool(cfg, cfg.text_dim), width + cfg.text_dim
+        if self.use_image:
+            self.pool_image, width = Pool(cfg, cfg.image_dim), width + cfg.image_dim
+        if cfg.head == "linear":
+            self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, cfg.num_classes))
+        else:
+            self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, cfg.d_model), nn.GELU(),
+                                          nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, cfg.num_classes))
+
+    def forward(self, text, text_mask, image) -> torch.Tensor:
+        text, text_pad, image, image_pad = _prepare_tokens(self, text, text_mask, image)
+        feats = []
+        if self.use_text:
+            feats.append(_unit_rms(self.pool_text(text, text_pad)))
+        if self.use_image:
+            feats.append(_unit_rms(self.pool_image(image, image_pad)))
+        return self.classify(torch.cat(feats, -1))
+
+
+def _unit_rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp(min=1e-12))
+
+
+def _text_top(cfg: ModelConfig) -> nn.ModuleList:
+    """The top `text_layers` text-encoder layers (finetune=last_k), initialised from the pretrained
+    backbone; the cache holds what enters them."""
+    from mmsa.encoders import build_text_encoder
+    return build_text_encoder(cfg.text_backbone).top_layers(cfg.text_layers)
+
+
+def _prepare_tokens(model: nn.Module, text, text_mask, image):
+    """What every head does first: run the fine-tuned text layers (last_k), average the image grid
+    (image_grid), hide a `token_dropout` share of tokens while training.
+    -> (text, text_pad, image, image_pad); pad masks are True where a token is absent."""
+    cfg = model.cfg
+    if hasattr(model, "text_top"):
+        text = _run_text_top(model.text_top, text, text_mask)
+    text_pad = ~text_mask.bool()
+    image = _pool_grid(image, cfg.image_grid)
+    image_pad = torch.zeros(image.shape[:2], dtype=torch.bool, device=image.device)
+    if model.training and cfg.token_dropout > 0:
+        text_pad = _drop_tokens(text_pad, cfg.token_dropout)
+        image_pad = _drop_tokens(image_pad, cfg.token_dropout)
+    return text, text_pad, image, image_pad
+
+
+def _drop_tokens(pad: torch.Tensor, share: float) -> torch.Tensor:
+    """Hide a random `share` of the real tokens (never the first one)."""
+    drop = torch.rand(pad.shape, device=pad.device) < share
+    drop[:, 0] = False
+    return pad | drop
+
+
+def _pool_grid(image: torch.Tensor, k: int) -> torch.Tensor:
+    """Average a square grid of image tokens (e.g. a CNN's 7x7) down to k x k; k <= 0: keep all."""
+    side = math.isqrt(image.shape[1])
+    if k <= 0 or k >= side or side * side != image.shape[1]:
+        return image
+    grid = image.transpose(1, 2).reshape(image.shape[0], image.shape[2], side, side)
+    return F.adaptive_avg_pool2d(grid, k).flatten(2).transpose(1, 2)
+
+
+def _run_text_top(layers: nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # An additive (B, 1, 1, L) mask works with both the eager and the sdpa attention of HF.
+    additive = (~mask.bool())[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+    for layer in layers:
+        out = layer(hidden, attention_mask=additive)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 class EnsembleModel(nn.Module):
@@ -191,7 +246,7 @@ class EnsembleModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.members = nn.ModuleList(FusionModel(cfg) for _ in range(cfg.ensemble))
+        self.members = nn.ModuleList(build_single_head(cfg) for _ in range(cfg.ensemble))
 
     def forward(self, text, text_mask, image) -> torch.Tensor:
         """Logits whose softmax is the members' mean probability."""
@@ -199,6 +254,11 @@ class EnsembleModel(nn.Module):
         return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
 
 
+def build_single_head(cfg: ModelConfig) -> nn.Module:
+    """One model of the configured `head` family."""
+    return FusionModel(cfg) if cfg.head == "fusion" else PooledHead(cfg)
+
+
 def build_head(cfg: ModelConfig) -> nn.Module:
-    """One FusionModel, or an ensemble of `cfg.ensemble` of them."""
-    return FusionModel(cfg) if cfg.ensemble == 1 else EnsembleModel(cfg)
+    """One model, or an ensemble of `cfg.ensemble` of them."""
+    return build_single_head(cfg) if cfg.ensemble == 1 else EnsembleModel(cfg)

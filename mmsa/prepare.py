@@ -29,6 +29,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def take(self, positions: np.ndarray) -> Split:
+        return Split(rows=self.rows[positions], labels=self.labels[positions],
+                     guids=[self.guids[i] for i in positions])
+
+
+def cv_splits(labeled: Split, k: int, seed: int, val_fraction: float = 0.2) -> list[tuple[Split, Split]]:
+    """(train, val) Splits of `labeled` for K stratified folds (k = 1: one held-out split),
+    the same for every caller with the same labels, k and seed (mmsa.folds)."""
+    from mmsa.folds import cv_indices
+    return [(labeled.take(tr), labeled.take(va)) for tr, va in cv_indices(labeled.labels, k, seed, val_fraction)]
+
 
 @dataclass
 class Prepared:
@@ -62,15 +73,15 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
                     test=Split.of(features, dataset.test))
 
 
-def _prepare_for_parent(cfg: DataConfig) -> tuple | Prepared:
-    data = prepare(cfg)
+def _prepare_for_parent(cfg: DataConfig, val_fraction: float | None = None) -> tuple | Prepared:
+    data = prepare(cfg, val_fraction)
     f = data.features
     if isinstance(f, RawSource):  # small and lazy: it travels whole
         return data
     return data.dataset, f.guids, str(f.text_dir), str(f.image_dir), data.train, data.val, data.test
 
 
-def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
+def prepare_in_subprocess(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
     """`prepare()` in a short-lived child process; this process then only memory-maps the cache.
 
     Building (or merely fingerprinting) the cache loads torch and both backbones; done here, they
@@ -81,7 +92,7 @@ def prepare_in_subprocess(cfg: DataConfig) -> Prepared:
     With finetune=full there is no cache (backbones run per batch): the child only reads the
     dataset and splits it.
     """
-    result = _in_child(_prepare_for_parent, cfg)
+    result = _in_child(_prepare_for_parent, cfg, val_fraction)
     if isinstance(result, Prepared):
         return result
     dataset, guids, text_dir, image_dir, train, val, test = result

@@ -24,13 +24,14 @@ from search.trainable import TrialData, train_trial
 def make_scheduler(spec):
     if spec.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+    # A trial reports once per fold: ASHA's rungs are folds done, its score the mean over them.
+    return ASHAScheduler(time_attr="training_iteration", max_t=spec.cv_folds,
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
-def make_trainable(spec, base, data, fork_address: str | None = None):
+def make_trainable(spec, base, data, folds, fork_address: str | None = None):
     f = data.features
-    common = dict(guids=f.guids, train=data.train, val=data.val, base=base.to_flat(), threads=max(1, int(spec.cpu)),
+    common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)),
                   fork_address=fork_address)
     if isinstance(f, RawSource):  # finetune=full
         trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
@@ -71,7 +72,7 @@ def start_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
 
 
-def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id: str, ray_path: str,
+def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, parent_id: str, ray_path: str,
               address: str | None = None, resume: bool = False) -> bool:
     """Run (or continue) the search. Returns True when it was interrupted before the end."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -88,7 +89,7 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
         if server is not None and fork_address is None:
             print(f"note: the fork server did not start, trials import torch themselves:\n{server.failure}",
                   flush=True)
-        trainable = make_trainable(spec, base, data, fork_address)
+        trainable = make_trainable(spec, base, data, folds, fork_address)
         if resume and tune.Tuner.can_restore(ray_path):
             tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -101,7 +102,7 @@ def run_tuner(spec, base, data, tracking_uri: str, experiment_id: str, parent_id
                     scheduler=make_scheduler(spec), reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
-                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode)],
+                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode, spec.cv_folds)],
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     verbose=0))
         previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))

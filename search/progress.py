@@ -18,8 +18,8 @@ def _short(config: dict, limit: int = 6) -> str:
 
 
 class ProgressPrinter(Callback):
-    def __init__(self, metric: str, num_samples: int, mode: str = "max"):
-        self.metric, self.num_samples, self.mode = metric, num_samples, mode
+    def __init__(self, metric: str, num_samples: int, mode: str = "max", folds: int = 1):
+        self.metric, self.num_samples, self.mode, self.folds = metric, num_samples, mode, folds
         self.start = time.time()
 
     def __setstate__(self, state):  # a resumed search counts its time from the resume
@@ -34,8 +34,9 @@ class ProgressPrinter(Callback):
         done = sum(t.status == "TERMINATED" for t in trials)
         failed = sum(t.status == "ERROR" for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
+        # Only trials scored on every fold: a mean over fewer folds is a noisier number.
         scored = [(t.last_result.get(self.metric), t.trial_id) for t in trials
-                  if t.last_result and t.last_result.get(self.metric) is not None]
+                  if t.last_result and t.last_result.get(FINAL_KEY) and t.last_result.get(self.metric) is not None]
         best = ""
         if scored:
             value, trial_id = (max if self.mode == "max" else min)(scored)
@@ -48,8 +49,9 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         how = "completed" if last.get(FINAL_KEY) else "stopped early"
-        self._line(f"{how} {trial.trial_id} after {last.get('epoch', '?')} epochs: "
-                   f"{self.metric} {last.get(self.metric, float('nan')):.4f} | {self._summary(trials)}")
+        self._line(f"{how} {trial.trial_id} after {last.get('folds_done', '?')} of {self.folds} folds: "
+                   f"{self.metric} {last.get(self.metric, float('nan')):.4f} at epoch {last.get('best_epoch', '?')} "
+                   f"| {self._summary(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"FAILED {trial.trial_id} | {self._summary(trials)}")

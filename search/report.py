@@ -13,7 +13,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mmsa.config import Config
-from mmsa.final import peak_epoch
 from mmsa.run_tags import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL
 from search.tracking import child_runs, log_metrics
 
@@ -23,7 +22,9 @@ class TrialRecord:
     run_id: str
     trial_id: str
     ended: str
-    epochs: int
+    folds: int  # folds trained (of the space's cv_folds)
+    epochs: int  # epochs trained, all folds together
+    best_epoch: int  # the epoch whose mean over folds is best: what mmsa.final retrains
     score: float
     metrics: dict
     params: dict
@@ -35,18 +36,24 @@ def collect_trials(client: MlflowClient, experiment_id: str, parent_run_id: str,
     for run in child_runs(client, experiment_id, parent_run_id):
         ended = run.data.tags.get(TAG_ENDED, "running")
         score = run.data.metrics.get(f"best_{metric}", float("nan"))
+        m = run.data.metrics
         out.append(TrialRecord(run_id=run.info.run_id, trial_id=run.data.tags.get(TAG_TRIAL, "?"), ended=ended,
-                               epochs=int(run.data.metrics.get("epoch", 0)), score=score,
+                               folds=int(m.get("folds_done", 0)), epochs=int(m.get("epochs_trained", 0)),
+                               best_epoch=int(m.get("best_epoch", 0)), score=score,
                                metrics=dict(run.data.metrics), params=dict(run.data.params),
                                seconds=(run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0))
     return out
 
 
 def best_trial(trials: list[TrialRecord], mode: str = "max") -> TrialRecord | None:
-    scored = [t for t in trials if t.ended in ("completed", "stopped early") and not math.isnan(t.score)]
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda t: t.score)
+    """The best trial scored on every fold; only where none was, the best of those stopped early
+    (a mean over fewer folds is noisier, and would win by luck)."""
+    scored = [t for t in trials if not math.isnan(t.score)]
+    for ended in (("completed",), ("stopped early",)):
+        candidates = [t for t in scored if t.ended in ended]
+        if candidates:
+            return (max if mode == "max" else min)(candidates, key=lambda t: t.score)
+    return None
 
 
 def config_from_params(params: dict) -> dict:
@@ -56,12 +63,14 @@ def config_from_params(params: dict) -> dict:
 
 
 def top_table(trials: list[TrialRecord], metric: str, searched: list[str], k: int = 10, mode: str = "max") -> str:
-    ranked = sorted((t for t in trials if not math.isnan(t.score)), key=lambda t: t.score, reverse=mode == "max")[:k]
+    # Trials scored on every fold first: their means are the comparable ones.
+    ranked = sorted((t for t in trials if not math.isnan(t.score)),
+                    key=lambda t: (t.ended == "completed", t.score if mode == "max" else -t.score), reverse=True)[:k]
     other = "val_macro_f1" if metric == "val_acc" else "val_acc"
-    head = ["rank", "trial", "ended", "epochs", f"best_{metric}", f"{other} (same epoch)"] + searched
+    head = ["rank", "trial", "ended", "folds", "epoch", f"cv_{metric}", f"{other} (same epoch)"] + searched
     rows = [head]
     for i, t in enumerate(ranked, 1):
-        rows.append([str(i), t.trial_id, t.ended, str(t.epochs), f"{t.score:.4f}",
+        rows.append([str(i), t.trial_id, t.ended, str(t.folds), str(t.best_epoch), f"{t.score:.4f}",
                      f"{t.metrics.get(other + '_at_best', float('nan')):.4f}"] +
                     [_fmt(t.params.get(p, "")) for p in searched])
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
@@ -134,8 +143,11 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
     counts = {"n_trials": len(trials)}
     for ended in ("completed", "stopped early", "failed", "interrupted"):
         counts["n_" + ended.replace(" ", "_")] = sum(t.ended == ended for t in trials)
-    counts["epochs_trained"] = sum(t.epochs for t in trials if t.ended != "interrupted")
-    counts["epochs_without_early_stopping"] = spec.max_epochs * sum(t.ended != "interrupted" for t in trials)
+    ran = [t for t in trials if t.ended != "interrupted"]
+    counts["epochs_trained"] = sum(t.epochs for t in ran)
+    counts["folds_trained"] = sum(t.folds for t in ran)
+    counts["folds_without_early_stopping"] = spec.cv_folds * len(ran)
+    counts["epochs_without_early_stopping"] = spec.max_epochs * spec.cv_folds * len(ran)
     counts["trial_seconds"] = sum(t.seconds for t in trials if t.ended != "interrupted")
     log_metrics(client, parent_run_id, counts, step=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,27 +159,34 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
             client.set_tag(parent_run_id, TAG_BEST_RUN, best.run_id)
             log_metrics(client, parent_run_id, {
                 f"best_{spec.metric}": best.score,
-                "best_trial_val_macro_f1": _metric_at_best_epoch(client, best, spec.metric, "val_macro_f1"),
-                "best_trial_val_acc": _metric_at_best_epoch(client, best, spec.metric, "val_acc"),
-                "best_trial_epoch": peak_epoch(client, best.run_id, spec.metric)}, step=0)
+                "best_trial_val_macro_f1": best.metrics.get("val_macro_f1", float("nan")),
+                "best_trial_val_acc": best.metrics.get("val_acc", float("nan")),
+                "best_trial_epoch": best.best_epoch, "best_trial_folds": best.folds}, step=0)
         for path in search_plots(trials, spec, tmp):
             client.log_artifact(parent_run_id, str(path), artifact_path="plots")
     return best, trials
 
 
 def cost_line(client: MlflowClient, parent_run_id: str) -> str:
-    """What the search cost, from its parent run's metrics: epochs against every trial running to
-    max_epochs, and the trials' run times summed."""
+    """What the search cost, from its parent run's metrics: folds and epochs against every trial
+    running every fold, and the trials' run times summed."""
     m = client.get_run(parent_run_id).data.metrics
+    folds, all_folds = int(m.get("folds_trained", 0)), int(m.get("folds_without_early_stopping", 0))
     trained, full = int(m.get("epochs_trained", 0)), int(m.get("epochs_without_early_stopping", 0))
     share = f" ({trained / full:.0%})" if full else ""
-    return (f"cost: {trained} epochs trained, of {full} if every trial ran max_epochs{share}; "
-            f"trials ran {m.get('trial_seconds', 0) / 60:.1f} min in all")
+    return (f"cost: {folds} folds ({trained} epochs) trained, of {all_folds} ({full}) if every trial ran every "
+            f"fold{share}; trials ran {m.get('trial_seconds', 0) / 60:.1f} min in all")
 
 
-def _metric_at_best_epoch(client: MlflowClient, trial: TrialRecord, monitor: str, name: str) -> float:
-    epoch = peak_epoch(client, trial.run_id, monitor)
-    for m in client.get_metric_history(trial.run_id, name):
-        if m.step == epoch:
-            return float(m.value)
-    return float("nan")
+def baseline_line(client: MlflowClient, parent_run_id: str, metric: str) -> str:
+    """The linear probe on the same folds, against the best trial: the yardstick of every search."""
+    m = client.get_run(parent_run_id).data.metrics
+    if "probe_val_acc" not in m:
+        return "baseline: linear probe not measured (no feature cache: finetune=full)"
+    line = (f"baseline: linear probe on the same folds: val_acc {m['probe_val_acc']:.4f}, "
+            f"val_macro_f1 {m['probe_val_macro_f1']:.4f}")
+    best = m.get(f"best_{metric}")
+    probe = m.get(f"probe_{metric}")
+    if best is not None and probe is not None:
+        line += f"; best trial {best - probe:+.4f} {metric} against it"
+    return line

@@ -1,8 +1,9 @@
 """`python -m search.run --space FILE`: the hyper-parameter search.
 
 Flow: validate the space file (before Ray) -> load the dataset and build the feature cache once
--> MLflow parent run -> Ray Tune (Optuna TPE + ASHA) over the trainable -> pick the best trial,
-log best_config.yaml, metrics and plots on the parent. Last line: `parent_run_id=<id>`.
+-> cut the cross-validation folds -> MLflow parent run, with the linear probe's score on those
+folds -> Ray Tune (Optuna TPE + ASHA over folds) over the trainable -> pick the best trial, log
+best_config.yaml, metrics and plots on the parent. Last line: `parent_run_id=<id>`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_epochs <= 0:
             raise UserError("--max-epochs: must be > 0")
         spec.max_epochs = args.max_epochs
-        spec.grace_period = min(spec.grace_period, spec.max_epochs)
     base = spec.base_config()
 
     from mlflow.tracking import MlflowClient
@@ -74,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {base.data.data_dir}; " + ("finetune=full: no feature cache, trials read the files" if full
                                              else "preparing features (built once, then cached)"), flush=True)
     # Cached features: built or checked in a child process, so this driver never holds torch.
-    data = prepare_in_subprocess(base.data)
-    check_against_data(spec, len(data.train))
-    print(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val pairs; "
+    # Every labeled pair comes back as `train`; the folds cut it here, the same for every trial.
+    data = prepare_in_subprocess(base.data, val_fraction=0.0)
+    if spec.cv_folds == 1 and base.data.val_fraction <= 0:
+        raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
+    from mmsa.prepare import cv_splits
+    folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
+    check_against_data(spec, min(len(tr) for tr, _ in folds))
+    how = (f"{spec.cv_folds}-fold cross-validation" if spec.cv_folds > 1
+           else f"one held-out split of {len(folds[0][1])}")
+    print(f"data: {len(data.train)} labeled pairs, trials scored by {how} (seed {base.data.split_seed}); "
           f"{'read' if full else 'features ready'} in {time.time() - t0:.1f}s; {data.dataset.report.summary()}",
           flush=True)
-    if data.val is None:
-        raise UserError(f"{spec.path}: a search needs a validation split (val_fraction > 0)")
     budget_text = args.memory_budget or spec.memory_budget
     if budget_text:
         from search.budget import parse_size, plan_for_space
@@ -107,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
             "space_file": args.space, "num_samples": spec.num_samples, "max_epochs": spec.max_epochs,
             "seed": spec.seed, "searcher": spec.searcher, "scheduler": spec.scheduler,
             "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
-            "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+            "cv_folds": spec.cv_folds, "split_seed": base.data.split_seed,
+            "n_labeled": len(data.train), "n_test": len(data.test),
             "ray_results_path": ray_path, "address": args.address or "local"})
         client.log_artifact(parent_id, str(spec.path), artifact_path="space")
         client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
+        if not full:  # the yardstick: the linear probe on the same folds
+            from mmsa.probe import probe_cv
+            from search.tracking import log_metrics
+            probe = probe_cv(data.features, folds)
+            log_metrics(client, parent_id, probe, step=0)
+            print(f"baseline: linear probe, {how}: val_acc {probe['probe_val_acc']:.4f}, "
+                  f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
     else:
         parent_id = parent.info.run_id
         ray_path = parent.data.tags[TAG_RAY_PATH]
@@ -119,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming search {parent_id} from {ray_path}", flush=True)
 
     from search.driver import run_tuner
-    interrupted = run_tuner(spec, base, data, tracking_uri, experiment_id, parent_id, ray_path,
+    interrupted = run_tuner(spec, base, data, folds, tracking_uri, experiment_id, parent_id, ray_path,
                             address=args.address, resume=args.resume)
 
-    from search.report import cost_line, finalize_parent, top_table
+    from search.report import baseline_line, cost_line, finalize_parent, top_table
     if interrupted:
         client.set_tag(parent_id, TAG_STATE, "interrupted")
         client.set_terminated(parent_id, status="KILLED")
@@ -135,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     client.set_terminated(parent_id, status="FINISHED")
     print(f"\ntop trials ({len(trials)} recorded, {time.time() - t0:.0f}s):", flush=True)
     print(top_table(trials, spec.metric, list(spec.params), mode=spec.mode), flush=True)
+    print(baseline_line(client, parent_id, spec.metric), flush=True)
     print(cost_line(client, parent_id), flush=True)
     if best is None:
         print("no trial produced a score; see the failed runs in MLflow", flush=True)
     else:
-        print(f"best: trial {best.trial_id}, best_{spec.metric} {best.score:.4f} "
-              f"(run {best.run_id}); best_config.yaml logged on the parent run", flush=True)
+        print(f"best: trial {best.trial_id}, cv_{spec.metric} {best.score:.4f} over {best.folds} fold(s) at epoch "
+              f"{best.best_epoch} (run {best.run_id}); best_config.yaml logged on the parent run", flush=True)
         store = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
         print(f"next: python -m mmsa.final --run-id {parent_id}" + (f" --data {args.data}" if args.data else "")
-              + store + "   (retrain on train+val, predict the test set)", flush=True)
+              + store + "   (retrain on all labeled pairs, predict the test set)", flush=True)
     print(f"parent_run_id={parent_id}", flush=True)
     return 0 if best is not None else 1
 

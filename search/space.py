@@ -18,7 +18,7 @@ from mmsa.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 TOP_KEYS = ("data_dir", "metric", "mode", "num_samples", "max_concurrent", "resources", "max_failures",
-            "seed", "scheduler", "searcher", "fixed", "params", "memory_budget",
+            "seed", "cv_folds", "scheduler", "searcher", "fixed", "params", "memory_budget",
             "fork_trials")
 SCHEDULER_KEYS = ("type", "max_epochs", "grace_period", "reduction_factor")
 SEARCHER_KEYS = ("type", "n_startup_trials", "start_from_defaults")
@@ -54,9 +54,12 @@ class SearchSpec:
     gpu: float = 0.0
     max_failures: int = 0
     seed: int = 0
+    # Trials are scored by stratified K-fold cross-validation over the labeled pairs (folds seeded
+    # by split_seed, the same for every trial); 1: one held-out split of val_fraction.
+    cv_folds: int = 5
     scheduler: str = "asha"
     max_epochs: int = 8
-    grace_period: int = 1
+    grace_period: int = 1  # folds every trial trains before ASHA may stop it
     reduction_factor: int = 3
     searcher: str = "tpe"
     n_startup_trials: int = 8
@@ -174,7 +177,8 @@ def load_space(path: str | Path) -> SearchSpec:
     spec.params = {name: _parse_param(path, name, p, fixed) for name, p in params.items()}
 
     for key, typ in (("data_dir", str), ("metric", str), ("mode", str), ("num_samples", int),
-                     ("max_concurrent", int), ("max_failures", int), ("seed", int), ("memory_budget", str)):
+                     ("max_concurrent", int), ("max_failures", int), ("seed", int), ("cv_folds", int),
+                     ("memory_budget", str)):
         if key in data and data[key] is not None:
             value = data[key]
             if typ is int:
@@ -208,7 +212,8 @@ def load_space(path: str | Path) -> SearchSpec:
         ("max_failures", spec.max_failures >= 0, ">= 0"),
         ("scheduler.type", spec.scheduler in ("asha", "fifo"), "asha or fifo"),
         ("scheduler.max_epochs", spec.max_epochs > 0, "> 0"),
-        ("scheduler.grace_period", 0 < spec.grace_period <= spec.max_epochs, "in [1, max_epochs]"),
+        ("cv_folds", spec.cv_folds >= 1, ">= 1 (1: one held-out split)"),
+        ("scheduler.grace_period", 0 < spec.grace_period <= max(spec.cv_folds, 1), "in [1, cv_folds] (folds)"),
         ("scheduler.reduction_factor", spec.reduction_factor >= 2, ">= 2"),
         ("searcher.type", spec.searcher in ("tpe", "random"), "tpe or random"),
         ("searcher.n_startup_trials", spec.n_startup_trials >= 0, ">= 0"),
@@ -223,7 +228,7 @@ def load_space(path: str | Path) -> SearchSpec:
 
 
 def check_against_data(spec: SearchSpec, n_train: int) -> None:
-    """Refuse settings the data cannot satisfy, e.g. a batch larger than the training split."""
+    """Refuse settings the data cannot satisfy, e.g. a batch larger than a fold's training part."""
     sizes = [spec.base_config().train.batch_size]
     if "batch_size" in spec.params:
         p = spec.params["batch_size"]

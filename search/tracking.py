@@ -1,7 +1,8 @@
 """MLflow records of a search, written from the driver process only.
 
-One parent run per search; one child run per trial (all resolved params, per-epoch metrics with
-step = epoch, and how it ended: completed / stopped early / failed / interrupted). MLflow is the
+One parent run per search; one child run per trial (all resolved params, its cross-validation
+metrics after every fold with step = folds done, each fold's per-epoch curve as fold<k>_<metric>
+with step = epoch, and how it ended: completed / stopped early / failed / interrupted). MLflow is the
 source of truth: the trial -> run map is rebuilt from it, so a resumed search continues the same
 parent and never records a finished trial twice.
 """
@@ -134,8 +135,17 @@ class MlflowTrialLogger(Callback):
             for tag, key in ((TAG_NODE, "node_id"), (TAG_PROCESS, "trial_process")):
                 if result.get(key):
                     self.client.set_tag(run_id, tag, result[key])
-        if run_id:
-            log_metrics(self.client, run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
+        if not run_id:
+            return
+        fold = int(result.get("folds_done", result.get("training_iteration", 0)))
+        log_metrics(self.client, run_id, result, step=fold)
+        # The fold's learning curve, one step per epoch (fold<k>_val_acc, ...), in one request.
+        now = int(time.time() * 1000)
+        curve = [Metric(f"fold{fold}_{k}", float(v), now, epoch)
+                 for epoch, point in enumerate(result.get("fold_curve") or [], 1) for k, v in point.items()
+                 if math.isfinite(float(v))]
+        if curve:
+            self.client.log_batch(run_id, metrics=curve)
 
     def _end(self, trial, status: str, ended: str, error: str | None = None) -> None:
         run_id = self._run_map().pop(trial.trial_id, None)
@@ -143,7 +153,7 @@ class MlflowTrialLogger(Callback):
             return
         self.client.set_tag(run_id, TAG_ENDED, ended)
         if error:
-            self.client.set_tag(run_id, TAG_ERROR, error[-MAX_TAG_CHARS:])
+            self.client.set_tag(run_id, TAG_ERROR, error)
         self.client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -178,5 +188,9 @@ def trial_error_text(trial) -> str:
     if not text:
         text = str(getattr(trial, "error_msg", "") or "unknown error")
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    # The exception line ends the traceback; keep it first so the UI shows it.
-    return (lines[-1] + "\n" + "\n".join(lines[:-1])) if lines else text
+    if not lines:
+        return text[:MAX_TAG_CHARS]
+    # The exception line ends the traceback; keep it first so the UI shows it, then as much of the
+    # traceback's end (the innermost frames) as the tag holds.
+    head = lines[-1][:MAX_TAG_CHARS // 2]
+    return head + "\n" + "\n".join(lines[:-1])[-(MAX_TAG_CHARS - len(head) - 1):]

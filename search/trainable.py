@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: a thin wrapper over `mmsa.train.fit` that reports every epoch.
+"""The Ray Tune trainable: a thin wrapper over `mmsa.crossval.cross_validate` that reports every fold.
 
 Trials receive the cache folders' paths, not the arrays: each trial memory-maps the same files,
 so N concurrent trials share one copy of the features through the OS page cache. Training runs
@@ -14,15 +14,13 @@ import ctypes.util
 import functools
 from dataclasses import dataclass
 
-import numpy as np
-
 from mmsa.config import Config
 from mmsa.features import FeatureSet, RawSource
 from mmsa.prepare import Split
 from search import forkserver
 
-# Set on the last epoch a trial trains by its own decision (max_epochs or its own early
-# stopping). A trial whose last result lacks it was stopped by the scheduler.
+# Set on a trial's report of its last fold. A trial whose last result lacks it was stopped by the
+# scheduler.
 FINAL_KEY = "final"
 
 
@@ -33,8 +31,7 @@ class TrialData:
     guids: list[str]
     text_dir: str
     image_dir: str
-    train: Split
-    val: Split
+    folds: list[tuple[Split, Split]]  # (train, val) per cross-validation fold, the same for every trial
     base: dict  # flat config: defaults + the space file's fixed values
     threads: int
     raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
@@ -88,16 +85,19 @@ def train_trial(config: dict, data: TrialData) -> None:
 
 
 def fit_trial(emit, config: dict, data: TrialData) -> None:
-    """One trial's training; emit(metrics) after every epoch (it may stop the trial by raising)."""
+    """One trial: cross-validation over `data.folds`; emit(metrics) after every fold, with
+    training_iteration = folds done and the score = the mean over those folds, so that ASHA
+    halves trials over folds (emit may stop the trial by raising)."""
     release_freed_memory()  # what the previous trial in this process left behind
-    from mmsa.train import fit  # torch: imported by trial processes, not by the driver
+    from mmsa.crossval import cross_validate  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
     cfg.train.num_threads = data.threads
 
-    def on_epoch(epoch: int, metrics: dict) -> None:
-        out = scalar_metrics(metrics)
-        out["val_confusion"] = np.asarray(metrics["val_confusion"]).tolist()
-        release_freed_memory()
+    def on_fold(k: int, summary: dict) -> None:
+        out = scalar_metrics(summary)
+        out.update(val_confusion=summary["val_confusion"], fold_curve=summary["fold_curve"])
+        if k == len(data.folds):
+            out[FINAL_KEY] = 1
         emit(out)
 
-    fit(cfg, data.features(), data.train, data.val, on_epoch=on_epoch)
+    cross_validate(cfg, data.features(), data.folds, on_fold=on_fold, on_epoch=lambda *_: release_freed_memory())

@@ -55,6 +55,26 @@ def test_killed_build_leaves_nothing_trusted(tiny, monkeypatch):
     assert load_features(tiny, load_dataset(tiny.data_dir)).has_image.all()
 
 
+def test_a_subset_in_another_order_copies_rows_instead_of_running_the_backbones(tiny, tmp_path, monkeypatch, capsys):
+    full = load_features(tiny, load_dataset(tiny.data_dir))
+    # the same pairs, fewer of them and in another order (e.g. an outer fold of nested CV)
+    root = make_synthetic(tmp_path / "part", {"c": "neutral", "a": "positive"}, test=["d"])
+    part_cfg = DataConfig(data_dir=str(root), cache_dir=tiny.cache_dir, max_text_len=8)
+    monkeypatch.setattr(mmsa.encoders.TextEncoder, "forward", lambda *a, **k: pytest.fail("text backbone ran"))
+    monkeypatch.setattr(mmsa.encoders.ImageEncoder, "forward", lambda *a, **k: pytest.fail("image backbone ran"))
+    part = load_features(part_cfg, load_dataset(root))
+    assert part.text_dir != full.text_dir and part.guids == ["c", "a", "d"]
+    for guid in part.guids:
+        i, j = part.guids.index(guid), full.guids.index(guid)
+        assert np.array_equal(part.text[i], full.text[j]) and np.array_equal(part.image[i], full.image[j])
+        assert np.array_equal(part.text_mask[i], full.text_mask[j])
+    assert capsys.readouterr().err.count("features of 3 examples copied from") == 2
+    # an example whose content differs is not in the cache: the backbones must run
+    (root / "data" / "a.txt").write_text("another text\n", encoding="utf-8")
+    with pytest.raises(pytest.fail.Exception, match="text backbone ran"):
+        load_features(part_cfg, load_dataset(root))
+
+
 def test_incomplete_cache_is_rebuilt(tiny):
     first = load_features(tiny, load_dataset(tiny.data_dir))
     (first.image_dir / "meta.json").unlink()  # as if the build died before its last write

@@ -53,7 +53,7 @@ def test_final_from_one_trial(smoke_search, subset_dir, tmp_path):
     trial = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)[0]
     out = _final(uri, trial.info.run_id, tmp_path / "p.txt", "--ensemble", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "retraining 1 model on train+val" in out.stdout
+    assert "retraining 1 model on all labeled pairs" in out.stdout
     _check_predictions(tmp_path / "p.txt", subset_dir)
     bad = _final(uri, trial.info.run_id, tmp_path / "q.txt", "--ensemble", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--ensemble 0" in bad.stderr
@@ -119,3 +119,37 @@ def test_an_ensemble_of_fully_fine_tuned_backbones_is_refused(smoke_search, tmp_
     out = _final(uri, run_id, tmp_path / "p.txt", "--ensemble", "3")
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "--ensemble 3" in out.stderr and "finetune=full" in out.stderr
+
+
+def test_final_can_bag_the_models_of_the_search_folds(smoke_search, subset_dir, tmp_path):
+    tmp, uri, parent_id, _ = smoke_search
+    out = _final(uri, parent_id, tmp_path / "pred.txt", "--bag", "folds")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "one model on each of the search's 3 folds' training parts" in out.stdout
+    assert [ln.split(":")[0] for ln in out.stdout.splitlines() if ln.startswith("fold ")] == \
+        ["fold 1 of 3", "fold 2 of 3", "fold 3 of 3"]
+    _check_predictions(tmp_path / "pred.txt", subset_dir)
+    client = MlflowClient(uri)
+    final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
+                key=lambda r: r.info.start_time)
+    ckpt = torch.load(client.download_artifacts(final.info.run_id, "model/model.pt", str(tmp_path)), weights_only=True)
+    assert ckpt["config"]["ensemble"] == 3 and {k.split(".")[1] for k in ckpt["model"]} == {"0", "1", "2"}
+    both = _final(uri, parent_id, tmp_path / "q.txt", "--bag", "folds", "--ensemble", "2")
+    assert both.returncode == 2 and "--ensemble" in both.stderr and both.stderr.strip().count("\n") == 0
+
+
+def test_a_config_below_the_linear_probe_gets_a_warning(tmp_path):
+    from mmsa.final import probe_warning
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("x")
+    parent = client.create_run(exp).info.run_id
+    client.log_metric(parent, "probe_val_acc", 0.72)
+    trials = {}
+    for name, score in (("below", 0.70), ("above", 0.73)):
+        run_id = client.create_run(exp).info.run_id
+        client.log_metric(run_id, "best_val_acc", score)
+        trials[name] = client.get_run(run_id)
+    warning = probe_warning(client, trials["below"], parent, "val_acc")
+    assert warning.startswith("warning:") and "0.7000" in warning and "0.7200" in warning and "\n" not in warning
+    assert probe_warning(client, trials["above"], parent, "val_acc") is None
+    assert probe_warning(client, trials["below"], None, "val_acc") is None  # a trial of no search

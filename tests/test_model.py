@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmsa.config import COMBINES, MODALITIES, POOLINGS, ModelConfig
-from mmsa.model import EnsembleModel, FusionModel, build_head
+from mmsa.model import EnsembleModel, FusionModel, PooledHead, _pool_grid, build_head
 
 
 def _inputs(b=3, L=7, T=5, dt=12, di=10):
@@ -64,8 +64,8 @@ def test_image_grid_pooling():
     model = FusionModel(ModelConfig(d_model=16, heads=2, image_grid=3, text_dim=12, image_dim=10))
     text, mask, _ = _inputs()
     image = torch.randn(3, 49, 10)
-    assert model._pool_grid(image).shape == (3, 9, 10)
-    assert torch.allclose(model._pool_grid(image).mean(1), image.mean(1), atol=0.2)
+    assert _pool_grid(image, 3).shape == (3, 9, 10)
+    assert torch.allclose(_pool_grid(image, 3).mean(1), image.mean(1), atol=0.2)
     assert model(text, mask, image).shape == (3, 3)
 
 
@@ -79,3 +79,26 @@ def test_ensemble_predicts_the_mean_of_its_members_probabilities():
         members = torch.stack([m(*inputs).softmax(-1) for m in model.members])
         assert not torch.allclose(members[0], members[1])  # each member starts from its own weights
         assert torch.allclose(model(*inputs).softmax(-1), members.mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_pooled_heads_give_logits_and_ignore_padding(head, pooling):
+    cfg = ModelConfig(head=head, pooling=pooling, d_model=16, heads=2, text_dim=12, image_dim=10, token_dropout=0.0)
+    model = build_head(cfg).eval()
+    assert isinstance(model, PooledHead)
+    text, mask, image = _inputs()
+    assert model(text, mask, image).shape == (3, 3)
+    padded = text.clone()
+    padded[~mask.bool()] = 1e4  # what sits under the padding must not matter
+    with torch.no_grad():
+        assert torch.allclose(model(text, mask, image), model(padded, mask, image), atol=1e-5)
+    # linear: no hidden layer, one weight per pooled feature and class
+    if head == "linear":
+        assert sum(p.numel() for p in model.classify.parameters()) == (12 + 10) * 3 + 3
+
+
+def test_pooled_head_on_one_modality():
+    model = build_head(ModelConfig(head="mlp", modalities="image", d_model=16, heads=2, text_dim=12, image_dim=10))
+    text, mask, image = _inputs()
+    assert model(text, mask, image).shape == (3, 3) and not hasattr(model, "pool_text")

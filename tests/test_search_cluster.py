@@ -40,8 +40,32 @@ def two_node_cluster():
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"127.0.0.1:{PORT}"
     finally:
-        _ray("stop", "--force")
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: str) -> None:
+    """End this cluster's processes only. `ray stop` would end every Ray process of the machine,
+    a user's own searches among them: pick ours by their session folder or GCS port instead."""
+    import psutil
+    ours = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if temp in cmdline or f"127.0.0.1:{PORT}" in cmdline:
+            ours.add(proc)
+            try:  # workers and agents rename themselves (ray::IDLE): found as children instead
+                ours.update(proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    ours = list(ours)
+    for proc in ours:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for proc in alive:
+        proc.kill()
 
 
 def test_search_on_a_two_node_cluster(two_node_cluster, subset_dir, subset_cache, subset_prepared, tmp_path):

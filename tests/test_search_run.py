@@ -29,25 +29,39 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
         assert child.data.tags[TAG_ENDED] in ("completed", "stopped early")
         assert child.data.params["d_model"] == "32" and "lr" in child.data.params
         assert child.data.tags[TAG_PROCESS] == "fork"  # of the search's fork server: torch imported once
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
-        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 2
-        if child.data.tags[TAG_ENDED] == "completed":
-            assert len(steps) == 2
-    best = max(c.data.metrics["best_val_acc"] for c in children)
-    assert parent.data.metrics["best_val_acc"] == best
+        # one report per fold (step = folds done), each fold's curve per epoch
+        folds = [m.step for m in client.get_metric_history(child.info.run_id, "best_val_acc")]
+        assert folds == list(range(1, len(folds) + 1)) and 1 <= len(folds) <= 3
+        assert len(folds) == 3 if child.data.tags[TAG_ENDED] == "completed" else len(folds) < 3
+        for k in folds:
+            assert [m.step for m in client.get_metric_history(child.info.run_id, f"fold{k}_val_acc")] == [1, 2]
+        m = child.data.metrics
+        assert m["folds_done"] == len(folds) and m["epochs_trained"] == 2 * len(folds) and m["best_epoch"] in (1, 2)
+        # the score is the mean over the folds done, at the one best epoch of their mean curve
+        at_best = [client.get_metric_history(child.info.run_id, f"fold{k}_val_acc")[int(m["best_epoch"]) - 1].value
+                   for k in folds]
+        assert m["best_val_acc"] == pytest.approx(sum(at_best) / len(at_best))
+    completed = [c for c in children if c.data.tags[TAG_ENDED] == "completed"]
+    assert completed and parent.data.metrics["best_val_acc"] == max(c.data.metrics["best_val_acc"] for c in completed)
     assert "top trials" in out.stdout and "rank" in out.stdout
-    # what the search cost: epochs against running every trial to the end, and trial time summed
-    epochs = sum(len(client.get_metric_history(c.info.run_id, "val_acc")) for c in children)
+    # the yardstick: the linear probe on the same folds
+    assert 0 < parent.data.metrics["probe_val_acc"] <= 1 and 0 < parent.data.metrics["probe_val_macro_f1"] <= 1
+    assert "baseline: linear probe on the same folds: val_acc" in out.stdout
+    assert parent.data.params["cv_folds"] == "3"
+    # what the search cost: folds and epochs against running every trial to the end, and trial time summed
+    folds_trained = sum(int(c.data.metrics["folds_done"]) for c in children)
     seconds = sum((c.info.end_time - c.info.start_time) / 1000 for c in children)
-    assert parent.data.metrics["epochs_trained"] == epochs and parent.data.metrics["epochs_without_early_stopping"] == 8
+    assert parent.data.metrics["folds_trained"] == folds_trained and parent.data.metrics["folds_without_early_stopping"] == 12
+    assert parent.data.metrics["epochs_trained"] == 2 * folds_trained
+    assert parent.data.metrics["epochs_without_early_stopping"] == 24
     assert 0 < parent.data.metrics["trial_seconds"] == pytest.approx(seconds)
-    assert f"cost: {epochs} epochs trained, of 8 if every trial ran max_epochs" in out.stdout
+    assert f"cost: {folds_trained} folds ({2 * folds_trained} epochs) trained, of 12 (24)" in out.stdout
 
 
 def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
     """A 5-trial search whose trials are long (`epochs`, no early stopping), returned once two
     trials have finished, so that a kill lands mid-search with a trial running."""
-    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5,
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5, cv_folds=1,
                         max_epochs=epochs, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": epochs})
     import yaml
     spec = yaml.safe_load(space.read_text())
@@ -158,7 +172,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(subset_dir, subset_c
 def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, tmp_path):
     """finetune=full: no cache anywhere; each trial reads the files and trains both backbones."""
     space = write_space(tmp_path / "full.yaml", str(subset_dir), str(tmp_path / "never"), num_samples=2,
-                        max_epochs=1, scheduler={"type": "fifo", "max_epochs": 1}, searcher={"type": "random"})
+                        max_epochs=1, cv_folds=1, scheduler={"type": "fifo", "max_epochs": 1}, searcher={"type": "random"})
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["fixed"].update(finetune="full", max_text_len=16, batch_size=32)
@@ -173,4 +187,4 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
     assert len(children) == 2
     for child in children:
         assert child.data.tags[TAG_ENDED] == "completed" and child.data.params["finetune"] == "full"
-        assert 0 <= child.data.metrics["val_acc"] <= 1 and child.data.metrics["epoch_seconds"] > 0
+        assert 0 <= child.data.metrics["val_acc"] <= 1 and child.data.metrics["mean_epoch_seconds"] > 0

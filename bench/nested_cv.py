@@ -1,0 +1,182 @@
+"""The honest estimate of the whole pipeline: nested cross-validation.
+
+An outer stratified K-fold over train.txt. For each outer fold, a course-layout folder is made
+whose train.txt holds the outer training part and whose test_without_label.txt holds the outer
+fold (files linked, never copied); then the pipeline runs on it as a user runs it:
+`search.run` with the space (cross-validation inside) and `mmsa.final`, whose predictions are
+scored against the outer fold's labels. Beside it, the linear probe is trained on the same
+outer training part. `--final-modes seeds folds` scores both of mmsa.final's ensembles
+(K seeds on all the data, or the K fold models bagged) on the same searches.
+
+    python bench/nested_cv.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--outer 5]
+        [--only 0,1] [--final-modes seeds folds]
+
+Each outer fold's result is kept in WORK/results.json as soon as it is measured, so a run
+that is stopped continues where it was (`--only` picks folds). The table is written to
+bench/results/nested_cv.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from bench.common import ROOT, mean_std, table, write_result  # noqa: E402
+from mmsa.data import LABEL_TO_ID, LABELS, DataReport, parse_label_file  # noqa: E402
+
+
+def outer_folders(data: Path, work: Path, k: int, seed: int) -> list[tuple[Path, dict[str, int]]]:
+    """One course-layout folder per outer fold (links into `data`), and that fold's true labels."""
+    from mmsa.folds import cv_indices
+    rows = parse_label_file(data / "train.txt", labeled=True, report=DataReport())
+    labels = np.array([label for _, label in rows])
+    out = []
+    for i, (train, held) in enumerate(cv_indices(labels, k, seed)):
+        folder = work / f"outer{i}"
+        if not (folder / "test_without_label.txt").exists():
+            (folder / "data").mkdir(parents=True, exist_ok=True)
+            for j in np.concatenate([train, held]):
+                for ext in ("jpg", "txt"):
+                    link = folder / "data" / f"{rows[j][0]}.{ext}"
+                    if not link.exists() and (data / "data" / link.name).exists():
+                        os.symlink((data / "data" / link.name).resolve(), link)
+            (folder / "train.txt").write_text(
+                "guid,tag\n" + "".join(f"{rows[j][0]},{LABELS[rows[j][1]]}\n" for j in train))
+            (folder / "test_without_label.txt").write_text("guid,tag\n" + "".join(f"{rows[j][0]},null\n" for j in held))
+        out.append((folder, {rows[j][0]: int(rows[j][1]) for j in held}))
+    return out
+
+
+def scores(truth: list[int], pred) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+    return {"acc": float(accuracy_score(truth, pred)),
+            "macro_f1": float(f1_score(truth, pred, labels=[0, 1, 2], average="macro", zero_division=0))}
+
+
+def score(pred_file: Path, truth: dict[str, int]) -> dict:
+    """A predictions file (`guid,tag`) against the held-out labels."""
+    rows = [ln.split(",") for ln in pred_file.read_text().split()[1:]]
+    return scores([truth[g] for g, _ in rows], [LABEL_TO_ID[t] for _, t in rows])
+
+
+def probe_on(folder: Path, truth: dict[str, int], cache_dir: str) -> dict:
+    """The linear probe trained on the folder's train.txt, scored on its test pairs."""
+    from sklearn.linear_model import LogisticRegression
+    from mmsa.config import DataConfig
+    from mmsa.prepare import prepare
+    from mmsa.probe import pooled_features
+    data = prepare(DataConfig(data_dir=str(folder), cache_dir=cache_dir), val_fraction=0.0)
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(pooled_features(data.features, data.train.rows),
+                                                         data.train.labels)
+    pred = model.predict(pooled_features(data.features, data.test.rows))
+    return scores([truth[g] for g in data.test.guids], pred)
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    start = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"failed ({out.returncode}): {' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout, time.time() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/mvsa")
+    p.add_argument("--space", default="spaces/fusion.yaml")
+    p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="outer folds' seed (default 0)")
+    p.add_argument("--only", help="comma-separated outer folds to run now (default: all not yet measured)")
+    p.add_argument("--final-modes", nargs="+", default=["seeds"], choices=["seeds", "folds"],
+                   help="mmsa.final ensembles to score; the first is the pipeline's")
+    p.add_argument("--work", default=".cache/nested-cv", help="folders, MLflow store, results (git-ignored)")
+    p.add_argument("--prepare-only", action="store_true", help="make the folders and their feature caches, then stop")
+    p.add_argument("--out", default="nested_cv")
+    args = p.parse_args()
+    data, work = Path(args.data).resolve(), (ROOT / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    folders = outer_folders(data, work, args.outer, args.seed)
+    cache_dir = str(ROOT / ".cache" / "mmsa-features")
+    if args.prepare_only:
+        from mmsa.config import DataConfig
+        from mmsa.prepare import prepare
+        for folder, _ in folders:
+            prepare(DataConfig(data_dir=str(folder), cache_dir=cache_dir), val_fraction=0.0)
+            print(f"ready: {folder}", flush=True)
+        return
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    todo = [int(i) for i in args.only.split(",")] if args.only else [i for i in range(args.outer) if str(i) not in results]
+    uri = f"sqlite:///{work}/mlruns/mlflow.db"
+    for i in todo:
+        folder, truth = folders[i]
+        print(f"outer fold {i}: {len(truth)} held-out pairs; searching ...", flush=True)
+        out, search_s = run([sys.executable, "-m", "search.run", "--space", args.space, "--data", str(folder),
+                             "--tracking-uri", uri, "--storage", str(work / "ray_results")])
+        parent = out.strip().splitlines()[-1].split("=", 1)[1]
+        from mlflow.tracking import MlflowClient
+        m = MlflowClient(uri).get_run(parent).data.metrics
+        best_cfg = yaml.safe_load(Path(MlflowClient(uri).download_artifacts(
+            parent, "best_config.yaml", str(work / f"outer{i}"))).read_text())
+        row = {"search_seconds": search_s, "parent": parent, "head": best_cfg.get("head", "fusion"),
+               "inner_cv_acc": m.get("best_val_acc"), "inner_probe_acc": m.get("probe_val_acc"),
+               "folds_trained": m.get("folds_trained"), "folds_without_early_stopping": m.get("folds_without_early_stopping"),
+               "epochs_trained": m.get("epochs_trained"),
+               "epochs_without_early_stopping": m.get("epochs_without_early_stopping")}
+        for mode in args.final_modes:
+            pred = work / f"outer{i}" / f"pred-{mode}.txt"
+            _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", parent, "--data", str(folder),
+                              "--tracking-uri", uri, "--out", str(pred), "--bag", mode])
+            row[f"final_{mode}"] = {**score(pred, truth), "seconds": final_s}
+        row["probe"] = probe_on(folder, truth, cache_dir)
+        results[str(i)] = row
+        results_file.write_text(json.dumps(results, indent=1))
+        print(f"outer fold {i}: pipeline {row['final_' + args.final_modes[0]]}, probe {row['probe']}, "
+              f"search {search_s / 60:.1f} min", flush=True)
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    done = sorted(results, key=int)
+    modes = [m for m in ("seeds", "folds") if all(f"final_{m}" in results[i] for i in done)]
+    rows = []
+    for i in done:
+        r = results[i]
+        rows.append([i, r["head"], *[f"{r['final_' + m]['acc']:.4f} / {r['final_' + m]['macro_f1']:.4f}" for m in modes],
+                     f"{r['probe']['acc']:.4f} / {r['probe']['macro_f1']:.4f}",
+                     f"{r['inner_cv_acc']:.4f}", f"{r['inner_probe_acc']:.4f}", f"{r['search_seconds'] / 60:.1f}",
+                     f"{r['folds_trained']:.0f} / {r['folds_without_early_stopping']:.0f}"])
+    header = ["outer fold", "chosen head", *[f"pipeline ({m}) acc / macro-F1" for m in modes],
+              "probe acc / macro-F1", "inner CV acc (best trial)", "inner probe acc", "search min",
+              "folds trained / without ASHA"]
+    body = table(header, rows)
+    summary = []
+    for m in modes:
+        acc = [results[i][f"final_{m}"]["acc"] for i in done]
+        f1 = [results[i][f"final_{m}"]["macro_f1"] for i in done]
+        summary.append([f"pipeline, final ensemble of {m}", mean_std(acc), mean_std(f1)])
+    pacc = [results[i]["probe"]["acc"] for i in done]
+    summary.append(["linear probe", mean_std(pacc), mean_std([results[i]["probe"]["macro_f1"] for i in done])])
+    body += "\n\n" + table(["", "accuracy (mean ± std over outer folds)", "macro-F1"], summary)
+    first = modes[0]
+    diff = np.array([results[i][f"final_{first}"]["acc"] - results[i]["probe"]["acc"] for i in done])
+    body += (f"\n\nPipeline ({first}) minus probe, accuracy: {diff.mean() * 100:+.2f} points "
+             f"(std {diff.std(ddof=1) * 100 if len(diff) > 1 else 0:.2f}, standard error "
+             f"{diff.std(ddof=1) / np.sqrt(len(diff)) * 100 if len(diff) > 1 else 0:.2f}); below the probe in "
+             f"{int((diff < 0).sum())} of {len(diff)} outer folds.")
+    write_result(args.out, "Nested cross-validation: search + final against the linear probe", body,
+                 "python bench/nested_cv.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from mmsa.config import Config
+from mmsa.crossval import cross_validate, cv_summary
+from mmsa.prepare import cv_splits
+from mmsa.train import fit, predict_proba
+
+
+def _epoch(acc, f1=0.5, loss=1.0):
+    return {"val_acc": acc, "val_macro_f1": f1, "train_loss": loss, "epoch_seconds": 1.0,
+            "val_f1_positive": 0.1, "val_confusion": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+
+
+def test_one_epoch_for_all_folds_chosen_on_their_mean():
+    # fold 1 peaks at epoch 1, fold 2 at epoch 3; their mean peaks at epoch 2
+    histories = [[_epoch(0.80), _epoch(0.78), _epoch(0.60)], [_epoch(0.60), _epoch(0.70), _epoch(0.71)]]
+    s = cv_summary(histories, "val_acc", total_folds=5)
+    assert s["best_epoch"] == 2 and s["best_val_acc"] == pytest.approx(0.74) == s["val_acc"]
+    assert s["folds_done"] == 2 and s["cv_folds"] == 5 and s["epochs_trained"] == 6
+    assert s["fold_accs"] == [0.78, 0.70] and s["fold_val_acc"] == 0.70
+    assert s["val_acc_fold_std"] == pytest.approx(0.04)
+    assert s["val_confusion"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]]
+    assert [p["val_acc"] for p in s["fold_curve"]] == [0.60, 0.70, 0.71]  # the last fold's own curve
+
+
+def test_equal_means_choose_the_earlier_epoch():
+    s = cv_summary([[_epoch(0.7), _epoch(0.7)]], "val_acc", 1)
+    assert s["best_epoch"] == 1
+
+
+def test_cross_validate_reports_after_every_fold(subset_prepared):
+    data_cfg, p = subset_prepared
+    cfg = Config()
+    cfg.data = data_cfg
+    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 1})
+    labeled = p.train  # every labeled pair of the subset's training part
+    folds = cv_splits(labeled, 3, seed=0)
+    seen = []
+    final = cross_validate(cfg, p.features, folds, on_fold=lambda k, s: seen.append((k, s["folds_done"])))
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+    assert final["epochs_trained"] == 6  # whole schedules: patience does not cut folds short
+    assert cfg.train.patience == 1  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_simple_heads_train_and_predict(subset_prepared, head):
+    data_cfg, p = subset_prepared
+    cfg = Config()
+    cfg.data = data_cfg
+    cfg.update({"head": head, "pooling": "mean", "max_epochs": 3, "batch_size": 16, "lr": 3e-3})
+    result = fit(cfg, p.features, p.train, p.val)
+    probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
+    assert probs.shape == (len(p.val), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert 0 <= result.metrics["val_acc"] <= 1 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]

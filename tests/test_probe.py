@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from mmsa.prepare import cv_splits
+from mmsa.probe import pooled_features, probe_cv
+
+
+def test_pooled_features_are_normalised_per_modality_and_keep_the_callers_order(subset_prepared):
+    _, p = subset_prepared
+    f = p.features
+    rows = p.train.rows[:40]
+    x = pooled_features(f, rows)
+    assert x.shape == (40, f.text_dim + f.image_dim)
+    assert np.allclose(np.linalg.norm(x[:, :f.text_dim], axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(x[:, f.text_dim:], axis=1), 1, atol=1e-5)
+    shuffled = np.random.default_rng(0).permutation(len(rows))
+    assert np.allclose(pooled_features(f, rows[shuffled]), x[shuffled])
+    # text: the mean over real tokens only
+    r = int(rows[0])
+    mask = f.text_mask[r].astype(bool)
+    text = f.text[r][mask].astype(np.float32).mean(0)
+    assert np.allclose(x[0, :f.text_dim], text / np.linalg.norm(text), atol=1e-4)
+
+
+def test_probe_cv_scores_each_fold(subset_prepared):
+    _, p = subset_prepared
+    folds = cv_splits(p.train, 3, seed=0)
+    out = probe_cv(p.features, folds)
+    assert len(out["probe_fold_val_acc"]) == 3 and 0 <= out["probe_val_acc"] <= 1
+    assert out["probe_val_acc"] == pytest.approx(np.mean(out["probe_fold_val_acc"]))
+    assert out == probe_cv(p.features, folds)  # deterministic
