@@ -14,6 +14,7 @@ cat > "$OUT/gpu.yaml" <<YAML
 data_dir: $DATA
 num_samples: 2
 max_concurrent: 2
+cv_folds: 1
 resources: {cpu: 4, gpu: 0.5}
 scheduler: {type: fifo, max_epochs: 2}
 searcher: {type: random}
@@ -31,9 +32,9 @@ out, parent = sys.argv[1], sys.argv[2]
 c = MlflowClient(f"sqlite:///{out}/mlflow.db")
 exp = c.get_run(parent).info.experiment_id
 for run in c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'"):
-    secs = [m.value for m in c.get_metric_history(run.info.run_id, "epoch_seconds")]
-    mem = [m.value for m in c.get_metric_history(run.info.run_id, "gpu_peak_mb")]
-    acc = [m.value for m in c.get_metric_history(run.info.run_id, "val_acc")]
+    secs = [m.value for m in c.get_metric_history(run.info.run_id, "fold1_epoch_seconds")]
+    mem = [m.value for m in c.get_metric_history(run.info.run_id, "fold1_gpu_peak_mb")]
+    acc = [m.value for m in c.get_metric_history(run.info.run_id, "fold1_val_acc")]
     print(f"trial {run.data.tags.get('mmsa.trial_id')}: lr {float(run.data.params['lr']):.2e}  "
           f"epoch seconds {[round(s, 1) for s in secs]}  peak GPU MiB {max(mem) if mem else 'n/a'}  "
           f"val_acc {[round(a, 4) for a in acc]}")

@@ -19,7 +19,7 @@ from mmsa.config import Config
 from mmsa.prepare import Split
 
 FoldCallback = Callable[[int, dict], None]
-CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss")
+CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")  # those present
 
 
 def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> dict:
@@ -44,7 +44,7 @@ def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> d
         "epochs_trained": sum(len(h) for h in histories),
         "mean_epoch_seconds": float(np.mean([m["epoch_seconds"] for h in histories for m in h])),
         "val_confusion": np.sum([m["val_confusion"] for m in at_best], 0).tolist(),
-        "fold_curve": [{k: float(m[k]) for k in CURVE_KEYS} for m in histories[-1]],
+        "fold_curve": [{k: float(m[k]) for k in CURVE_KEYS if k in m} for m in histories[-1]],
     })
     return out
 

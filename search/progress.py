@@ -40,7 +40,7 @@ class ProgressPrinter(Callback):
         best = ""
         if scored:
             value, trial_id = (max if self.mode == "max" else min)(scored)
-            best = f" | best {self.metric} {value:.4f} ({trial_id})"
+            best = f" | best of those run on every fold: {value:.4f} ({trial_id})"
         return f"{done} ended, {failed} failed, {running} running of {self.num_samples}{best}"
 
     def on_trial_start(self, iteration, trials, trial, **info):
