@@ -78,12 +78,11 @@ class TrainConfig:
     max_epochs: int = 6  # length of the learning-rate schedule
     stop_epoch: int = 0  # stop after this epoch (within the schedule); 0: at max_epochs
     warmup_frac: float = 0.1
-    # none | balanced | sqrt. none: in 5-fold CV sqrt cost the default fusion head 2 points of
-    # accuracy (bench/results/cv_heads.md), balanced cost the linear probe 4.
+    # none | balanced | sqrt. none: weighting cost accuracy in cross-validation (README, Honest reading).
     class_weights: str = "none"
     label_smoothing: float = 0.0
     # Decay of an exponential moving average of the weights (per optimizer step), evaluated and kept;
-    # 0: off. 0.9 measured +0.5 point accuracy over 3 seeds (with the earlier defaults, d_model 128).
+    # 0: off.
     ema: float = 0.9
     patience: int = 3  # epochs without improvement of `monitor` before stopping; 0: never
     monitor: str = "val_acc"
