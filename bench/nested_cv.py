@@ -57,29 +57,27 @@ def outer_folders(data: Path, work: Path, k: int, seed: int) -> list[tuple[Path,
     return out
 
 
-def scores(truth: list[int], pred) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score
-    return {"acc": float(accuracy_score(truth, pred)),
-            "macro_f1": float(f1_score(truth, pred, labels=[0, 1, 2], average="macro", zero_division=0))}
-
-
 def score(pred_file: Path, truth: dict[str, int]) -> dict:
     """A predictions file (`guid,tag`) against the held-out labels."""
+    from sklearn.metrics import accuracy_score, f1_score
     rows = [ln.split(",") for ln in pred_file.read_text().split()[1:]]
-    return scores([truth[g] for g, _ in rows], [LABEL_TO_ID[t] for _, t in rows])
+    y, pred = [truth[g] for g, _ in rows], [LABEL_TO_ID[t] for _, t in rows]
+    return {"acc": float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0))}
 
 
 def probe_on(folder: Path, truth: dict[str, int], cache_dir: str) -> dict:
-    """The linear probe trained on the folder's train.txt, scored on its test pairs."""
-    from sklearn.linear_model import LogisticRegression
+    """The linear probe trained on the folder's train.txt, scored on its test pairs (mmsa.probe,
+    with the held-out labels as the one fold's validation part)."""
+    from dataclasses import replace
+
     from mmsa.config import DataConfig
     from mmsa.prepare import prepare
-    from mmsa.probe import pooled_features
+    from mmsa.probe import probe_cv
     data = prepare(DataConfig(data_dir=str(folder), cache_dir=cache_dir), val_fraction=0.0)
-    model = LogisticRegression(C=1.0, max_iter=2000).fit(pooled_features(data.features, data.train.rows),
-                                                         data.train.labels)
-    pred = model.predict(pooled_features(data.features, data.test.rows))
-    return scores([truth[g] for g in data.test.guids], pred)
+    held = replace(data.test, labels=np.array([truth[g] for g in data.test.guids], dtype=np.int64))
+    out = probe_cv(data.features, [(data.train, held)])
+    return {"acc": out["probe_val_acc"], "macro_f1": out["probe_val_macro_f1"]}
 
 
 def run(cmd: list[str]) -> tuple[str, float]:

@@ -4,13 +4,12 @@ ID is a search's parent run (its chosen config, best_config.yaml) or one trial's
 trial's params). The number of epochs comes from the search: the retrain replays the trial's
 learning-rate schedule (warm-up + cosine over its max_epochs) and stops at the trial's
 `best_epoch`, where its mean over the cross-validation folds peaked. A chosen config that scored
-below the linear probe on the same folds gets a one-line warning. By default it trains an ensemble of 5 models from different seeds
-and averages their probabilities (`--ensemble`): retrained this way on the training part and scored
-on the validation split (20 seeds, bench/results/accuracy.md), 5 models scored 0.7 point of accuracy
-above one model and spread half as much from seed to seed. The predictions file is written
-atomically; the config, metrics, the model checkpoint (state_dict + config, loadable with
-weights_only=True) and the predictions are logged as a child run of the search. This module is
-mmsa's one MLflow edge.
+below the linear probe on the same folds gets a one-line warning. By default it trains an
+ensemble of 5 models from different seeds and averages their probabilities (`--ensemble`);
+`--bag folds` instead bags one model per fold of the search (README, Results, compares the two).
+The predictions file is written atomically; the config, metrics, the model checkpoint
+(state_dict + config, loadable with weights_only=True) and the predictions are logged as a child
+run of the search. This module is mmsa's one MLflow edge.
 """
 
 from __future__ import annotations

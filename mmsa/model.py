@@ -4,8 +4,8 @@ The seed report's design, generalised: project both token sets to d_model; image
 self-attention; per fusion layer, text->image and image->text cross-attention, each followed
 by self-attention (separate modules per route and per layer); pool each route; combine the
 routes with the pooled text feature; classify. `fusion_depth=0` is late fusion of the pooled
-projected tokens. `modalities` restricts the model to one side for ablations. `head=mlp|linear` (PooledHead) is the
-simpler family: pooled features of each side, no attention between them.
+projected tokens. `modalities` restricts the model to one side for ablations. `head=mlp|linear`
+(PooledHead) is the simpler family: pooled features of each side, no attention between them.
 """
 
 from __future__ import annotations

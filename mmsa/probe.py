@@ -36,13 +36,13 @@ def probe_cv(features, folds: list[tuple[Split, Split]], c: float = 1.0) -> dict
     probe_val_acc / probe_val_macro_f1 (means over folds) and the per-fold values."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
+    # Every row once (folds share them): pooled in sorted order, found again by binary search.
     everything = np.unique(np.concatenate([np.concatenate([tr.rows, va.rows]) for tr, va in folds]))
     x_all = pooled_features(features, everything)
-    position = {int(r): i for i, r in enumerate(everything)}
     acc, f1 = [], []
     for train, val in folds:
-        x_train = x_all[[position[int(r)] for r in train.rows]]
-        x_val = x_all[[position[int(r)] for r in val.rows]]
+        x_train = x_all[np.searchsorted(everything, train.rows)]
+        x_val = x_all[np.searchsorted(everything, val.rows)]
         model = LogisticRegression(C=c, max_iter=2000).fit(x_train, train.labels)
         pred = model.predict(x_val)
         acc.append(float(accuracy_score(val.labels, pred)))

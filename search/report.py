@@ -49,8 +49,8 @@ def best_trial(trials: list[TrialRecord], mode: str = "max") -> TrialRecord | No
     """The best trial scored on every fold; only where none was, the best of those stopped early
     (a mean over fewer folds is noisier, and would win by luck)."""
     scored = [t for t in trials if not math.isnan(t.score)]
-    for ended in (("completed",), ("stopped early",)):
-        candidates = [t for t in scored if t.ended in ended]
+    for ended in ("completed", "stopped early"):
+        candidates = [t for t in scored if t.ended == ended]
         if candidates:
             return (max if mode == "max" else min)(candidates, key=lambda t: t.score)
     return None

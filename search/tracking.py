@@ -49,10 +49,14 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[s:s + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+def metric_items(metrics: dict, step: int) -> list[Metric]:
+    """MLflow Metrics of the finite scalar values in `metrics`, at `step`."""
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in scalar_metrics(metrics).items()
-             if math.isfinite(float(v))]
+    return [Metric(k, float(v), now, step) for k, v in scalar_metrics(metrics).items() if math.isfinite(float(v))]
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+    items = metric_items(metrics, step)
     if items:
         client.log_batch(run_id, metrics=items)
 
@@ -138,14 +142,13 @@ class MlflowTrialLogger(Callback):
         if not run_id:
             return
         fold = int(result.get("folds_done", result.get("training_iteration", 0)))
-        log_metrics(self.client, run_id, result, step=fold)
-        # The fold's learning curve, one step per epoch (fold<k>_val_acc, ...), in one request.
-        now = int(time.time() * 1000)
-        curve = [Metric(f"fold{fold}_{k}", float(v), now, epoch)
-                 for epoch, point in enumerate(result.get("fold_curve") or [], 1) for k, v in point.items()
-                 if math.isfinite(float(v))]
-        if curve:
-            self.client.log_batch(run_id, metrics=curve)
+        # The CV metrics at step = folds done, and the fold's learning curve, one step per epoch
+        # (fold<k>_val_acc, ...), in one request.
+        items = metric_items(result, fold)
+        for epoch, point in enumerate(result.get("fold_curve") or [], 1):
+            items += metric_items({f"fold{fold}_{k}": v for k, v in point.items()}, epoch)
+        if items:
+            self.client.log_batch(run_id, metrics=items)
 
     def _end(self, trial, status: str, ended: str, error: str | None = None) -> None:
         run_id = self._run_map().pop(trial.trial_id, None)
