@@ -35,6 +35,16 @@ def _fmt(c) -> str:
     return str(c)
 
 
+PAIRED_HEADER = ["CV accuracy (mean ± std over folds)", "macro-F1", "accuracy - probe, points (± s.e.)"]
+
+
+def paired_cells(accs, f1s, probe_accs) -> list[str]:
+    """Cells under PAIRED_HEADER: accuracy and macro-F1 over folds, and the accuracy's paired
+    difference from the probe on the same folds, in points, with its standard error."""
+    d = (np.asarray(accs, dtype=float) - np.asarray(probe_accs, dtype=float)) * 100
+    return [mean_std(accs), mean_std(f1s), f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}"]
+
+
 def mean_std(values) -> str:
     values = np.asarray(values, dtype=float)
     return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}"

@@ -1,12 +1,14 @@
 """Cross-validated accuracy of configs against the linear probe on the same folds.
 
     python bench/cv.py --data ../shared/mvsa [--folds 5] [--repeats 2] [--workers 2]
-        [--config NAME:key=value,key=value ...] [--out cv]
+        [--config NAME:key=value,key=value ...] [--out cv] [--save-oof DIR]
 
 Each config (`default:` is the defaults; `mlp:head=mlp,lr=1e-3` sets keys) is scored as a search
 trial is (mmsa.crossval: every fold trains the whole schedule, one epoch chosen on the mean over
 folds), on `--repeats` K-fold partitions (split seeds 0, 1, ...); the probe runs on the same folds.
-Differences against the probe are paired: the same folds for both.
+Differences against the probe are paired: the same folds for both. `--save-oof DIR` writes each
+config's (and the probe's) out-of-fold class probabilities at its chosen epoch, one
+`NAME-r<repeat>.npz` per repeat, for bench/blend.py.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import table, write_result  # noqa: E402
+from bench.common import PAIRED_HEADER, paired_cells, table, write_result  # noqa: E402
 
 
 def _job(args):
-    name, overrides, data_dir, k, seed = args
+    name, overrides, data_dir, k, seed, keep_probs = args
     import torch
     torch.set_num_threads(1)
     from mmsa.config import Config, parse_overrides
@@ -35,8 +37,19 @@ def _job(args):
                            source=f"--config {name}")
     data = prepare(cfg.data, val_fraction=0.0)
     start = time.time()
-    summary = cross_validate(cfg, data.features, cv_splits(data.train, k, seed))
+    summary = cross_validate(cfg, data.features, cv_splits(data.train, k, seed), keep_probs=keep_probs)
     return name, seed, summary, time.time() - start
+
+
+def save_oof(folder: str, name: str, seed: int, folds, fold_probs) -> None:
+    """One repeat's out-of-fold predictions: rows, labels, fold index and class probabilities of
+    every labeled pair, each scored by the model that did not train on it."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    np.savez(Path(folder) / f"{name}-r{seed}.npz",
+             rows=np.concatenate([val.rows for _, val in folds]),
+             labels=np.concatenate([val.labels for _, val in folds]),
+             fold=np.concatenate([np.full(len(val), k) for k, (_, val) in enumerate(folds)]),
+             probs=np.concatenate(fold_probs).astype(np.float32))
 
 
 def main() -> None:
@@ -47,6 +60,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--config", action="append", default=[], metavar="NAME:KEY=VALUE,...")
     p.add_argument("--out", default="cv")
+    p.add_argument("--save-oof", metavar="DIR", help="write out-of-fold probabilities here (for bench/blend.py)")
     args = p.parse_args()
     configs = [(c.partition(":")[0], [kv for kv in c.partition(":")[2].split(",") if kv]) for c in args.config or ["default:"]]
 
@@ -54,33 +68,35 @@ def main() -> None:
     from mmsa.prepare import cv_splits, prepare
     from mmsa.probe import probe_cv
     data = prepare(DataConfig(data_dir=args.data), val_fraction=0.0)  # builds the cache once, here
-    probe = {seed: probe_cv(data.features, cv_splits(data.train, args.folds, seed)) for seed in range(args.repeats)}
-    jobs = [(name, overrides, args.data, args.folds, seed) for name, overrides in configs for seed in range(args.repeats)]
+    keep = bool(args.save_oof)
+    splits = {seed: cv_splits(data.train, args.folds, seed) for seed in range(args.repeats)}
+    probe = {seed: probe_cv(data.features, splits[seed], keep_probs=keep) for seed in range(args.repeats)}
+    if keep:
+        for seed in range(args.repeats):
+            save_oof(args.save_oof, "probe", seed, splits[seed], probe[seed]["probe_fold_probs"])
+    jobs = [(name, overrides, args.data, args.folds, seed, keep) for name, overrides in configs
+            for seed in range(args.repeats)]
     results: dict[str, list] = {name: [] for name, _ in configs}
     with ProcessPoolExecutor(args.workers) as pool:
         for name, seed, summary, seconds in pool.map(_job, jobs):
             results[name].append((seed, summary, seconds))
+            if keep:
+                save_oof(args.save_oof, name, seed, splits[seed], summary.pop("fold_probs"))
             print(f"{name} seed {seed}: cv acc {summary['val_acc']:.4f} macro-F1 {summary['val_macro_f1']:.4f} "
                   f"(probe {probe[seed]['probe_val_acc']:.4f}) epoch {summary['best_epoch']}, {seconds:.0f}s",
                   flush=True)
 
-    def row(name, accs, f1s, diffs, extra):
-        return [name, f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}", f"{np.mean(f1s):.4f} ± {np.std(f1s, ddof=1):.4f}",
-                f"{np.mean(diffs) * 100:+.2f} ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)) * 100:.2f}", *extra]
-
     probe_acc = [a for s in range(args.repeats) for a in probe[s]["probe_fold_val_acc"]]
     probe_f1 = [a for s in range(args.repeats) for a in probe[s]["probe_fold_val_macro_f1"]]
-    rows = [row("linear probe", probe_acc, probe_f1, [0.0, 0.0], ["", ""])]
+    rows = [["linear probe", *paired_cells(probe_acc, probe_f1, probe_acc), "", ""]]
     for name, overrides in configs:
         runs = sorted(results[name], key=lambda r: r[0])
         # per fold at the config's chosen epoch: the same folds as the probe's, so paired
         accs = [a for _, s, _ in runs for a in s["fold_accs"]]
         f1s = [a for _, s, _ in runs for a in s["fold_macro_f1s"]]
-        diffs = np.array(accs) - np.array(probe_acc)
-        rows.append(row(f"{name} ({','.join(overrides) or 'defaults'})", accs, f1s, diffs,
-                        [",".join(str(s["best_epoch"]) for _, s, _ in runs), f"{np.mean([t for *_, t in runs]):.0f}"]))
-    body = table(["config", "CV accuracy (mean ± std over folds)", "macro-F1", "accuracy - probe, points (± s.e.)",
-                  "chosen epoch per repeat", "seconds per CV"], rows)
+        rows.append([f"{name} ({','.join(overrides) or 'defaults'})", *paired_cells(accs, f1s, probe_acc),
+                     ",".join(str(s["best_epoch"]) for _, s, _ in runs), f"{np.mean([t for *_, t in runs]):.0f}"])
+    body = table(["config", *PAIRED_HEADER, "chosen epoch per repeat", "seconds per CV"], rows)
     body += (f"\n\n{args.folds}-fold stratified CV over train.txt, {args.repeats} repeat(s) (split seeds "
              f"0..{args.repeats - 1}); the std is over all {args.folds * args.repeats} folds.")
     write_result(args.out, "Cross-validated accuracy against the linear probe", body,

@@ -6,7 +6,8 @@
   1. alone on the GPU (backbone_lr_scale 0.1), batches made in the training process
      (loader_workers 0), then the same with the default loader workers (the A/B of the workers);
   2. two at once sharing the GPU, as two trials of a search with `resources: {gpu: 0.5}` do
-     (backbone_lr_scale 0.03 and 0.3, so the pair also says which way the backbones' rate should go).
+     (backbone_lr_scale 0.03 and 0.3, so the pair also says which way the backbones' rate should go);
+  3. alone with fp16 autocast (and its gradient scaler), then with bf16 (`precision`).
 GPU memory is read two ways: torch's peak allocated and reserved bytes in each run (what the
 tensors need; what the caching allocator held), and nvidia-smi's memory.used of the whole card
 sampled every 0.5 s (that adds each process's CUDA context), minus what was used before the run.
@@ -140,8 +141,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script itself")
     p.add_argument("--timeout", type=float, default=400, help="seconds allowed to each phase")
     p.add_argument("--out", help="also write the tables to this markdown file")
-    p.add_argument("--phases", nargs="+", choices=("in-process", "alone", "shared"),
-                   default=["in-process", "alone", "shared"], help="which runs (default: all three)")
+    p.add_argument("--phases", nargs="+", choices=("in-process", "alone", "shared", "fp16", "bf16"),
+                   default=["in-process", "alone", "shared", "fp16", "bf16"], help="which runs (default: all)")
     args = p.parse_args()
     if args.device == "cuda":
         import torch
@@ -156,6 +157,11 @@ def main() -> int:
         "alone": ("alone", {"full-0.1": {**base, "backbone_lr_scale": 0.1, "seed": 0}}),
         "shared": ("two sharing the GPU", {"full-0.03": {**base, "backbone_lr_scale": 0.03, "seed": 1},
                                            "full-0.3": {**base, "backbone_lr_scale": 0.3, "seed": 2}}),
+        # precision=auto picks bf16 where the card has it natively; these force each one
+        "fp16": ("alone, fp16 autocast with a gradient scaler", {
+            "full-fp16": {**base, "backbone_lr_scale": 0.1, "seed": 0, "precision": "fp16"}}),
+        "bf16": ("alone, bf16 autocast", {
+            "full-bf16": {**base, "backbone_lr_scale": 0.1, "seed": 0, "precision": "bf16"}}),
     }
     report = [f"GPU check, `python bench/gpu_check.py --data {args.data} --epochs {args.epochs} "
               f"--phases {' '.join(args.phases)}`, "

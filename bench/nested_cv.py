@@ -5,14 +5,15 @@ whose train.txt holds the outer training part and whose test_without_label.txt h
 fold (files linked, never copied); then the pipeline runs on it as a user runs it:
 `search.run` with the space (cross-validation inside) and `mmsa.final`, whose predictions are
 scored against the outer fold's labels. Beside it, the linear probe is trained on the same
-outer training part. `--final-modes seeds folds` scores both of mmsa.final's ensembles
-(K seeds on all the data, or the K fold models bagged) on the same searches.
+outer training part. `--final seeds seeds+probe folds+probe+finetune ...` scores several of
+mmsa.final's variants (`--bag`, then the `--blend` members) on the same searches.
 
     python bench/nested_cv.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--outer 5]
-        [--only 0,1] [--final-modes seeds folds]
+        [--only 0,1] [--final seeds+probe seeds ...]
 
-Each outer fold's result is kept in WORK/results.json as soon as it is measured, so a run
-that is stopped continues where it was (`--only` picks folds). The table is written to
+Each outer fold's search and every final variant's score are kept in WORK/results.json as soon
+as they are measured: a run that is stopped continues where it was, and a later run with a new
+variant reuses the searches (`--only` picks folds). The table is written to
 bench/results/nested_cv.md.
 """
 
@@ -95,8 +96,10 @@ def main() -> None:
     p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="outer folds' seed (default 0)")
     p.add_argument("--only", help="comma-separated outer folds to run now (default: all not yet measured)")
-    p.add_argument("--final-modes", nargs="+", default=["seeds"], choices=["seeds", "folds"],
-                   help="mmsa.final ensembles to score; the first is the pipeline's")
+    p.add_argument("--final", nargs="+", default=["seeds+probe"], metavar="BAG[+MEMBER...]",
+                   help="mmsa.final variants to score, each --bag BAG --blend MEMBER,... (seeds: the ensemble of "
+                        "seeds alone; seeds+probe: blended with the probe; folds+probe+finetune, ...); the first is "
+                        "the pipeline's. Searches are kept and reused by later variants")
     p.add_argument("--work", default=".cache/nested-cv", help="folders, MLflow store, results (git-ignored)")
     p.add_argument("--prepare-only", action="store_true", help="make the folders and their feature caches, then stop")
     p.add_argument("--out", default="nested_cv")
@@ -114,39 +117,47 @@ def main() -> None:
         return
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    todo = [int(i) for i in args.only.split(",")] if args.only else [i for i in range(args.outer) if str(i) not in results]
+    todo = [int(i) for i in args.only.split(",")] if args.only else list(range(args.outer))
     uri = f"sqlite:///{work}/mlruns/mlflow.db"
     for i in todo:
         folder, truth = folders[i]
-        print(f"outer fold {i}: {len(truth)} held-out pairs; searching ...", flush=True)
-        out, search_s = run([sys.executable, "-m", "search.run", "--space", args.space, "--data", str(folder),
-                             "--tracking-uri", uri, "--storage", str(work / "ray_results")])
-        parent = out.strip().splitlines()[-1].split("=", 1)[1]
-        from mlflow.tracking import MlflowClient
-        m = MlflowClient(uri).get_run(parent).data.metrics
-        best_cfg = yaml.safe_load(Path(MlflowClient(uri).download_artifacts(
-            parent, "best_config.yaml", str(work / f"outer{i}"))).read_text())
-        row = {"search_seconds": search_s, "parent": parent, "head": best_cfg.get("head", "fusion"),
-               "inner_cv_acc": m.get("best_val_acc"), "inner_probe_acc": m.get("probe_val_acc"),
-               "folds_trained": m.get("folds_trained"), "folds_without_early_stopping": m.get("folds_without_early_stopping"),
-               "epochs_trained": m.get("epochs_trained"),
-               "epochs_without_early_stopping": m.get("epochs_without_early_stopping")}
-        for mode in args.final_modes:
-            pred = work / f"outer{i}" / f"pred-{mode}.txt"
-            _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", parent, "--data", str(folder),
-                              "--tracking-uri", uri, "--out", str(pred), "--bag", mode])
-            row[f"final_{mode}"] = {**score(pred, truth), "seconds": final_s}
-        row["probe"] = probe_on(folder, truth, cache_dir)
+        row = results.get(str(i))
+        missing = [v for v in args.final if row is None or f"final_{v}" not in row]
+        if not missing:
+            continue
+        if row is None:  # the search; kept, so that other final variants reuse it later
+            print(f"outer fold {i}: {len(truth)} held-out pairs; searching ...", flush=True)
+            out, search_s = run([sys.executable, "-m", "search.run", "--space", args.space, "--data", str(folder),
+                                 "--tracking-uri", uri, "--storage", str(work / "ray_results")])
+            parent = out.strip().splitlines()[-1].split("=", 1)[1]
+            from mlflow.tracking import MlflowClient
+            m = MlflowClient(uri).get_run(parent).data.metrics
+            best_cfg = yaml.safe_load(Path(MlflowClient(uri).download_artifacts(
+                parent, "best_config.yaml", str(work / f"outer{i}"))).read_text())
+            row = {"search_seconds": search_s, "parent": parent, "head": best_cfg.get("head", "fusion"),
+                   "inner_cv_acc": m.get("best_val_acc"), "inner_probe_acc": m.get("probe_val_acc"),
+                   "folds_trained": m.get("folds_trained"),
+                   "folds_without_early_stopping": m.get("folds_without_early_stopping"),
+                   "epochs_trained": m.get("epochs_trained"),
+                   "epochs_without_early_stopping": m.get("epochs_without_early_stopping"),
+                   "probe": probe_on(folder, truth, cache_dir)}
+        for variant in missing:
+            bag, *members = variant.split("+")
+            pred = work / f"outer{i}" / f"pred-{variant}.txt"
+            _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", row["parent"], "--data", str(folder),
+                              "--tracking-uri", uri, "--out", str(pred), "--bag", bag,
+                              "--blend", ",".join(members) or "none"])
+            row[f"final_{variant}"] = {**score(pred, truth), "seconds": final_s}
+            print(f"outer fold {i}: final {variant}: {row[f'final_{variant}']}, probe {row['probe']}", flush=True)
         results[str(i)] = row
         results_file.write_text(json.dumps(results, indent=1))
-        print(f"outer fold {i}: pipeline {row['final_' + args.final_modes[0]]}, probe {row['probe']}, "
-              f"search {search_s / 60:.1f} min", flush=True)
     report(results, args)
 
 
 def report(results: dict, args) -> None:
     done = sorted(results, key=int)
-    modes = [m for m in ("seeds", "folds") if all(f"final_{m}" in results[i] for i in done)]
+    known = dict.fromkeys([*args.final, *(k[6:] for i in done for k in results[i] if k.startswith("final_"))])
+    modes = [m for m in known if all(f"final_{m}" in results[i] for i in done)]
     rows = []
     for i in done:
         r = results[i]
@@ -162,7 +173,7 @@ def report(results: dict, args) -> None:
     for m in modes:
         acc = [results[i][f"final_{m}"]["acc"] for i in done]
         f1 = [results[i][f"final_{m}"]["macro_f1"] for i in done]
-        summary.append([f"pipeline, final ensemble of {m}", mean_std(acc), mean_std(f1)])
+        summary.append([f"pipeline, final {m}", mean_std(acc), mean_std(f1)])
     pacc = [results[i]["probe"]["acc"] for i in done]
     summary.append(["linear probe", mean_std(pacc), mean_std([results[i]["probe"]["macro_f1"] for i in done])])
     body += "\n\n" + table(["", "accuracy (mean ± std over outer folds)", "macro-F1"], summary)

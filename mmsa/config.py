@@ -19,6 +19,11 @@ CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 MONITORS = ("val_acc", "val_macro_f1")
 FINETUNES = ("none", "last_k", "full")
 HEADS = ("fusion", "mlp", "linear")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# The backbones mmsa.encoders registers (it checks that its registry matches): named here so that
+# validating a config never imports torch (the search driver validates every space file).
+TEXT_ENCODER_NAMES = ("minilm",)
+IMAGE_ENCODER_NAMES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50")
 
 
 @dataclass
@@ -89,6 +94,8 @@ class TrainConfig:
     monitor: str = "val_acc"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # CUDA mixed precision: auto (bf16 where native, else fp16 with a gradient scaler) | bf16 | fp16 | fp32
+    precision: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0: leave torch's default
 
 
@@ -142,6 +149,7 @@ class Config:
             ("class_weights", t.class_weights in CLASS_WEIGHTS, f"one of {CLASS_WEIGHTS}"),
             ("monitor", t.monitor in MONITORS, f"one of {MONITORS}"),
             ("device", t.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+            ("precision", t.precision in PRECISIONS, f"one of {PRECISIONS}"),
             ("d_model", m.d_model > 0 and m.heads > 0 and m.d_model % m.heads == 0,
              f"a positive multiple of heads ({m.heads})"),
             ("fusion_depth", m.fusion_depth >= 0, ">= 0"),
@@ -168,8 +176,7 @@ class Config:
             ("text_finetune_layers", d.text_finetune_layers >= 1, ">= 1"),
             ("loader_workers", d.loader_workers >= -1, ">= 0, or -1 for automatic"),
         ]
-        from mmsa.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-        for key, registry in (("text_encoder", TEXT_ENCODERS), ("image_encoder", IMAGE_ENCODERS)):
+        for key, registry in (("text_encoder", TEXT_ENCODER_NAMES), ("image_encoder", IMAGE_ENCODER_NAMES)):
             checks.append((key, getattr(d, key).startswith("hf:") or getattr(d, key) in registry,
                            f"one of {tuple(registry)} or hf:<name>"))
         for key, ok, expected in checks:

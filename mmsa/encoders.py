@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mmsa.config import IMAGE_ENCODER_NAMES, TEXT_ENCODER_NAMES
 from mmsa.errors import ConfigError
 
 
@@ -204,6 +205,10 @@ IMAGE_ENCODERS: dict[str, Callable[[], ImageEncoder]] = {
     "resnet34": lambda: _torchvision_resnet("resnet34"),
     "resnet50": lambda: _torchvision_resnet("resnet50"),
 }
+
+
+assert tuple(TEXT_ENCODERS) == TEXT_ENCODER_NAMES and tuple(IMAGE_ENCODERS) == IMAGE_ENCODER_NAMES, \
+    "mmsa.config's encoder names and this registry differ"
 
 
 def build_image_encoder(name: str) -> ImageEncoder:

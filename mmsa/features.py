@@ -88,6 +88,13 @@ class FeatureSet:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.text, self.text_mask, self.image, self.has_image))
 
+    def content_digest(self, rows: np.ndarray, labels: np.ndarray) -> str:
+        """A short hash of these rows' content, from the hashes the caches keep of every pair's
+        text and image bytes, and of their labels: the same pairs give the same digest."""
+        items = [json.loads((d / "meta.json").read_text()).get("items") or self.guids
+                 for d in (self.text_dir, self.image_dir)]
+        return _hash(*(f"{items[0][r]}:{items[1][r]}" for r in rows), np.asarray(labels, np.int64).tobytes())
+
 
 class RawSource:
     """Model inputs read from the dataset files batch by batch, for finetune=full:
@@ -105,6 +112,12 @@ class RawSource:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": None}  # the tokenizer and encoders load where used
+
+    def content_digest(self, rows: np.ndarray, labels: np.ndarray) -> str:
+        """A short hash of these rows' guids, text and labels (no image bytes: nothing caches them
+        here, and reading every image for a digest would cost what an epoch does)."""
+        return _hash(*(f"{self.guids[r]}\t{self.examples[r].text}" for r in rows),
+                     np.asarray(labels, np.int64).tobytes())
 
     def _load(self) -> dict:
         if self._loaded is None:
@@ -416,13 +429,18 @@ def _extraction_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_features(cfg: DataConfig, dataset: Dataset) -> FeatureSet:
-    """Load the cached features of every example of `dataset`, building what is missing."""
-    examples = dataset.all_examples
+def features_of(cfg: DataConfig, examples: list[Example]) -> FeatureSet:
+    """The cached features of `examples` (guids unique), building what is missing."""
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
     _, text_dir = build_text_cache(cfg, examples)
     _, image_dir = build_image_cache(cfg, examples)
-    feats = FeatureSet.open([ex.guid for ex in examples], text_dir, image_dir)
+    return FeatureSet.open([ex.guid for ex in examples], text_dir, image_dir)
+
+
+def load_features(cfg: DataConfig, dataset: Dataset) -> FeatureSet:
+    """Load the cached features of every example of `dataset`, building what is missing."""
+    examples = dataset.all_examples
+    feats = features_of(cfg, examples)
     for ex, ok in zip(examples, feats.has_image):
         if ex.has_image and not ok:
             dataset.report.unreadable_image.append(ex.guid)

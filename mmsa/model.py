@@ -262,3 +262,23 @@ def build_single_head(cfg: ModelConfig) -> nn.Module:
 def build_head(cfg: ModelConfig) -> nn.Module:
     """One model, or an ensemble of `cfg.ensemble` of them."""
     return build_single_head(cfg) if cfg.ensemble == 1 else EnsembleModel(cfg)
+
+
+PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
+              "image_grid": 0, "ensemble": 1, "text_layers": 0}
+
+
+def probe_head(cfg: ModelConfig, coef, intercept) -> PooledHead:
+    """The linear probe (mmsa.probe) as a head: mean pooling, each modality scaled to unit RMS
+    (= its L2 norm times sqrt(dim)), one linear layer whose weights are the probe's divided by
+    sqrt(dim), so that it computes the probe's logits. `cfg` gives the feature sizes."""
+    import dataclasses
+    cfg = dataclasses.replace(cfg, **PROBE_HEAD)
+    head = PooledHead(cfg)
+    scale = torch.cat([torch.full((cfg.text_dim,), cfg.text_dim ** -0.5),
+                       torch.full((cfg.image_dim,), cfg.image_dim ** -0.5)])
+    linear = head.classify[-1]
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32) * scale)
+        linear.bias.copy_(torch.as_tensor(intercept, dtype=torch.float32))
+    return head.eval()

@@ -1,7 +1,13 @@
 """Names of the MLflow tags and the store that the search writes and `mmsa.final` reads: the one
-contract between `search/` and `mmsa/final.py` (mmsa may not import search)."""
+contract between `search/` and `mmsa/final.py` (mmsa may not import search), and how both
+resolve the store: a flag beats MLflow's own environment variables, which beat the defaults."""
+
+import os
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "mmsa-search"
+# Makes the MLflow UI open the experiment on its training runs, not on the GenAI overview.
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 TAG_KIND = "mmsa.kind"  # search | trial | final
 TAG_STATE = "mmsa.state"  # on a search: running | interrupted | finished
@@ -16,3 +22,13 @@ TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"
 TAG_SOURCE = "mmsa.source"  # on a final run: which search or trial its config came from
 TAG_PARENT = "mlflow.parentRunId"
+
+
+def tracking_uri(flag: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the local sqlite store."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name(flag: str | None) -> str:
+    """--experiment, else MLFLOW_EXPERIMENT_NAME, else mmsa-search."""
+    return flag or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT

@@ -65,16 +65,25 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, prefix: str = 
     return out
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype, None for float32. auto: on CUDA, bf16 where the card has it natively
+    (Ampere and later), else fp16 (trained with a gradient scaler: fp16 gradients underflow); a
+    T4 reports bf16 as supported only through emulation, slower than fp16. float32 on a CPU."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _autocast(device: torch.device, precision: str = "auto"):
+    dtype = amp_dtype(device, precision)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: torch.device,
-                  batch_size: int = 64) -> np.ndarray:
+                  batch_size: int = 64, precision: str = "auto") -> np.ndarray:
     """Class probabilities for `rows`. Batches of 64: a batch of 256 (float32 text tokens and the
     7x7 image grid) raised a trial's peak memory by 0.15 GB instead of 0.04 GB, at the same speed."""
     model.eval()
@@ -82,7 +91,7 @@ def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: to
     order = np.argsort(rows)
     chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
-        with _autocast(device):
+        with _autocast(device, precision):
             logits = model(*inputs)
         out[idx] = logits.float().softmax(-1).cpu().numpy()
     return out
@@ -121,6 +130,7 @@ class _Member:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: torch.nn.Module | None
     rng: np.random.Generator
+    scaler: torch.amp.GradScaler | None = None  # fp16 training only
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -148,11 +158,14 @@ def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, t
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True) if t.ema > 0 else None
     scheduler = warmup_cosine(optimizer, int(t.warmup_frac * total_steps), total_steps)
-    return _Member(model, optimizer, scheduler, ema, rng)
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, t.precision) == torch.float16 else None
+    return _Member(model, optimizer, scheduler, ema, rng, scaler)
 
 
 def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
-                 label_smoothing: float, device: torch.device, epoch: int, progress: bool = False
+                 label_smoothing: float, device: torch.device, epoch: int, progress: bool = False,
+                 precision: str = "auto"
                  ) -> tuple[float, int]:
     """One pass over `train` in the member's own order; returns (summed loss, examples seen).
     `progress`: a progress bar over the steps on stderr (for epochs of minutes, finetune=full)."""
@@ -176,17 +189,21 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
         member.optimizer.zero_grad(set_to_none=True)
         for idx in micros:
             y = torch.from_numpy(train.labels[idx]).to(device)
-            with _autocast(device):
+            with _autocast(device, precision):
                 logits = model(*next(inputs))
             per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
             # Weighted mean over the whole effective batch, however it is split.
             loss = (per_example * weights[y]).sum() / weight_total
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
-            loss.backward()
+            (member.scaler.scale(loss) if member.scaler is not None else loss).backward()
             loss_sum += per_example.detach().sum().item()
             seen += len(idx)
-        member.optimizer.step()
+        if member.scaler is not None:  # skips the step where fp16 gradients overflowed
+            member.scaler.step(member.optimizer)
+            member.scaler.update()
+        else:
+            member.optimizer.step()
         member.scheduler.step()
         if member.ema is not None:
             member.ema.update_parameters(model)
@@ -194,11 +211,13 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
 
 
 def fit(cfg: Config, features: FeatureSet | RawSource, train: Split, val: Split | None = None,
-        on_epoch: EpochCallback | None = None, progress: bool = False) -> FitResult:
+        on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False) -> FitResult:
     """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch.
     With `ensemble` K > 1, K members train epoch by epoch side by side, each on its own seed, and
     every epoch is scored (and reported) on their averaged probabilities.
-    `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on for finetune=full)."""
+    `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on for finetune=full).
+    `keep_probs`: every epoch's history entry keeps `probs`, the validation rows' class
+    probabilities (for out-of-fold blends)."""
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
@@ -224,13 +243,16 @@ def fit(cfg: Config, features: FeatureSet | RawSource, train: Split, val: Split 
         loss_sum, seen = 0.0, 0
         for member in members:
             member_loss, member_seen = _train_epoch(member, features, train, weights, batch, micro,
-                                                    t.label_smoothing, device, epoch, progress)
+                                                    t.label_smoothing, device, epoch, progress, t.precision)
             loss_sum, seen = loss_sum + member_loss, seen + member_seen
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                    "lr": members[0].scheduler.get_last_lr()[0]}
         if val is not None and len(val):
-            probs = np.mean([predict_proba(m.evaluated, features, val.rows, device) for m in members], 0)
+            probs = np.mean([predict_proba(m.evaluated, features, val.rows, device, precision=t.precision)
+                             for m in members], 0)
             metrics.update(classification_metrics(val.labels, probs.argmax(1)))
+            if keep_probs:
+                metrics["probs"] = probs
         metrics["epoch_seconds"] = time.perf_counter() - start
         if device.type == "cuda":
             metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -244,7 +266,7 @@ def fit(cfg: Config, features: FeatureSet | RawSource, train: Split, val: Split 
             stale += 1
         stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
         if on_epoch is not None:
-            report = {**metrics, "final": int(stop)}
+            report = {**{k: v for k, v in metrics.items() if k != "probs"}, "final": int(stop)}
             if val is not None:
                 report[f"best_{t.monitor}"] = best[t.monitor]
                 other = "val_macro_f1" if t.monitor == "val_acc" else "val_acc"
@@ -309,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script's entry point."""
     from mmsa.cli import run_main
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -43,8 +43,9 @@ def make_trainable(spec, base, data, folds, fork_address: str | None = None):
 
 def trials_fork(spec, address: str | None) -> bool:
     """Whether trials fork from a fork server (search/forkserver.py): not on a cluster (the
-    driver's machine may run no trials), nor where the space file sets fork_trials: false."""
-    return not address and spec.fork_trials and forkserver.available()
+    driver's machine may run no trials), not for GPU trials (a CUDA context does not survive a
+    fork; untested on a GPU, so kept out), nor where the space file sets fork_trials: false."""
+    return not address and spec.gpu == 0 and spec.fork_trials and forkserver.available()
 
 
 # What a trial imports, loaded once by the fork server so that forks share it. torch.optim imports
@@ -68,20 +69,21 @@ def start_ray(address: str | None) -> None:
                   log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    else:  # a new local instance, never a cluster that `ray start` left on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
 
 
 def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, parent_id: str, ray_path: str,
-              address: str | None = None, resume: bool = False) -> bool:
-    """Run (or continue) the search. Returns True when it was interrupted before the end."""
+              address: str | None = None, resume: bool = False, datasets: dict[str, str] | None = None) -> bool:
+    """Run (or continue) the search. Returns True when it was interrupted before the end.
+    `datasets`: {context: digest} that every trial run logs as its inputs (mmsa.records)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray saves the search state (which trials finished, the searcher) every 10 s or more by
     # default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that had
     # finished since, and lost the ones started since. Every second costs little: the state is small.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     metric = f"best_{spec.metric}"
-    logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat())
+    logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat(), datasets)
     server = start_fork_server(spec, base, address)
     try:
         start_ray(address)  # while the fork server imports torch

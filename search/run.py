@@ -25,19 +25,36 @@ def parse_args(argv):
     p.add_argument("--data", help="dataset folder (default: data_dir of the space file)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: from the space file)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial at most (default: from the space file)")
-    p.add_argument("--address", help="Ray cluster to join: auto, or ray://host:port (default: start a local one)")
+    p.add_argument("--address", help="Ray cluster to join, from one of its nodes: auto, or HOST:PORT of the head "
+                   "(default: start a local one)")
     p.add_argument("--resume", action="store_true", help="continue the newest unfinished search of this space file")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: mmsa-search)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, "
+                   "else mmsa-search)")
     p.add_argument("--memory-budget", help="keep the whole search under this much memory, e.g. 12GB "
                    "(default: memory_budget of the space file, else no limit)")
     p.add_argument("--storage", default=RAY_STORAGE, help="folder (or URI) for Ray's experiment state")
+    p.add_argument("--cpus-per-trial", type=float,
+                   help="CPUs each trial reserves (default: resources.cpu of the space)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves, e.g. 0.5 to share one between two "
+                   "trials (default: resources.gpu of the space)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once at most (default: from the space)")
+    p.add_argument("--seed", type=int, help="the searcher's seed (default: from the space)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key for every trial, e.g. --set head=mlp (a searched key is then not "
+                        "searched; repeatable)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = parse_args(argv)
+    if args.address and args.address.startswith("ray://"):
+        # Under Ray Client the Tuner, the MLflow callback and the sqlite store would run on the head
+        # node, not here: untested, so refused.
+        raise UserError(f"--address {args.address}: Ray Client (ray://) is not supported; run the search on a "
+                        "cluster node with --address auto")
     from search.space import check_against_data, load_space
     spec = load_space(args.space)  # every config error surfaces here, before any heavy work
     if args.data:
@@ -50,23 +67,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_epochs <= 0:
             raise UserError("--max-epochs: must be > 0")
         spec.max_epochs = args.max_epochs
+    from mmsa.config import parse_overrides
+    from search.space import apply_flags
+    unsearched = apply_flags(spec, args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent, args.seed,
+                             parse_overrides(args.overrides))
+    if unsearched:
+        print(f"--set fixes {', '.join(unsearched)}: not searched in this run", flush=True)
     base = spec.base_config()
 
     from mlflow.tracking import MlflowClient
 
-    from mmsa.run_tags import DEFAULT_TRACKING_URI, TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE
-    from search.tracking import (DEFAULT_EXPERIMENT, find_resumable_search, get_experiment_id, log_params,
-                                 prepare_tracking_uri)
-    tracking_uri = prepare_tracking_uri(args.tracking_uri or DEFAULT_TRACKING_URI)
+    from mmsa.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE, experiment_name
+    from mmsa.run_tags import tracking_uri as resolve_tracking_uri
+    from search.tracking import find_resumable_search, get_experiment_id, log_params, prepare_tracking_uri
+    tracking_uri = prepare_tracking_uri(resolve_tracking_uri(args.tracking_uri))
     client = MlflowClient(tracking_uri)
-    experiment_id = get_experiment_id(client, args.experiment or DEFAULT_EXPERIMENT, tracking_uri)
+    experiment = experiment_name(args.experiment)
+    experiment_id = get_experiment_id(client, experiment, tracking_uri)
     space_key = str(Path(args.space).resolve())
     parent = None
     if args.resume:
         parent = find_resumable_search(client, experiment_id, space_key)
         if parent is None:
             raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
-                            f"in experiment '{args.experiment or DEFAULT_EXPERIMENT}'")
+                            f"in experiment '{experiment}'")
 
     from mmsa.prepare import prepare_in_subprocess
     t0 = time.time()
@@ -101,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             base = spec.base_config()
         print(chosen.describe(budget), flush=True)
 
+    from mmsa.records import context_tags, fold_digests, log_datasets
+    datasets = fold_digests(data.features, folds)
     if parent is None:
-        parent = client.create_run(experiment_id, run_name=f"search-{Path(args.space).stem}",
-                                   tags={TAG_KIND: "search", TAG_SPACE: space_key, TAG_STATE: "running"})
+        parent = client.create_run(experiment_id, run_name=f"search-{Path(args.space).stem}", tags=context_tags(
+            {TAG_KIND: "search", TAG_SPACE: space_key, TAG_STATE: "running"}))
         parent_id = parent.info.run_id
+        log_datasets(client, parent_id, base.data.data_dir, datasets)
         ray_path = os.path.join(os.path.abspath(args.storage) if "://" not in args.storage else args.storage,
                                 f"search-{parent_id[:12]}")
         client.set_tag(parent_id, TAG_RAY_PATH, ray_path)
@@ -133,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from search.driver import run_tuner
     interrupted = run_tuner(spec, base, data, folds, tracking_uri, experiment_id, parent_id, ray_path,
-                            address=args.address, resume=args.resume)
+                            address=args.address, resume=args.resume, datasets=datasets)
 
     from search.report import baseline_line, cost_line, finalize_parent, top_table
     if interrupted:
@@ -162,5 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if best is not None else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script's entry point."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

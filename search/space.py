@@ -227,6 +227,35 @@ def load_space(path: str | Path) -> SearchSpec:
     return spec
 
 
+def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | None = None,
+                max_concurrent: int | None = None, seed: int | None = None,
+                sets: dict[str, Any] | None = None) -> list[str]:
+    """Command-line flags over the space file's values: resources per trial, concurrency, the
+    searcher's seed, and `--set key=value` (fixes a config key; a searched key stops being
+    searched). Returns the searched keys that --set fixed."""
+    for flag, value, ok, expected in (("--cpus-per-trial", cpus, cpus is None or cpus > 0, "> 0"),
+                                      ("--gpus-per-trial", gpus, gpus is None or gpus >= 0, ">= 0"),
+                                      ("--max-concurrent", max_concurrent,
+                                       max_concurrent is None or max_concurrent > 0, "> 0")):
+        if not ok:
+            raise ConfigError(f"{flag} {value}: must be {expected}")
+    spec.cpu = spec.cpu if cpus is None else cpus
+    spec.gpu = spec.gpu if gpus is None else gpus
+    spec.max_concurrent = spec.max_concurrent if max_concurrent is None else max_concurrent
+    spec.seed = spec.seed if seed is None else seed
+    typed = Config.from_flat(sets or {}, source="--set").to_flat()  # unknown keys, bad values: one line
+    unsearched = []
+    for key in sets or {}:
+        spec.fixed[key] = typed[key]
+        if spec.params.pop(key, None) is not None:
+            unsearched.append(key)
+    try:
+        spec.base_config()
+    except ConfigError as e:
+        raise ConfigError(f"--set: {str(e).split(': ', 1)[-1]}") from None
+    return unsearched
+
+
 def check_against_data(spec: SearchSpec, n_train: int) -> None:
     """Refuse settings the data cannot satisfy, e.g. a batch larger than a fold's training part."""
     sizes = [spec.base_config().train.batch_size]

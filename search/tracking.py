@@ -17,13 +17,17 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
 
-from mmsa.run_tags import (TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_PROCESS,
-                            TAG_SPACE, TAG_STATE, TAG_TRIAL)
+from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
+                            TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL)
+from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
-DEFAULT_EXPERIMENT = "mmsa-search"
 MAX_TAG_CHARS = 5000
+# What Ray adds to every reported result (and the trainable's own bookkeeping): not results.
+NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint",
+                                             "node_id", "trial_process", FINAL_KEY}
 
 
 def prepare_tracking_uri(uri: str) -> str:
@@ -34,13 +38,18 @@ def prepare_tracking_uri(uri: str) -> str:
 
 
 def get_experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created where missing; tagged as a model-development experiment either
+    way (stores made before the tag get it too)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND_TAGS.items():
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):  # artifacts beside the db, under mlruns/
         location = (Path(tracking_uri[len("sqlite:///"):]).parent.resolve() / "artifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND_TAGS)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -86,9 +95,11 @@ class MlflowTrialLogger(Callback):
     rebuilt after a restore.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base: dict):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base: dict,
+                 datasets: dict[str, str] | None = None):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.base = parent_run_id, base
+        self.datasets = datasets or {}  # {context: digest} of what every trial uses (mmsa.records)
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] | None = None  # trial id -> run id of its live attempt
         self._attempts: dict[str, int] = {}
@@ -126,12 +137,14 @@ class MlflowTrialLogger(Callback):
         attempt = self._attempts.get(trial.trial_id, 0) + 1
         self._attempts[trial.trial_id] = attempt
         name = f"trial-{trial.trial_id}" + (f"-attempt{attempt}" if attempt > 1 else "")
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=context_tags({
             TAG_PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial.trial_id,
-            TAG_ATTEMPT: str(attempt)})
+            TAG_ATTEMPT: str(attempt)}))
         runs[trial.trial_id] = run.info.run_id
         self._started_here.add(trial.trial_id)
         log_params(self.client, run.info.run_id, {**self.base, **trial.config})
+        if self.datasets:
+            log_datasets(self.client, run.info.run_id, self.base.get("data_dir", "."), self.datasets)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_map().get(trial.trial_id)
@@ -144,7 +157,7 @@ class MlflowTrialLogger(Callback):
         fold = int(result.get("folds_done", result.get("training_iteration", 0)))
         # The CV metrics at step = folds done, and the fold's learning curve, one step per epoch
         # (fold<k>_val_acc, ...), in one request.
-        items = metric_items(result, fold)
+        items = metric_items({k: v for k, v in result.items() if k not in NOT_METRICS}, fold)
         for epoch, point in enumerate(result.get("fold_curve") or [], 1):
             items += metric_items({f"fold{fold}_{k}": v for k, v in point.items()}, epoch)
         if items:
@@ -161,6 +174,11 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
+        run_id = self._run_map().get(trial.trial_id)
+        if run_id and last.get("val_confusion"):
+            log_confusion(self.client, run_id, last["val_confusion"],
+                          f"trial {trial.trial_id}: {last.get('folds_done', '?')} fold(s) at epoch "
+                          f"{last.get('best_epoch', '?')}, summed")
         self._end(trial, "FINISHED", "completed" if last.get(FINAL_KEY) else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info):

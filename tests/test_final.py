@@ -15,6 +15,15 @@ def _final(uri, run_id, out, *more):
                            "--out", str(out), *more], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+def _checkpoint(uri, run_id, tmp_path) -> dict:
+    """The checkpoint inside the MLflow model that a final run logged."""
+    import mlflow
+    from pathlib import Path
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / run_id))
+    return torch.load(Path(local) / "artifacts" / "model.pt", weights_only=True)
+
+
 def _check_predictions(path, subset_dir):
     expected = [ln.split(",")[0] for ln in (subset_dir / "test_without_label.txt").read_text().split()[1:]]
     lines = path.read_text().splitlines()
@@ -36,15 +45,32 @@ def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
     finals = child_runs(client, exp, parent_id, kind="final")
     assert len(finals) == 1
     run_id = finals[0].info.run_id
-    local = client.download_artifacts(run_id, "model/model.pt", str(tmp_path))
-    ckpt = torch.load(local, weights_only=True)
-    assert set(ckpt) == {"model", "config", "labels"} and ckpt["config"]["d_model"] == 32
-    assert ckpt["config"]["ensemble"] == 5 and "an ensemble of 5 models" in out.stdout  # the default
-    assert {k.split(".")[1] for k in ckpt["model"]} == {"0", "1", "2", "3", "4"}
+    ckpt = _checkpoint(uri, run_id, tmp_path)
+    assert set(ckpt) == {"format", "members", "labels"}
+    chosen = ckpt["members"][0]
+    assert chosen["name"] == "chosen config" and chosen["config"]["d_model"] == 32
+    from mmsa.final import DEFAULT_BLEND
+    assert len(ckpt["members"]) == 1 + len(DEFAULT_BLEND.split(","))  # the default blend's members
+    assert "blend: chosen config + linear probe" in out.stdout
+    assert chosen["config"]["ensemble"] == 5 and "an ensemble of 5 models" in out.stdout  # the default
+    assert {k.split(".")[1] for k in chosen["model"]} == {"0", "1", "2", "3", "4"}
     from mmsa.config import Config
     from mmsa.model import build_head
-    build_head(Config.from_flat(ckpt["config"]).model).load_state_dict(ckpt["model"])  # rebuilt from its config
+    build_head(Config.from_flat(chosen["config"]).model).load_state_dict(chosen["model"])  # rebuilt from its config
     assert {a.path for a in client.list_artifacts(run_id, "predictions")} == {"predictions/pred.txt"}
+
+
+def test_blend_members_are_named_and_checked(smoke_search, subset_dir, tmp_path):
+    tmp, uri, parent_id, _ = smoke_search
+    out = _final(uri, parent_id, tmp_path / "pred.txt", "--ensemble", "1", "--blend", "none")
+    assert out.returncode == 0 and "blend:" not in out.stdout, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
+                key=lambda r: r.info.start_time)
+    assert [m["name"] for m in _checkpoint(uri, final.info.run_id, tmp_path)["members"]] == ["chosen config"]
+    bad = _final(uri, parent_id, tmp_path / "q.txt", "--blend", "probe,knn")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--blend probe,knn" in bad.stderr
+    assert not (tmp_path / "q.txt").exists()
 
 
 def test_final_from_one_trial(smoke_search, subset_dir, tmp_path):
@@ -132,8 +158,8 @@ def test_final_can_bag_the_models_of_the_search_folds(smoke_search, subset_dir, 
     client = MlflowClient(uri)
     final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
                 key=lambda r: r.info.start_time)
-    ckpt = torch.load(client.download_artifacts(final.info.run_id, "model/model.pt", str(tmp_path)), weights_only=True)
-    assert ckpt["config"]["ensemble"] == 3 and {k.split(".")[1] for k in ckpt["model"]} == {"0", "1", "2"}
+    chosen = _checkpoint(uri, final.info.run_id, tmp_path)["members"][0]
+    assert chosen["config"]["ensemble"] == 3 and {k.split(".")[1] for k in chosen["model"]} == {"0", "1", "2"}
     both = _final(uri, parent_id, tmp_path / "q.txt", "--bag", "folds", "--ensemble", "2")
     assert both.returncode == 2 and "--ensemble" in both.stderr and both.stderr.strip().count("\n") == 0
 

@@ -29,3 +29,19 @@ def test_probe_cv_scores_each_fold(subset_prepared):
     assert len(out["probe_fold_val_acc"]) == 3 and 0 <= out["probe_val_acc"] <= 1
     assert out["probe_val_acc"] == pytest.approx(np.mean(out["probe_fold_val_acc"]))
     assert out == probe_cv(p.features, folds)  # deterministic
+
+
+def test_the_probe_as_a_head_gives_the_probe_s_probabilities(subset_prepared):
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from mmsa.config import ModelConfig
+    from mmsa.model import probe_head
+    from mmsa.probe import fit_probe, pooled_features
+    from mmsa.train import predict_proba
+    _, data = subset_prepared
+    f = data.features
+    head = probe_head(ModelConfig(text_dim=f.text_dim, image_dim=f.image_dim), *fit_probe(f, data.train))
+    ours = predict_proba(head, f, data.val.rows, torch.device("cpu"))
+    sklearn = LogisticRegression(C=1.0, max_iter=2000).fit(pooled_features(f, data.train.rows), data.train.labels)
+    assert np.allclose(ours, sklearn.predict_proba(pooled_features(f, data.val.rows)), atol=1e-5)

@@ -99,3 +99,13 @@ def test_a_server_that_cannot_start_says_why_and_leaves_nothing_behind():
     assert not srv.wait_ready()
     assert "No module named 'no_such_module_for_mmsa'" in srv.failure
     assert srv.process.poll() is not None and not srv.folder.exists()
+
+
+def test_gpu_trials_and_clusters_do_not_fork_from_the_server(tmp_path):
+    from search.driver import trials_fork
+    from search.space import load_space
+    spec = load_space(ROOT / "spaces" / "smoke.yaml")
+    assert trials_fork(spec, None)  # CPU trials on this machine: forked
+    assert not trials_fork(spec, "auto")  # a cluster: the driver's machine may run no trials
+    spec.gpu = 0.5
+    assert not trials_fork(spec, None)  # CUDA does not survive a fork

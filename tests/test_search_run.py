@@ -58,6 +58,28 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     assert f"cost: {folds_trained} folds ({2 * folds_trained} epochs) trained, of 12 (24)" in out.stdout
 
 
+def test_smoke_search_records_what_a_user_needs_in_the_ui(smoke_search, subset_dir):
+    tmp, uri, parent_id, _ = smoke_search
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    # the UI opens the experiment on its training runs, not on the GenAI overview
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    children = child_runs(client, parent.info.experiment_id, parent_id)
+    for run in [parent, *children]:
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]  # MLflow's context tags
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "validation"}  # every labeled pair, in folds
+        assert {d.source_type for d in inputs.values()} == {"local"} and str(subset_dir) in inputs["train"].source
+        assert inputs["train"].digest == inputs["validation"].digest  # 3 folds: both are all labeled pairs
+    assert len({i.dataset.digest for r in [parent, *children] for i in r.inputs.dataset_inputs}) == 1
+    for child in children:
+        assert not {"pid", "timestamp", "time_this_iter_s", "time_total_s", "iterations_since_restore",
+                    "training_iteration", "done"} & set(child.data.metrics)  # Ray's bookkeeping is not a result
+        assert "best_val_acc" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"confusion_matrix.png", "confusion_matrix.json"} <= artifacts
+
+
 def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
     """A 5-trial search whose trials are long (`epochs`, no early stopping), returned once two
     trials have finished, so that a kill lands mid-search with a trial running."""

@@ -94,3 +94,43 @@ def test_cli_refuses_bad_space_before_ray(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert str(path) in out.stderr and "params.lr" in out.stderr and "Traceback" not in out.stderr
     assert "ray" not in out.stdout.lower() and time.time() - start < 60
+
+
+def test_command_line_flags_override_the_space_file():
+    from search.space import apply_flags
+    spec = load_space(ROOT / "spaces" / "fusion.yaml")
+    assert "head" in spec.params and "lr" in spec.params
+    unsearched = apply_flags(spec, cpus=2, gpus=0.5, max_concurrent=3, seed=7,
+                             sets={"head": "mlp", "warmup_frac": "0.2"})
+    assert unsearched == ["head"] and "head" not in spec.params and "lr" in spec.params
+    assert (spec.cpu, spec.gpu, spec.max_concurrent, spec.seed) == (2, 0.5, 3, 7)
+    cfg = spec.base_config()
+    assert cfg.model.head == "mlp" and cfg.train.warmup_frac == 0.2 and spec.fixed["warmup_frac"] == 0.2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"cpus": 0}, r"--cpus-per-trial 0: must be > 0"),
+    ({"gpus": -1}, r"--gpus-per-trial -1: must be >= 0"),
+    ({"max_concurrent": 0}, r"--max-concurrent 0: must be > 0"),
+    ({"sets": {"nope": "1"}}, r"--set: unknown key 'nope'"),
+    ({"sets": {"head": "cnn"}}, r"--set: key 'head' = 'cnn'"),
+])
+def test_bad_flags_are_refused_with_one_line(kwargs, match):
+    from search.space import apply_flags
+    with pytest.raises(ConfigError, match=match):
+        apply_flags(load_space(ROOT / "spaces" / "fusion.yaml"), **kwargs)
+
+
+def test_cli_refuses_ray_client_addresses(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "search.run", "--space", str(ROOT / "spaces" / "smoke.yaml"),
+                          "--address", "ray://head:10001", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "ray://head:10001" in out.stderr
+
+
+def test_loading_and_validating_a_space_imports_no_torch():
+    # the search driver validates every space file; torch would stay in its memory for the whole search
+    code = ("import sys; from search.space import load_space; "
+            "load_space('spaces/fusion.yaml').base_config(); assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]

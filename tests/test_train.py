@@ -199,3 +199,24 @@ def test_schedule_matches_transformers():
     for _ in range(50):
         assert a.get_last_lr() == pytest.approx(b.get_last_lr())
         ours.step(), theirs.step(), a.step(), b.step()
+
+
+@pytest.mark.parametrize("native, emulated, expected", [(True, True, "bfloat16"), (False, True, "float16"),
+                                                        (False, False, "float16")])
+def test_mixed_precision_uses_bf16_only_where_the_card_has_it(monkeypatch, native, emulated, expected):
+    from mmsa.train import amp_dtype
+    # a T4 (Colab) reports bf16 only through emulation: fp16 there, with a gradient scaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: emulated if including_emulation else native)
+    assert amp_dtype(torch.device("cuda")) == getattr(torch, expected)
+    assert amp_dtype(torch.device("cpu")) is None
+
+
+def test_precision_can_be_forced(monkeypatch):
+    from mmsa.train import amp_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cuda = torch.device("cuda")
+    assert amp_dtype(cuda, "fp16") == torch.float16 and amp_dtype(cuda, "bf16") == torch.bfloat16
+    assert amp_dtype(cuda, "fp32") is None and amp_dtype(torch.device("cpu"), "fp16") is None
+    with pytest.raises(Exception, match="precision"):
+        Config.from_flat({"precision": "fp8"})

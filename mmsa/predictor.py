@@ -1,0 +1,121 @@
+"""A final model: one or more members whose class probabilities are averaged, each a trained head
+with its own config, and so with the features (cache) it reads.
+
+Checkpoint: {"format": 2, "labels": [...], "members": [{"name", "config": flat config,
+"model": state_dict}]}, loadable with torch.load(weights_only=True). The backbones are never in it:
+they load from their packages (or the hub) by the names in each member's config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmsa.config import Config, DataConfig
+from mmsa.data import LABELS, Example
+from mmsa.errors import UserError
+
+FORMAT = 2
+
+
+@dataclass
+class Member:
+    name: str  # what it is, e.g. "chosen config" or "linear probe"
+    cfg: Config
+    model: torch.nn.Module
+
+
+def save_members(path: Path, members: list[Member]) -> None:
+    """Written to a temporary file, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"format": FORMAT, "labels": list(LABELS),
+                "members": [{"name": m.name, "config": m.cfg.to_flat(), "model": m.model.state_dict()}
+                            for m in members]}, tmp)
+    os.replace(tmp, path)
+
+
+def build_for(cfg: Config) -> torch.nn.Module:
+    """An untrained model of `cfg`'s shape (feature sizes already in the config)."""
+    if cfg.data.finetune == "full":
+        from mmsa.finetune import FullFusion
+        return FullFusion(cfg)
+    from mmsa.model import build_head
+    return build_head(cfg.model)
+
+
+def load_members(path: str | Path, device: torch.device | None = None) -> list[Member]:
+    """The members of a checkpoint, in eval mode. Checkpoints of one model (format 1, final
+    before members) load as one member."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: not a loadable mmsa checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or ("members" not in ckpt and "model" not in ckpt):
+        raise UserError(f"{path}: not an mmsa checkpoint (no 'members' or 'model')")
+    if list(ckpt.get("labels", LABELS)) != list(LABELS):
+        raise UserError(f"{path}: labels {ckpt['labels']} differ from this version's {list(LABELS)}")
+    entries = ckpt.get("members") or [{"name": "chosen config", "config": ckpt["config"], "model": ckpt["model"]}]
+    members = []
+    for entry in entries:
+        cfg = Config.from_flat(entry["config"], source=f"{path}: member '{entry['name']}'")
+        model = build_for(cfg)
+        model.load_state_dict(entry["model"])
+        members.append(Member(entry["name"], cfg, model.to(device or "cpu").eval()))
+    return members
+
+
+def feature_key(cfg: DataConfig) -> tuple:
+    """Members with equal keys read the same features."""
+    return (cfg.text_encoder, cfg.image_encoder, cfg.max_text_len, cfg.text_clean, cfg.finetune,
+            cfg.text_finetune_layers if cfg.finetune == "last_k" else 0)
+
+
+FeaturesFor = Callable[[DataConfig], tuple]  # data config -> (features, rows to predict)
+
+
+def predict_members(members: list[Member], features_for: FeaturesFor, device: torch.device) -> np.ndarray:
+    """(rows, classes): the mean of the members' class probabilities. `features_for` is called
+    once per distinct feature key."""
+    from mmsa.train import predict_proba
+    loaded: dict[tuple, tuple] = {}
+    probs = []
+    for m in members:
+        key = feature_key(m.cfg.data)
+        if key not in loaded:
+            loaded[key] = features_for(m.cfg.data)
+        features, rows = loaded[key]
+        probs.append(predict_proba(m.model.to(device), features, rows, device, precision=m.cfg.train.precision))
+    return np.mean(probs, 0)
+
+
+def examples_from(texts: list, images: list) -> list[Example]:
+    """Examples of raw pairs (guids "0", "1", ...): a missing text is an empty one; a missing or
+    unreadable image gets the blank image's features, as in final."""
+    out = []
+    for i, (text, image) in enumerate(zip(texts, images)):
+        text = "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
+        path = Path(str(image)) if image is not None and not (isinstance(image, float) and np.isnan(image)) \
+            else Path("")
+        has_image = bool(str(path)) and path.is_file() and path.stat().st_size > 0
+        out.append(Example(str(i), text, path, None, has_text=True, has_image=has_image))
+    return out
+
+
+def predict_examples(members: list[Member], examples: list[Example], cache_dir: str,
+                     device: torch.device) -> np.ndarray:
+    """Class probabilities of raw pairs, through each member's backbones (features cached in
+    `cache_dir`, reused where the same pairs were seen)."""
+    from dataclasses import replace
+
+    from mmsa.features import RawSource, features_of
+
+    def features_for(cfg: DataConfig):
+        cfg = replace(cfg, cache_dir=cache_dir)
+        features = RawSource(examples, cfg) if cfg.finetune == "full" else features_of(cfg, examples)
+        return features, np.arange(len(examples))
+    return predict_members(members, features_for, device)

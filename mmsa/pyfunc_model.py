@@ -1,0 +1,7 @@
+"""The file MLflow runs to build the pyfunc model (models from code: nothing is pickled)."""
+
+from mlflow.models import set_model
+
+from mmsa.pyfunc import SentimentModel
+
+set_model(SentimentModel())
