@@ -9,6 +9,8 @@ from mmsa.run_tags import TAG_KIND
 from search.tracking import child_runs
 from tests.search_helpers import ROOT
 
+pytestmark = pytest.mark.slow  # a real search and retrains
+
 
 def _final(uri, run_id, out, *more):
     return subprocess.run([sys.executable, "-m", "mmsa.final", "--run-id", run_id, "--tracking-uri", uri,

@@ -12,6 +12,8 @@ import pytest
 
 from tests.search_helpers import ROOT
 
+pytestmark = pytest.mark.slow  # a real search, a retrain and a model server
+
 
 @pytest.fixture(scope="module")
 def registered(smoke_search, subset_dir, subset_cache, tmp_path_factory):
@@ -80,7 +82,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_mlflow_serves_the_registered_model(registered, subset_dir, tmp_path):
     uri, final_file, _ = registered
     port = _free_port()

@@ -15,6 +15,8 @@ from mmsa.run_tags import TAG_NODE, TAG_PROCESS
 from search.tracking import child_runs
 from tests.search_helpers import run_search, write_space
 
+pytestmark = pytest.mark.slow  # a two-node Ray cluster
+
 PORT = "6391"
 
 

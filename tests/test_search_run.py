@@ -10,6 +10,8 @@ from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_PROCESS, TAG_STATE, TAG_TRIAL
 from search.tracking import child_runs
 from tests.search_helpers import ROOT, run_search, search_cmd, write_space
 
+pytestmark = pytest.mark.slow  # real searches in subprocesses
+
 
 def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     tmp, uri, parent_id, out = smoke_search

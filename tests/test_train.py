@@ -118,7 +118,10 @@ def test_cli_last_line_is_metrics_json(subset_prepared):
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("metrics=")
     metrics = json.loads(last[len("metrics="):])
-    assert 0 <= metrics["val_acc"] <= 1 and 0 <= metrics["val_macro_f1"] <= 1
+    confusion = np.array(metrics["val_confusion"])
+    assert confusion.sum() == 27  # the 30% validation part of the 90 pairs
+    assert metrics["val_acc"] == pytest.approx(np.trace(confusion) / confusion.sum())  # from the predictions
+    assert "val_macro_f1" in metrics and metrics["best_epoch"] == 1
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
@@ -142,7 +145,9 @@ def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
     result = fit(cfg, p.features, p.train, p.val)
     after = result.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it was trained
-    assert 0 <= result.metrics["val_acc"] <= 1
+    # the kept model is the one scored: predicting again gives the reported accuracy
+    probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
+    assert result.metrics["val_acc"] == pytest.approx(float((probs.argmax(1) == p.val.labels).mean()))
 
 
 def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
@@ -163,7 +168,7 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     changed = [k for k in start if k.startswith(("text_backbone", "image_backbone")) and start[k].is_floating_point()
                and not torch.equal(start[k], end[k])]
     assert any(k.startswith("text_backbone") for k in changed) and any(k.startswith("image_backbone") for k in changed)
-    assert 0 <= result.metrics["val_acc"] <= 1
+    assert sum(map(sum, result.metrics["val_confusion"])) == 8  # every validation pair was scored
 
 
 def test_full_finetune_trains_the_backbones_at_a_scaled_learning_rate(subset_dir, tmp_path):
