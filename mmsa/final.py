@@ -40,8 +40,8 @@ DEFAULT_BLEND = "probe,finetune"
 # on a 3-epoch warm-up + cosine schedule stopped after epoch 2, the epoch cross-validation chose
 # (bench/results/cv_finetune.md).
 FINETUNE_EPOCHS = 2
-FINETUNE_MEMBER = {"finetune": "last_k", "text_finetune_layers": 6, "head": "mlp", "pooling": "mean", "lr": 1e-3,
-                   "text_lr_scale": 0.03, "max_epochs": 3, "stop_epoch": FINETUNE_EPOCHS, "ensemble": 1}
+FINETUNE_MEMBER = {"finetune": "last_k", "head": "mlp", "pooling": "mean", "lr": 1e-3, "text_lr_scale": 0.03,
+                   "max_epochs": 3, "stop_epoch": FINETUNE_EPOCHS, "ensemble": 1}  # + every text layer
 DEFAULT_MODEL_NAME = "mmsa-sentiment"  # mmsa.pyfunc's; kept here so --help needs no MLflow import
 BAGS = ("seeds", "folds")
 DEFAULT_BAG = "seeds"
@@ -254,8 +254,11 @@ def blend_members(cfg: Config, blend: list[str], prepared_for, on_epoch=None) ->
     if "finetune" in blend:
         keep = {k: getattr(cfg.data, k) for k in ("data_dir", "cache_dir", "text_encoder", "image_encoder",
                                                    "max_text_len", "text_clean", "split_seed")}
-        ft_cfg = Config.from_flat({**keep, **FINETUNE_MEMBER, "seed": cfg.train.seed, "device": cfg.train.device,
-                                   "num_threads": cfg.train.num_threads}, source="--blend finetune")
+        from mmsa.encoders import build_text_encoder
+        layers = build_text_encoder(cfg.data.text_encoder).num_layers  # the whole text model trains
+        ft_cfg = Config.from_flat({**keep, **FINETUNE_MEMBER, "text_finetune_layers": layers, "seed": cfg.train.seed,
+                                   "device": cfg.train.device, "num_threads": cfg.train.num_threads},
+                                  source="--blend finetune")
         data = prepared_for(ft_cfg.data)
         print(f"blend member: fine-tuned {cfg.data.text_encoder}, {ft_cfg.train.stop_epoch} of "
               f"{ft_cfg.train.max_epochs} scheduled epochs", flush=True)
