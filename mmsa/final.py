@@ -30,7 +30,7 @@ from mmsa.cli import quiet_libraries, run_main
 from mmsa.config import Config
 from mmsa.data import LABELS
 from mmsa.errors import UserError
-from mmsa.run_tags import TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE, tracking_uri
+from mmsa.run_tags import TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE, sqlite_file, tracking_uri
 
 DEFAULT_ENSEMBLE = 5
 BLENDS = ("probe", "finetune")
@@ -42,7 +42,7 @@ DEFAULT_BLEND = "probe,finetune"
 FINETUNE_EPOCHS = 2
 FINETUNE_MEMBER = {"finetune": "last_k", "head": "mlp", "pooling": "mean", "lr": 1e-3, "text_lr_scale": 0.03,
                    "max_epochs": 3, "stop_epoch": FINETUNE_EPOCHS, "ensemble": 1}  # + every text layer
-DEFAULT_MODEL_NAME = "mmsa-sentiment"  # mmsa.pyfunc's; kept here so --help needs no MLflow import
+DEFAULT_MODEL_NAME = "mmsa-sentiment"  # what --register names the model when given no name
 BAGS = ("seeds", "folds")
 DEFAULT_BAG = "seeds"
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
     uri = tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if sqlite_file(uri) is not None and not sqlite_file(uri).exists():
         raise UserError(f"tracking URI {uri}: no MLflow store there (run a search first)")
     client = MlflowClient(uri)
     flat, epochs, parent_id, what, trial = resolve_run(client, args.run_id)
@@ -322,7 +322,7 @@ def _log_final_run(client, uri, parent_id, cfg, result, members, out: Path, tags
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=rid):
         ckpt = Path(tmp) / "model.pt"
         save_members(ckpt, members)
-        info = log_model(ckpt, input_example(cfg.data.data_dir, data.test.guids[:2]), register)
+        info = log_model(ckpt, members, input_example(cfg.data.data_dir, data.test.guids[:2]), register)
     print(f"logged final run {rid}" + (f" under search {parent_id}" if parent_id else "")
           + f"; model {info.model_uri}", flush=True)
     if register:

@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmsa.data import LABELS, load_dataset
     from mmsa.final import write_predictions
-    from mmsa.run_tags import tracking_uri
+    from mmsa.run_tags import sqlite_file, tracking_uri
     uri = tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists() and \
-            args.model.startswith(("models:/", "runs:/")):
+    if sqlite_file(uri) is not None and not sqlite_file(uri).exists() and args.model.startswith(("models:/", "runs:/")):
         raise UserError(f"tracking URI {uri}: no MLflow store there (--tracking-uri?)")
     mlflow.set_tracking_uri(uri)
     t0 = time.time()

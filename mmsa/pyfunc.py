@@ -17,7 +17,6 @@ import pandas as pd
 from mmsa.data import LABELS
 
 CHECKPOINT = "checkpoint"
-DEFAULT_MODEL_NAME = "mmsa-sentiment"
 PROB_COLUMNS = [f"p_{name}" for name in LABELS]
 # Features of the pairs a served model sees are cached here (the pairs' content keys them).
 CACHE_ENV = "MMSA_CACHE_DIR"
@@ -71,15 +70,14 @@ def input_example(data_dir: str, guids: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["text", "image"])
 
 
-def log_model(checkpoint: Path, example: pd.DataFrame, registered_name: str | None = None):
-    """Log the pyfunc model under the active run as `model` (and register it as `registered_name`).
-    The signature comes from the example and the model's own prediction of it."""
+def log_model(checkpoint: Path, members, example: pd.DataFrame, registered_name: str | None = None):
+    """Log the pyfunc model whose checkpoint holds `members` under the active run as `model` (and
+    register it as `registered_name`). The signature comes from the example and the members'
+    prediction of it."""
     from mlflow.models import infer_signature
-
-    from mmsa.predictor import load_members
-    loaded = SentimentModel()
-    loaded.members = load_members(checkpoint)
-    signature = infer_signature(example, loaded.predict(None, example))
+    in_memory = SentimentModel()
+    in_memory.members = members
+    signature = infer_signature(example, in_memory.predict(None, example))
     import shutil
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:  # this package's source, without bytecode

@@ -3,6 +3,7 @@ contract between `search/` and `mmsa/final.py` (mmsa may not import search), and
 resolve the store: a flag beats MLflow's own environment variables, which beat the defaults."""
 
 import os
+from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "mmsa-search"
@@ -22,6 +23,11 @@ TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"
 TAG_SOURCE = "mmsa.source"  # on a final run: which search or trial its config came from
 TAG_PARENT = "mlflow.parentRunId"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` tracking URI; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def tracking_uri(flag: str | None) -> str:

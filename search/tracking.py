@@ -20,7 +20,7 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
-                            TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL)
+                            TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
 from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
@@ -32,8 +32,8 @@ NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag
 
 def prepare_tracking_uri(uri: str) -> str:
     """Create the folder of a local sqlite store (MLflow does not)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if sqlite_file(uri) is not None:
+        sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
@@ -47,8 +47,8 @@ def get_experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
-    if tracking_uri.startswith("sqlite:///"):  # artifacts beside the db, under mlruns/
-        location = (Path(tracking_uri[len("sqlite:///"):]).parent.resolve() / "artifacts").as_uri()
+    if sqlite_file(tracking_uri) is not None:  # artifacts beside the db, under mlruns/
+        location = (sqlite_file(tracking_uri).parent.resolve() / "artifacts").as_uri()
     return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND_TAGS)
 
 
