@@ -13,11 +13,15 @@ same stratified 5-fold partitions as bench/cv.py, paired against the plain probe
   probe is trained again. One row per tau; the rows show which tau CV prefers, so the best row
   is optimistic by the choice among them. `+test` rows also pseudo-label the 1,111 test pairs
   (their features, never labels: the test labels are not given).
+- `--flip`: the pooled image feature averaged with that of the horizontally mirrored image.
+- `--extra-text ENCODER` (e.g. `hf:/path/to/all-mpnet-base-v2`): rows with that encoder's pooled
+  text in place of MiniLM's, and beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +61,28 @@ def layer_means(data_dir: str, guids: list[str]) -> dict[int, np.ndarray]:
                 hidden = _run_text_top(torch.nn.ModuleList([layer]), hidden, mask)
                 out[k].append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def flipped_image_means(data_dir: str, guids: list[str]) -> np.ndarray:
+    """(len(guids), Di) mean image tokens of the mirrored images, `efficientnet_lite0` as the cache."""
+    import torch
+    from torchvision import transforms as T
+
+    from mmsa.data import load_dataset
+    from mmsa.encoders import build_image_encoder
+    from mmsa.features import _ImageFiles
+    by_guid = {ex.guid: ex for ex in load_dataset(data_dir).all_examples}
+    encoder = build_image_encoder("efficientnet_lite0").eval()
+    pre = encoder.preprocess
+    files = _ImageFiles([by_guid[g] for g in guids], T.Compose([T.RandomHorizontalFlip(1.0), pre.transform()]),
+                        pre.size)
+    out = []
+    with torch.no_grad():
+        for s, (images, _) in enumerate(torch.utils.data.DataLoader(files, batch_size=32, num_workers=2)):
+            out.append(encoder(images).float().mean(1).numpy())
+            if s % 20 == 0:
+                print(f"  mirrored images: {32 * s} / {len(guids)}", flush=True)
+    return np.concatenate(out)
 
 
 def unlabeled_guids(data: Path) -> list[str]:
@@ -111,31 +137,51 @@ def main() -> None:
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--save-oof", metavar="DIR", help="write each variant's out-of-fold probabilities (bench/blend.py)")
+    p.add_argument("--flip", action="store_true", help="also score mirrored images averaged in")
+    p.add_argument("--extra-text", metavar="ENCODER", help="also score this text encoder's pooled features")
+    p.add_argument("--only", metavar="REGEX", help="score only the variants whose name matches (the probe always)")
     p.add_argument("--out", default="probe_variants")
     args = p.parse_args()
+    wanted = lambda name: name == "probe" or not args.only or re.search(args.only, name)  # noqa: E731
     cfg = DataConfig(data_dir=args.data)
     data = prepare(cfg, val_fraction=0.0)
     every = np.concatenate([data.train.rows, data.test.rows])  # train then test, as layer_means
     base = pooled_features(data.features, every)  # [text L6, image]
     x_row = {int(r): i for i, r in enumerate(every)}
-    print("pooling every MiniLM layer ...", flush=True)
-    layers = layer_means(args.data, data.train.guids + data.test.guids)
-    unl_guids = unlabeled_guids(Path(args.data))
-    print(f"{len(unl_guids)} unlabeled pairs: features ...", flush=True)
-    x_unl = unlabeled_features(Path(args.data), unl_guids, cfg.cache_dir)
     x_test = base[len(data.train.rows):]
     image = base[:, data.features.text_dim:]
-
-    variants = {"probe": (base, None, 1.0),
-                "layers 5+6": (np.concatenate([_l2(layers[5]), base], 1), None, 1.0),
-                "layers 4+6": (np.concatenate([_l2(layers[4]), base], 1), None, 1.0),
-                "layers 0+6": (np.concatenate([_l2(layers[0]), base], 1), None, 1.0),
-                "layers mean 4..6": (np.concatenate([_l2(np.mean([layers[k] for k in (4, 5, 6)], 0)), image], 1),
-                                     None, 1.0)}
-    for tau in TAUS:
-        variants[f"self-training tau {tau}"] = (base, x_unl, tau)
-    for tau in TAUS:
-        variants[f"self-training tau {tau} +test"] = (base, np.concatenate([x_unl, x_test]), tau)
+    variants = {"probe": (base, None, 1.0)}
+    if any(wanted(f"layers {k}") for k in ("5+6", "4+6", "0+6", "mean 4..6")):
+        print("pooling every MiniLM layer ...", flush=True)
+        layers = layer_means(args.data, data.train.guids + data.test.guids)
+        variants.update({
+            "layers 5+6": (np.concatenate([_l2(layers[5]), base], 1), None, 1.0),
+            "layers 4+6": (np.concatenate([_l2(layers[4]), base], 1), None, 1.0),
+            "layers 0+6": (np.concatenate([_l2(layers[0]), base], 1), None, 1.0),
+            "layers mean 4..6": (np.concatenate([_l2(np.mean([layers[k] for k in (4, 5, 6)], 0)), image], 1),
+                                 None, 1.0)})
+    if wanted("self-training"):
+        unl_guids = unlabeled_guids(Path(args.data))
+        print(f"{len(unl_guids)} unlabeled pairs: features ...", flush=True)
+        x_unl = unlabeled_features(Path(args.data), unl_guids, cfg.cache_dir)
+        for tau in TAUS:
+            variants[f"self-training tau {tau}"] = (base, x_unl, tau)
+        for tau in TAUS:
+            variants[f"self-training tau {tau} +test"] = (base, np.concatenate([x_unl, x_test]), tau)
+    if args.flip:
+        flipped = flipped_image_means(args.data, data.train.guids + data.test.guids)
+        both = _l2(image + _l2(flipped))  # image: the plain images' L2-normed mean tokens
+        variants["image + mirrored"] = (np.concatenate([base[:, :data.features.text_dim], both], 1), None, 1.0)
+    if args.extra_text:
+        other = prepare(DataConfig(data_dir=args.data, text_encoder=args.extra_text), val_fraction=0.0)
+        if not np.array_equal(np.asarray(other.train.guids + other.test.guids),
+                              np.asarray(data.train.guids + data.test.guids)):
+            sys.exit("bench/probe_variants.py: the two caches list the pairs in another order")
+        text = pooled_features(other.features, np.concatenate([other.train.rows, other.test.rows]))
+        text = text[:, :other.features.text_dim]
+        variants["text: extra"] = (np.concatenate([text, image], 1), None, 1.0)
+        variants["text: minilm + extra"] = (np.concatenate([text, base], 1), None, 1.0)
+    variants = {k: v for k, v in variants.items() if wanted(k)}
 
     results = {}
     for name, (x_all, extra, tau) in variants.items():
@@ -164,7 +210,8 @@ def main() -> None:
         rows.append([name, *paired_cells(accs, f1s, ref), f"{added:.0f}" if name.startswith("self") else ""])
     body = table(["probe variant", *PAIRED_HEADER, "pseudo-labeled pairs added per fold"], rows)
     body += (f"\n\n5-fold stratified CV over train.txt, {args.repeats} repeat(s) (split seeds 0..{args.repeats - 1}); "
-             f"{len(unl_guids)} unlabeled pairs in data/.")
+             f"{len(unlabeled_guids(Path(args.data)))} unlabeled pairs in data/"
+             + (f"; extra text encoder: `{args.extra_text}`." if args.extra_text else "."))
     write_result(args.out, "Probe variants: MiniLM layers and unlabeled pairs", body,
                  "python bench/probe_variants.py " + " ".join(sys.argv[1:]))
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import yaml
 
-from mmsa.config import Config, parse_overrides
+from mmsa.config import Config, parse_overrides, refuse_derived
 from mmsa.errors import ConfigError, UserError
 
 
@@ -50,8 +50,8 @@ def read_yaml(path: str | Path) -> dict:
 def config_from_args(data_dir: str | None, overrides: list[str], config_file: str | None = None) -> Config:
     cfg = Config()
     if config_file:
-        cfg.update(read_yaml(config_file), source=str(config_file))
-    cfg.update(parse_overrides(overrides or []), source="--set")
+        cfg.update(refuse_derived(read_yaml(config_file), str(config_file)), source=str(config_file))
+    cfg.update(refuse_derived(parse_overrides(overrides or []), "--set"), source="--set")
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     return cfg

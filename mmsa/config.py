@@ -185,6 +185,19 @@ class Config:
                 raise ConfigError(f"{source}: key '{key}' = {value!r}, expected {expected}")
 
 
+# Model sizes that follow from the data config and the feature cache (mmsa.train.build_model sets
+# them; checkpoints carry them): refused where users give values, which would be overwritten.
+DERIVED_KEYS = ("text_backbone", "text_layers", "text_dim", "image_dim", "num_classes")
+
+
+def refuse_derived(values: dict[str, Any], source: str) -> dict[str, Any]:
+    for key in values:
+        if key in DERIVED_KEYS:
+            raise ConfigError(f"{source}: key '{key}' follows from the data and the feature cache; "
+                              f"it cannot be set")
+    return values
+
+
 def coerce(value: Any, typ: type, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise a one-line ConfigError."""
     try:

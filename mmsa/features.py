@@ -9,7 +9,7 @@ place only once complete, with `meta.json` written last; a folder without a matc
 `meta.json` (a killed build, a copy gone wrong) is never trusted and gets rebuilt.
 
 torch is imported only where backbones run or batches are made, so a process that just opens the
-cache (the search driver) does not pay for torch (~0.3 GiB of private memory per process).
+cache (the search driver) does not pay for torch's memory.
 """
 
 from __future__ import annotations

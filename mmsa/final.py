@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 import time
 from collections import Counter
@@ -45,19 +44,6 @@ FINETUNE_MEMBER = {"finetune": "last_k", "head": "mlp", "pooling": "mean", "lr":
 DEFAULT_MODEL_NAME = "mmsa-sentiment"  # what --register names the model when given no name
 BAGS = ("seeds", "folds")
 DEFAULT_BAG = "seeds"
-
-
-def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
-    """`guid,tag` then one line per guid, via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("guid,tag\n")
-            f.writelines(f"{g},{t}\n" for g, t in zip(guids, tags))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resolve_run(client, run_id: str):
@@ -190,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         result = fit_fold_bag(cfg, data, cv_folds, show)
     else:
         result = fit(cfg, data.features, data.train, None, on_epoch=show, progress=cfg.data.finetune == "full")
-    from mmsa.predictor import Member, feature_key, predict_members
+    from mmsa.predictor import Member, feature_key, predict_members, write_predictions
     prepared = {feature_key(cfg.data): data}
 
     def prepared_for(data_cfg):

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from mmsa.data import LABELS, load_dataset
-    from mmsa.final import write_predictions
+    from mmsa.predictor import write_predictions
     from mmsa.run_tags import sqlite_file, tracking_uri
     uri = tracking_uri(args.tracking_uri)
     if sqlite_file(uri) is not None and not sqlite_file(uri).exists() and args.model.startswith(("models:/", "runs:/")):

@@ -119,3 +119,16 @@ def predict_examples(members: list[Member], examples: list[Example], cache_dir: 
         features = RawSource(examples, cfg) if cfg.finetune == "full" else features_of(cfg, examples)
         return features, np.arange(len(examples))
     return predict_members(members, features_for, device)
+
+
+def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
+    """`guid,tag` then one line per guid, via a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("guid,tag\n")
+            f.writelines(f"{g},{t}\n" for g, t in zip(guids, tags))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -86,8 +86,7 @@ def prepare_in_subprocess(cfg: DataConfig, val_fraction: float | None = None) ->
 
     Building (or merely fingerprinting) the cache loads torch and both backbones; done here, they
     would stay in this process's memory for good. The search driver calls this, so that for the
-    whole search it holds no torch and no backbone (measured: driver 0.83 -> 0.59 GiB PSS; a
-    one-trial search 2.89 -> 2.74 GiB, bench/memory.py).
+    whole search it holds no torch and no backbone (what that saves: bench/results/memory.md).
     Errors in the child (a bad dataset folder, ...) are raised here as they are.
     With finetune=full there is no cache (backbones run per batch): the child only reads the
     dataset and splits it.

@@ -16,6 +16,7 @@ TAG_TRIAL = "mmsa.trial_id"
 TAG_ATTEMPT = "mmsa.attempt"
 TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | interrupted
 TAG_ERROR = "mmsa.error"
+TAG_NOT_RESUMED = "mmsa.not_resumed"  # on an interrupted trial that Ray did not know when resuming
 TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
 TAG_PROCESS = "mmsa.trial_process"  # "fork" (of the search's fork server) or "ray worker"
 TAG_SPACE = "mmsa.space"

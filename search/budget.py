@@ -25,14 +25,12 @@ class Footprint:
     trial: int  # what each concurrent trial adds before its activations
 
 
-# bench/memory.py, smoke space, 0.73 GiB cache, trials handing freed memory back after every epoch
-# (bench/results/memory.md, 2026-11-27). Trials forked from the fork server (the default): 1 trial
-# peaks at 2.39 GiB PSS, 2 at 2.59, so a trial adds 0.19-0.20 and the rest is 2.39 - 0.73 - 0.20
-# = 1.46; rounded up here, as the fusion space's trials hold more.
-FORKED = Footprint(driver=int(1.55 * GIB), trial=int(0.25 * GIB))
-# fork_trials: false (every trial process imports torch): 2.26-2.37 / 2.92-2.97 GiB, a trial 0.59-0.66.
-OWN_PROCESS = Footprint(driver=int(1.05 * GIB), trial=int(0.66 * GIB))
-BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (measured: 4.4 MB/example at 113 tokens, d=128, 5 layers)
+# From bench/memory.py (bench/results/memory.md): the whole search's peak PSS with one and with two
+# concurrent trials on the smoke space; a trial is the difference, the driver the rest minus the
+# cache, each rounded up (the fusion space's trials hold more).
+FORKED = Footprint(driver=int(1.55 * GIB), trial=int(0.25 * GIB))  # fork_trials: true
+OWN_PROCESS = Footprint(driver=int(1.05 * GIB), trial=int(0.66 * GIB))  # every trial imports torch
+BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (bench/memory.py)
 
 
 def parse_size(text: str, where: str = "--memory-budget") -> int:

@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from mmsa.features import RawSource
-from mmsa.run_tags import TAG_TRIAL
+from mmsa.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import forkserver
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
@@ -49,9 +49,8 @@ def trials_fork(spec, address: str | None) -> bool:
 
 
 # What a trial imports, loaded once by the fork server so that forks share it. torch.optim imports
-# torch._dynamo (870 modules, sympy among them) at a trial's first optimizer: without these two
-# preloaded, each fork spent 1.4 s importing and held 136 MB of its own after 3 epochs; with them,
-# 22 MB (default config, measured in a fork's /proc/self/smaps_rollup).
+# torch._dynamo (hundreds of modules, sympy among them) at a trial's first optimizer: unless it is
+# preloaded, every fork imports it again into memory of its own.
 TRIAL_IMPORTS = ["mmsa.train", "mmsa.encoders", "torch._dynamo", "search.trainable"]
 FULL_FINETUNE_IMPORTS = ["transformers", "timm"]  # the backbones train in the trials
 
@@ -59,7 +58,7 @@ FULL_FINETUNE_IMPORTS = ["transformers", "timm"]  # the backbones train in the t
 def start_fork_server(spec, base, address: str | None) -> forkserver.ForkServer | None:
     if not trials_fork(spec, address):
         return None
-    return forkserver.ForkServer(preload=TRIAL_IMPORTS + (FULL_FINETUNE_IMPORTS if base.data.finetune == "full" else []))
+    return forkserver.ForkServer("search.trainable:fit_trial", preload=TRIAL_IMPORTS + (FULL_FINETUNE_IMPORTS if base.data.finetune == "full" else []))
 
 
 def start_ray(address: str | None) -> None:
@@ -124,5 +123,9 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
     interrupted = len(ended) < spec.num_samples
     # Runs still open now belong to trials cut off by this interruption, or left open by an
     # earlier driver that was killed outright and not restarted by Ray: close them as interrupted.
-    MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted()
+    lost = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted(complete=not interrupted)
+    if lost:
+        print(f"note: {len(lost)} trial(s) ({', '.join(lost)}) were running when an earlier run of this search "
+              f"was killed, before Ray saved them: they were not trained again (the searcher proposed other "
+              f"configs). Their runs stay in MLflow as interrupted, tagged {TAG_NOT_RESUMED}.", flush=True)
     return interrupted

@@ -1,23 +1,25 @@
 """Trial processes forked from one warm process instead of each importing torch on its own.
 
-Every Ray trial process imports torch, scikit-learn and mmsa: about 0.4 GB of private memory per
-concurrent trial before a single batch (torch alone 0.28 GB, measured in a bare process). Ray
-starts its workers by exec, so nothing of that is shared. Here the driver starts one server that
+Every Ray trial process imports torch, scikit-learn and mmsa: several hundred MB of private
+memory per concurrent trial before a single batch (README, "Results"). Ray starts its workers by
+exec, so nothing of that is shared. Here the driver starts one server that
 imports them once; each trial's Ray worker asks it for a fork, which shares those pages
-copy-on-write and trains there. The Ray worker keeps only Ray (about 0.12 GiB) and relays results.
+copy-on-write and trains there. The Ray worker keeps only Ray and relays results.
 The server only imports: it must never run a torch op (OpenMP's thread pool does not survive a
 fork: a fork of a process that had already run torch code hung in a test here) nor touch CUDA
 (each fork initialises it with its own trial's CUDA_VISIBLE_DEVICES).
 
 Protocol, one Unix-socket connection per trial (multiprocessing.connection framing, pickles):
-the client sends (env, "module:function", args); the forked child sets the environment and calls
-function(emit, *args). Each emit(message) sends ("message", message) and waits until the client
+the client sends (env, args); the forked child sets the environment and calls target(emit, *args),
+where target is the one `module:function` the server was started with (the trial entry point):
+a connection can choose the arguments, never the code. Each emit(message) sends ("message", message) and waits until the client
 answers, so the trial trains no further than Ray lets it (ASHA decides in tune.report). The child
 ends with ("done", None) or ("error", traceback text), and exits as soon as the connection closes:
 a trial that Ray stops or kills takes its fork with it.
 
 Right after connecting, the client passes its stdout and stderr (SCM_RIGHTS), and the fork writes
-to them. The socket lives in a fresh folder that only this user can enter: a connection can run code.
+to them. The socket lives in a fresh folder that only this user can enter, and the server checks
+the peer's user id (SO_PEERCRED) before it forks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import queue
 import selectors
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,7 +59,7 @@ def available() -> bool:
 class ForkServer:
     """The server process, started by the search driver; `address` goes to the trials."""
 
-    def __init__(self, preload: list[str], ready_timeout_s: float = 120.0):
+    def __init__(self, target: str, preload: list[str], ready_timeout_s: float = 120.0):
         self.folder = Path(tempfile.mkdtemp(prefix="mmsa-fork-"))  # mode 0700
         self.address = str(self.folder / SOCKET_NAME)
         self.log_path = self.folder / "server.log"
@@ -65,7 +68,7 @@ class ForkServer:
         with open(self.log_path, "wb") as log:
             # Its own session: Ctrl-C in the terminal reaches the driver (which stops the search
             # cleanly), not the trials' forks. It ends when the driver closes its stdin, or dies.
-            self.process = subprocess.Popen([sys.executable, "-m", "search.forkserver", self.address, *preload],
+            self.process = subprocess.Popen([sys.executable, "-m", "search.forkserver", self.address, target, *preload],
                                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
@@ -115,11 +118,11 @@ def connect(address: str | None) -> Connection | None:
     return Connection(sock.detach())
 
 
-def run_forked(conn: Connection, target: str, args: tuple, on_message) -> None:
-    """Run target(emit, *args) in a fork; on_message(message) for each emit, in this thread.
+def run_forked(conn: Connection, args: tuple, on_message) -> None:
+    """Run the server's target(emit, *args) in a fork; on_message(message) for each emit, in this thread.
     An exception in on_message (Ray stopping the trial) closes the connection, ending the fork."""
     try:
-        conn.send((dict(os.environ), target, args))  # the environment carries Ray's GPU assignment
+        conn.send((dict(os.environ), args))  # the environment carries Ray's GPU assignment
         while True:
             try:
                 kind, payload = conn.recv()
@@ -139,8 +142,8 @@ def run_forked(conn: Connection, target: str, args: tuple, on_message) -> None:
 
 # ---- server and forked child ------------------------------------------------------------------
 
-def _child(conn: Connection) -> None:
-    env, target, args = conn.recv()
+def _child(conn: Connection, target: str) -> None:
+    env, args = conn.recv()
     os.environ.clear()
     os.environ.update(env)
     answers: queue.SimpleQueue = queue.SimpleQueue()
@@ -182,11 +185,18 @@ def _reap() -> None:
         pass
 
 
-def serve(address: str, preload: list[str]) -> None:
+def _same_user(sock: socket.socket) -> bool:
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid == os.getuid()
+
+
+def serve(address: str, target: str, preload: list[str]) -> None:
+    module, _, name = target.partition(":")
+    getattr(importlib.import_module(module), name)  # fails here, at start, if there is no such entry point
     for module in preload:
         importlib.import_module(module)
     # Python's cyclic GC writes into every object it scans, which would copy each page of the
-    # preloaded modules into every fork; frozen objects are skipped (about 40 MB less per trial here).
+    # preloaded modules into every fork; frozen objects are skipped.
     gc.collect()
     gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -204,13 +214,16 @@ def serve(address: str, preload: list[str]) -> None:
                     return
                 continue
             sock, _ = listener.accept()
+            if not _same_user(sock):
+                sock.close()
+                continue
             if os.fork() == 0:
                 sel.close()
                 listener.close()
                 code = 0
                 try:
                     _take_output(sock)
-                    _child(Connection(sock.detach()))
+                    _child(Connection(sock.detach()), target)
                 except BaseException:  # noqa: BLE001
                     traceback.print_exc()
                     code = 1
@@ -223,4 +236,4 @@ def serve(address: str, preload: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2:])
+    serve(sys.argv[1], sys.argv[2], sys.argv[3:])

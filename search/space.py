@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsa.cli import read_yaml
-from mmsa.config import MONITORS, Config
+from mmsa.config import MONITORS, Config, refuse_derived
 from mmsa.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
@@ -65,7 +65,9 @@ class SearchSpec:
     n_startup_trials: int = 8
     start_from_defaults: bool = True  # the first trial is the default config, where the space holds it
     memory_budget: str | None = None
-    fork_trials: bool = True  # trials fork from one process that imported torch (search/forkserver.py)
+    # Opt-in, for tight memory on one CPU machine: trials fork from one process that imported torch
+    # (search/forkserver.py), sharing its pages. Off, every trial is a plain Ray worker.
+    fork_trials: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
 
@@ -164,13 +166,14 @@ def load_space(path: str | Path) -> SearchSpec:
     if not isinstance(fixed, dict):
         raise ConfigError(f"{path}: 'fixed' must be a mapping of config keys")
     try:
-        Config.from_flat(fixed)
+        Config.from_flat(refuse_derived(fixed, "fixed"))
     except ConfigError as e:
         raise ConfigError(f"{path}: fixed: {str(e).split(': ', 1)[-1]}") from None
     spec.fixed = dict(fixed)
     params = data.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: 'params' must be a mapping of config keys to distributions")
+    refuse_derived(params, f"{path}: params")
     for name in params:
         if name in fixed:
             raise ConfigError(f"{path}: key '{name}' is both fixed and searched")
@@ -243,7 +246,7 @@ def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | None 
     spec.gpu = spec.gpu if gpus is None else gpus
     spec.max_concurrent = spec.max_concurrent if max_concurrent is None else max_concurrent
     spec.seed = spec.seed if seed is None else seed
-    typed = Config.from_flat(sets or {}, source="--set").to_flat()  # unknown keys, bad values: one line
+    typed = Config.from_flat(refuse_derived(sets or {}, "--set"), source="--set").to_flat()  # unknown keys, bad values: one line
     unsearched = []
     for key in sets or {}:
         spec.fixed[key] = typed[key]

@@ -20,11 +20,12 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
-                            TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
+                            TAG_NOT_RESUMED, TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
 from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
 MAX_TAG_CHARS = 5000
+NOT_RESUMED = "Ray had not saved this trial when the search was killed; it was not trained again"
 # What Ray adds to every reported result (and the trainable's own bookkeeping): not results.
 NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint",
                                              "node_id", "trial_process", FINAL_KEY}
@@ -189,13 +190,21 @@ class MlflowTrialLogger(Callback):
         self._end(trial, "FAILED", "failed (retried)", error=trial_error_text(trial))
         self._started_here.discard(trial.trial_id)
 
-    def mark_interrupted(self) -> None:
-        """Close the trial runs still open (cut off by an interruption: they rerun on --resume)."""
+    def mark_interrupted(self, complete: bool = False) -> list[str]:
+        """Close the trial runs still open, as interrupted; returns their trial ids.
+
+        Cut off by this interruption, they rerun on --resume. After a `complete` search, a run
+        still open was left by an earlier driver killed outright before Ray saved that trial: Ray
+        resumed without it and the searcher proposed another config. Those are tagged so."""
         runs = self._run_map()
-        for trial_id, run_id in list(runs.items()):
+        closed = sorted(runs)
+        for trial_id in closed:
+            run_id = runs.pop(trial_id)
             self.client.set_tag(run_id, TAG_ENDED, "interrupted")
+            if complete:
+                self.client.set_tag(run_id, TAG_NOT_RESUMED, NOT_RESUMED)
             self.client.set_terminated(run_id, status="KILLED")
-            runs.pop(trial_id)
+        return closed
 
 
 def trial_error_text(trial) -> str:

@@ -51,8 +51,8 @@ def release_freed_memory() -> None:
     """Hand memory that Python and torch have freed back to the OS (glibc's malloc_trim).
 
     glibc keeps freed heap memory for reuse; a trial process that Ray reuses for the next trial
-    (reuse_actors) carried each earlier trial's largest batches: measured +0.1 to +0.3 GB of
-    resident memory per trial run in the same process. A no-op where libc is not glibc."""
+    (reuse_actors) otherwise carries each earlier trial's largest batches. A no-op where libc is
+    not glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -79,7 +79,7 @@ def train_trial(config: dict, data: TrialData) -> None:
         tune.report({**metrics, "node_id": node, "trial_process": process})
 
     if conn is not None:  # train in a fork of the warm server: torch's pages are shared
-        forkserver.run_forked(conn, "search.trainable:fit_trial", (config, data), report)
+        forkserver.run_forked(conn, (config, data), report)
     else:  # no server on this machine (e.g. another node of a cluster): train here
         fit_trial(report, config, data)
 

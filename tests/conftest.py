@@ -81,7 +81,8 @@ def smoke_search(subset_dir, subset_cache, subset_prepared, tmp_path_factory):
     """One real smoke search on the subset: (tmp folder, tracking uri, parent run id, process)."""
     from tests.search_helpers import run_search, write_space
     tmp = tmp_path_factory.mktemp("search")
-    space = write_space(tmp / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4)
+    # the fork server, opted in: the default path (plain Ray workers) runs in the other searches
+    space = write_space(tmp / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, fork_trials=True)
     out = run_search(space, tmp)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]

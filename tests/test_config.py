@@ -30,3 +30,14 @@ def test_parse_overrides():
     assert parse_overrides(["modalities=text", " lr = 1e-3 "]) == {"modalities": "text", "lr": "1e-3"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["oops"])
+
+
+def test_derived_sizes_are_refused_where_users_give_values(tmp_path):
+    from mmsa.cli import config_from_args
+    with pytest.raises(ConfigError, match="--set: key 'text_dim' follows from the data"):
+        config_from_args(None, ["text_dim=7"])
+    (tmp_path / "c.yaml").write_text("image_dim: 9\n")
+    with pytest.raises(ConfigError, match="c.yaml: key 'image_dim' follows from the data"):
+        config_from_args(None, [], str(tmp_path / "c.yaml"))
+    # a checkpoint's config carries them, and loads
+    assert Config.from_flat({"text_dim": 7}).model.text_dim == 7

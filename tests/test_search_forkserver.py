@@ -13,6 +13,9 @@ from tests.search_helpers import ROOT
 pytestmark = pytest.mark.skipif(not forkserver.available(), reason="fork server: Linux only")
 
 
+TARGET = "tests.test_search_forkserver:emit_then_maybe_fail"
+
+
 def emit_then_maybe_fail(emit, n: int, fail: str) -> None:  # runs in the fork
     import sys
     print(f"fork {os.getpid()} says hello", flush=True)
@@ -28,7 +31,7 @@ def emit_then_maybe_fail(emit, n: int, fail: str) -> None:  # runs in the fork
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    srv = forkserver.ForkServer(preload=["colorsys"])
+    srv = forkserver.ForkServer(TARGET, preload=["colorsys"])
     assert srv.wait_ready(), srv.failure
     yield srv
     srv.close()
@@ -39,8 +42,7 @@ def run(server, n: int, fail: str = "", on_message=None) -> list[dict]:
     got = []
     conn = forkserver.connect(server.address)
     assert conn is not None
-    forkserver.run_forked(conn, "tests.test_search_forkserver:emit_then_maybe_fail", (n, fail),
-                          on_message or got.append)
+    forkserver.run_forked(conn, (n, fail), on_message or got.append)
     return got
 
 
@@ -95,7 +97,7 @@ def test_no_server_means_the_trial_trains_in_its_own_process(tmp_path):
 
 
 def test_a_server_that_cannot_start_says_why_and_leaves_nothing_behind():
-    srv = forkserver.ForkServer(preload=["no_such_module_for_mmsa"])
+    srv = forkserver.ForkServer(TARGET, preload=["no_such_module_for_mmsa"])
     assert not srv.wait_ready()
     assert "No module named 'no_such_module_for_mmsa'" in srv.failure
     assert srv.process.poll() is not None and not srv.folder.exists()
@@ -105,7 +107,53 @@ def test_gpu_trials_and_clusters_do_not_fork_from_the_server(tmp_path):
     from search.driver import trials_fork
     from search.space import load_space
     spec = load_space(ROOT / "spaces" / "smoke.yaml")
-    assert trials_fork(spec, None)  # CPU trials on this machine: forked
+    assert not trials_fork(spec, None)  # the default: plain Ray workers
+    spec.fork_trials = True
+    assert trials_fork(spec, None)  # opted in, CPU trials on this machine: forked
     assert not trials_fork(spec, "auto")  # a cluster: the driver's machine may run no trials
     spec.gpu = 0.5
     assert not trials_fork(spec, None)  # CUDA does not survive a fork
+
+
+def test_a_server_without_its_entry_point_does_not_start():
+    srv = forkserver.ForkServer("tests.test_search_forkserver:no_such_function", preload=[])
+    assert not srv.wait_ready()
+    assert "no_such_function" in srv.failure
+
+
+def test_a_connection_cannot_choose_the_code_that_runs(server, tmp_path):
+    # the old protocol named a module:function; now whatever arrives goes to the one entry point
+    conn = forkserver.connect(server.address)
+    marker = tmp_path / "ran"
+    conn.send((dict(os.environ), "os:system", (f"touch {marker}",)))
+    try:
+        kind = conn.recv()[0]
+    except EOFError:  # the fork could not read the request, and ended
+        kind = "closed"
+    conn.close()
+    time.sleep(0.5)
+    assert kind in ("error", "closed") and not marker.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as another user")
+def test_the_server_forks_for_its_own_user_only(server):
+    import socket
+    os.chmod(server.folder, 0o755)
+    os.chmod(server.address, 0o777)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # connect as user `nobody`, and say whether the server hung up
+        code = 1
+        try:
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(server.address)
+            s.settimeout(10)
+            os.write(write, b"closed" if s.recv(1) == b"" else b"answered")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"closed"
+    assert run(server, 1)[0]["i"] == 0  # its own user is still served

@@ -38,7 +38,7 @@ def test_shipped_spaces_load():
 def test_good_space(tmp_path):
     spec = load_space(_write(tmp_path, GOOD))
     assert spec.num_samples == 3 and spec.max_epochs == 3 and spec.fixed == {"d_model": 64}
-    assert spec.fork_trials and not load_space(_write(tmp_path, GOOD + "fork_trials: false\n")).fork_trials
+    assert not spec.fork_trials and load_space(_write(tmp_path, GOOD + "fork_trials: true\n")).fork_trials
     cfg = spec.trial_config({"lr": 1e-3, "pooling": "attention", "fusion_depth": 2})
     assert cfg.model.d_model == 64 and cfg.model.pooling == "attention" and cfg.train.max_epochs == 3
 
@@ -53,6 +53,8 @@ def test_good_space(tmp_path):
     ("params:\n  fusion_depth: {type: int, low: 0.5, high: 2}\n", "whole numbers"),
     ("params:\n  lr: {type: uniform, low: 0.1}\n", "needs 'low' and 'high'"),
     ("fixed: {pooling: max}\n", "fixed.*pooling"),
+    ("fixed: {image_dim: 64}\n", "fixed: key 'image_dim' follows from the data"),
+    ("params:\n  text_dim: {type: int, low: 8, high: 16}\n", "params: key 'text_dim' follows from the data"),
     ("fixed: {image_encoder: vgg99}\n", "fixed.*'image_encoder' = 'vgg99'.*efficientnet_lite0"),
     ("fixed: {text_encoder: bert-nope}\n", "fixed.*'text_encoder' = 'bert-nope'"),
     ("params:\n  text_encoder: {type: choice, values: [minilm, bert-base-uncased]}\n", "params.text_encoder.*under 'fixed'"),
@@ -114,6 +116,7 @@ def test_command_line_flags_override_the_space_file():
     ({"max_concurrent": 0}, r"--max-concurrent 0: must be > 0"),
     ({"sets": {"nope": "1"}}, r"--set: unknown key 'nope'"),
     ({"sets": {"head": "cnn"}}, r"--set: key 'head' = 'cnn'"),
+    ({"sets": {"text_dim": "7"}}, r"--set: key 'text_dim' follows from the data"),
 ])
 def test_bad_flags_are_refused_with_one_line(kwargs, match):
     from search.space import apply_flags

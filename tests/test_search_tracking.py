@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from search.tracking import MAX_TAG_CHARS, trial_error_text
+from search.tracking import MAX_TAG_CHARS, MlflowTrialLogger, trial_error_text
 
 
 def test_a_long_trial_error_keeps_the_exception_line_first(tmp_path):
@@ -11,3 +11,27 @@ def test_a_long_trial_error_keeps_the_exception_line_first(tmp_path):
     assert len(text) <= MAX_TAG_CHARS
     assert text.splitlines()[0] == "TrainingError: loss became nan at epoch 2"
     assert text.endswith("call(399)")  # the innermost frames are kept
+
+
+def test_runs_left_open_by_a_killed_driver_are_closed_and_said_to_be_lost(tmp_path):
+    """After a complete resumed search, a run still open belongs to a trial Ray never saved."""
+    from mlflow.tracking import MlflowClient
+
+    from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_NOT_RESUMED, TAG_PARENT, TAG_TRIAL
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x")
+    parent = client.create_run(exp, tags={TAG_KIND: "search"}).info.run_id
+    runs = {t: client.create_run(exp, tags={TAG_PARENT: parent, TAG_KIND: "trial", TAG_TRIAL: t}).info.run_id
+            for t in ("b_2", "a_1", "c_3")}
+    client.set_terminated(runs["c_3"], status="FINISHED")
+    assert MlflowTrialLogger(uri, exp, parent, {}).mark_interrupted(complete=True) == ["a_1", "b_2"]
+    for t in ("a_1", "b_2"):
+        run = client.get_run(runs[t])
+        assert run.info.status == "KILLED" and run.data.tags[TAG_ENDED] == "interrupted"
+        assert "not trained again" in run.data.tags[TAG_NOT_RESUMED]
+    assert client.get_run(runs["c_3"]).info.status == "FINISHED"
+    # interrupted now (not complete): closed for --resume, not called lost
+    again = client.create_run(exp, tags={TAG_PARENT: parent, TAG_KIND: "trial", TAG_TRIAL: "d_4"}).info.run_id
+    assert MlflowTrialLogger(uri, exp, parent, {}).mark_interrupted() == ["d_4"]
+    assert TAG_NOT_RESUMED not in client.get_run(again).data.tags
