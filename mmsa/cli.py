@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         code = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written to a temporary name and renamed: what was there stays intact.
+        print(f"error: {e.filename or 'a file being written'}: no space left on the device", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

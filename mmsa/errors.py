@@ -14,5 +14,9 @@ class DataError(UserError):
     """The dataset folder or one of its files is unusable."""
 
 
+class DiskFullError(UserError):
+    """No room on the device for a file being written; the message names the folder."""
+
+
 class ConfigError(UserError):
     """A config or search-space file, or a `--set` override, is invalid."""

@@ -14,6 +14,7 @@ cache (the search driver) does not pay for torch's memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, normalize_tweet
+from mmsa.errors import DiskFullError
 
 if TYPE_CHECKING:
     import torch
@@ -240,6 +242,23 @@ def _load_if_complete(folder: Path, key: str, n: int) -> dict[str, np.ndarray] |
         return None
 
 
+def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
+    """A writable memory-mapped .npy file with its disk blocks reserved now. Without that, a full
+    disk shows only when a page is written back: SIGBUS kills the process mid-build."""
+    out = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(f"{path.parent.parent}: no space left for the feature cache "
+                            f"({os.path.getsize(path) / 2**20:.0f} MiB needed for {path.name}, "
+                            f"{free / 2**20:.0f} MiB free)") from None
+    return out
+
+
 def _build_atomically(folder: Path, key: str, n: int, fill, extra: dict | None = None) -> dict[str, np.ndarray]:
     """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -339,7 +358,7 @@ def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
         names = json.loads((source / "meta.json").read_text())["arrays"]
         for name in names:
             src = np.load(source / f"{name}.npy", mmap_mode="r")
-            out = np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", src.dtype, (len(rows), *src.shape[1:]))
+            out = _new_array(tmp / f"{name}.npy", src.dtype, (len(rows), *src.shape[1:]))
             for s in range(0, len(rows), chunk):
                 out[s:s + chunk] = src[rows[s:s + chunk]]
             out.flush()
@@ -361,8 +380,8 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
         def fill(tmp: Path) -> list[str]:
             device = _extraction_device()
             encoder.to(device)
-            tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (n, L, encoder.dim))
-            mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, L))
+            tokens = _new_array(tmp / "tokens.npy", np.float16, (n, L, encoder.dim))
+            mask = _new_array(tmp / "mask.npy", np.bool_, (n, L))
             with _progress(n, f"text features ({cfg.text_encoder}, {device})") as bar:
                 for s in range(0, n, batch_size):
                     batch = encoder.tokenize(texts[s:s + batch_size], L)
@@ -403,9 +422,8 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
                 for images, ok in loader:
                     feats = encoder(images.to(device, non_blocking=True)).float().cpu()
                     if tokens is None:
-                        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16,
-                                                           (n, feats.shape[1], feats.shape[2]))
-                        valid = np.lib.format.open_memmap(tmp / "valid.npy", "w+", np.bool_, (n,))
+                        tokens = _new_array(tmp / "tokens.npy", np.float16, (n, feats.shape[1], feats.shape[2]))
+                        valid = _new_array(tmp / "valid.npy", np.bool_, (n,))
                     tokens[s:s + len(feats)] = feats.numpy().astype(np.float16)
                     valid[s:s + len(feats)] = ok.numpy()
                     s += len(feats)

@@ -8,6 +8,8 @@ they load from their packages (or the hub) by the names in each member's config.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 
 from mmsa.config import Config, DataConfig
 from mmsa.data import LABELS, Example
-from mmsa.errors import UserError
+from mmsa.errors import DiskFullError, UserError
 
 FORMAT = 2
 
@@ -32,11 +34,11 @@ class Member:
 
 def save_members(path: Path, members: list[Member]) -> None:
     """Written to a temporary file, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()  # torch.save reports a full disk as a RuntimeError; a plain write, as OSError
     torch.save({"format": FORMAT, "labels": list(LABELS),
                 "members": [{"name": m.name, "config": m.cfg.to_flat(), "model": m.model.state_dict()}
-                            for m in members]}, tmp)
-    os.replace(tmp, path)
+                            for m in members]}, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 def build_for(cfg: Config) -> torch.nn.Module:
@@ -122,13 +124,23 @@ def predict_examples(members: list[Member], examples: list[Example], cache_dir: 
 
 
 def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
-    """`guid,tag` then one line per guid, via a temporary file and an atomic rename."""
+    """`guid,tag` then one line per guid."""
+    write_atomically(path, ("guid,tag\n" + "".join(f"{g},{t}\n" for g, t in zip(guids, tags))).encode("utf-8"))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Via a temporary file and a rename: a reader never sees half a file, and a failed write
+    (a full disk: one-line DiskFullError) leaves what was at `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("guid,tag\n")
-            f.writelines(f"{g},{t}\n" for g, t in zip(guids, tags))
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(f"{path}: no space left on the device ({len(data) / 2**20:.1f} MiB to write); "
+                            + ("the earlier file is unchanged" if path.exists() else "nothing was written")) from None
     finally:
         tmp.unlink(missing_ok=True)

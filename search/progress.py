@@ -7,6 +7,7 @@ import time
 
 from ray.tune import Callback
 
+from search.tracking import trial_error_text
 from search.trainable import FINAL_KEY
 
 
@@ -54,4 +55,7 @@ class ProgressPrinter(Callback):
                    f"| {self._summary(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"FAILED {trial.trial_id} | {self._summary(trials)}")
+        self._line(f"FAILED {trial.trial_id}: {trial_error_text(trial).splitlines()[0]} | {self._summary(trials)}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._line(f"failed {trial.trial_id}, trying again: {trial_error_text(trial).splitlines()[0]}")

@@ -9,12 +9,14 @@ parent and never records a finished trial twice.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -25,6 +27,10 @@ from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
 MAX_TAG_CHARS = 5000
+# How Ray (and the fork server) say that a trial's process vanished without a word: SIGKILL from
+# outside, as the kernel's out-of-memory killer sends it, or a crash in native code.
+PROCESS_DIED = ("worker process has died", "Worker unexpectedly exits", "ended without a result")
+KILLED = "trial process killed (signal 9, possibly out of memory) or crashed"
 NOT_RESUMED = "Ray had not saved this trial when the search was killed; it was not trained again"
 # What Ray adds to every reported result (and the trainable's own bookkeeping): not results.
 NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint",
@@ -32,9 +38,23 @@ NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag
 
 
 def prepare_tracking_uri(uri: str) -> str:
-    """Create the folder of a local sqlite store (MLflow does not)."""
-    if sqlite_file(uri) is not None:
-        sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
+    """Create a local sqlite store, its folder included (MLflow does not), one process at a time.
+
+    MLflow builds a new store's tables on first use; two searches started together on one new
+    store both did, and one crashed in the schema migration. Under an exclusive lock beside the
+    database, the first builds it and the other finds it ready."""
+    path = sqlite_file(uri)
+    if path is None:
+        return uri
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not on Unix: no lock, one search at a time on a new store
+        fcntl = None
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(uri).search_experiments(max_results=1)  # builds the tables if missing
     return uri
 
 
@@ -50,7 +70,13 @@ def get_experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str
     location = None
     if sqlite_file(tracking_uri) is not None:  # artifacts beside the db, under mlruns/
         location = (sqlite_file(tracking_uri).parent.resolve() / "artifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND_TAGS)
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND_TAGS)
+    except MlflowException:  # another search created it a moment ago
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -159,7 +185,7 @@ class MlflowTrialLogger(Callback):
         # The CV metrics at step = folds done, and the fold's learning curve, one step per epoch
         # (fold<k>_val_acc, ...), in one request.
         items = metric_items({k: v for k, v in result.items() if k not in NOT_METRICS}, fold)
-        for epoch, point in enumerate(result.get("fold_curve") or [], 1):
+        for epoch, point in enumerate(json.loads(result.get("fold_curve") or "[]"), 1):
             items += metric_items({f"fold{fold}_{k}": v for k, v in point.items()}, epoch)
         if items:
             self.client.log_batch(run_id, metrics=items)
@@ -220,6 +246,8 @@ def trial_error_text(trial) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
         return text[:MAX_TAG_CHARS]
+    if any(hint in text for hint in PROCESS_DIED):
+        lines.append(KILLED)  # Ray's own words stay below it
     # The exception line ends the traceback; keep it first so the UI shows it, then as much of the
     # traceback's end (the innermost frames) as the tag holds.
     head = lines[-1][:MAX_TAG_CHARS // 2]

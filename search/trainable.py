@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
 from dataclasses import dataclass
 
 from mmsa.config import Config
@@ -95,7 +96,9 @@ def fit_trial(emit, config: dict, data: TrialData) -> None:
 
     def on_fold(k: int, summary: dict) -> None:
         out = scalar_metrics(summary)
-        out.update(val_confusion=summary["val_confusion"], fold_curve=summary["fold_curve"])
+        # The curve travels as JSON text: Ray's TensorBoard logger warns, with the whole value, on a
+        # list of dicts in a result, and skips text quietly.
+        out.update(val_confusion=summary["val_confusion"], fold_curve=json.dumps(summary["fold_curve"]))
         if k == len(data.folds):
             out[FINAL_KEY] = 1
         emit(out)

@@ -88,3 +88,17 @@ def smoke_search(subset_dir, subset_cache, subset_prepared, tmp_path_factory):
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("parent_run_id=")
     return tmp, f"sqlite:///{tmp}/mlruns/mlflow.db", last.split("=", 1)[1], out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of 1 MiB (tmpfs), to fill up for real; skips where mounting is not allowed."""
+    import subprocess
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({out.stderr.strip() or 'mount failed'})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

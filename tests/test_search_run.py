@@ -214,23 +214,3 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
         assert child.data.tags[TAG_ENDED] == "completed" and child.data.params["finetune"] == "full"
         assert 0 <= child.data.metrics["val_acc"] <= 1 and child.data.metrics["mean_epoch_seconds"] > 0
 
-
-def test_two_searches_started_at_once_on_one_new_store_both_finish(subset_dir, subset_cache, subset_prepared,
-                                                                   tmp_path):
-    """Two users, one sqlite store that does not exist yet, two searches started together."""
-    spaces = [write_space(tmp_path / f"space{i}.yaml", str(subset_dir), str(subset_cache), num_samples=3,
-                          max_concurrent=1, cv_folds=2, max_epochs=1) for i in range(2)]
-    procs = [subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for space in spaces]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    parents = [out.strip().splitlines()[-1].split("=", 1)[1] for out in outs]
-    assert len(set(parents)) == 2
-    for parent_id in parents:
-        parent = client.get_run(parent_id)
-        assert parent.data.tags[TAG_STATE] == "finished" and parent.info.status == "FINISHED"
-        children = child_runs(client, parent.info.experiment_id, parent_id)
-        assert len(children) == 3 and len({c.data.tags[TAG_TRIAL] for c in children}) == 3
-        assert all(c.info.status == "FINISHED" for c in children)

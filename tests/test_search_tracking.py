@@ -35,3 +35,17 @@ def test_runs_left_open_by_a_killed_driver_are_closed_and_said_to_be_lost(tmp_pa
     again = client.create_run(exp, tags={TAG_PARENT: parent, TAG_KIND: "trial", TAG_TRIAL: "d_4"}).info.run_id
     assert MlflowTrialLogger(uri, exp, parent, {}).mark_interrupted() == ["d_4"]
     assert TAG_NOT_RESUMED not in client.get_run(again).data.tags
+
+
+def test_a_trial_whose_process_was_killed_says_so_first(tmp_path):
+    ray_text = ("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+                "\tclass_name: ImplicitFunc\n"
+                "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+                "detail: Worker unexpectedly exits with a connection error code 2. End of file.")
+    path = tmp_path / "error.txt"
+    path.write_text(ray_text)
+    text = trial_error_text(SimpleNamespace(error_file=str(path)))
+    assert text.splitlines()[0] == "trial process killed (signal 9, possibly out of memory) or crashed"
+    assert "ActorDiedError" in text  # Ray's words kept below
+    path.write_text("Traceback (most recent call last):\nValueError: bad\n")
+    assert trial_error_text(SimpleNamespace(error_file=str(path))).splitlines()[0] == "ValueError: bad"

@@ -1,0 +1,93 @@
+"""Faults a long search meets, produced for real on this machine: a trial process killed from
+outside, two searches on one new sqlite store at once, the tracking server away for a while."""
+
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mmsa.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
+from search.tracking import KILLED, child_runs
+from tests.search_helpers import ROOT, search_cmd, write_space
+
+pytestmark = pytest.mark.slow  # real searches in subprocesses
+
+
+def _long_trials_space(tmp_path, subset_dir, subset_cache, epochs: int, **extra):
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), cv_folds=1,
+                        max_epochs=epochs, scheduler={"type": "fifo", "max_epochs": epochs}, **extra)
+    spec = yaml.safe_load(space.read_text())
+    spec["fixed"]["patience"] = 0
+    space.write_text(yaml.safe_dump(spec))
+    return space
+
+
+def _trial_processes(pid: int) -> list[psutil.Process]:
+    """The Ray workers running a trial, among a search driver's descendants."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_trial_process_killed_from_outside_is_recorded_and_retried(subset_dir, subset_cache, subset_prepared,
+                                                                     tmp_path):
+    """SIGKILL to the trial's worker, as the kernel's out-of-memory killer sends it."""
+    space = _long_trials_space(tmp_path, subset_dir, subset_cache, epochs=20, num_samples=2, max_concurrent=1,
+                               max_failures=1)
+    proc = subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and killed is None:
+        time.sleep(1)
+        client = MlflowClient(uri)
+        trial_runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                      if r.data.tags.get(TAG_TRIAL)]
+        workers = _trial_processes(proc.pid)
+        if trial_runs and workers:  # a trial is recorded and training: kill its process
+            time.sleep(2)
+            workers[0].send_signal(signal.SIGKILL)
+            killed = workers[0].pid
+    assert killed, "no trial process was found to kill"
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"trying again: {KILLED}" in out  # what the user sees when it happens
+    client = MlflowClient(uri)
+    parent_id = out.strip().splitlines()[-1].split("=", 1)[1]
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags[TAG_ENDED] == "failed (retried)"
+    assert failed[0].data.tags[TAG_ERROR].splitlines()[0] == KILLED
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 2 and len({c.data.tags[TAG_TRIAL] for c in finished}) == 2  # each trial once
+    assert failed[0].data.tags[TAG_TRIAL] in {c.data.tags[TAG_TRIAL] for c in finished}  # the retry finished
+
+
+def test_two_searches_started_at_once_on_one_new_store_both_finish(subset_dir, subset_cache, subset_prepared,
+                                                                   tmp_path):
+    """Two users, one sqlite store that does not exist yet, two searches started together."""
+    spaces = [write_space(tmp_path / f"space{i}.yaml", str(subset_dir), str(subset_cache), num_samples=3,
+                          max_concurrent=1, cv_folds=2, max_epochs=1) for i in range(2)]
+    procs = [subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for space in spaces]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parents = [out.strip().splitlines()[-1].split("=", 1)[1] for out in outs]
+    assert len(set(parents)) == 2
+    for parent_id in parents:
+        parent = client.get_run(parent_id)
+        assert parent.data.tags[TAG_STATE] == "finished" and parent.info.status == "FINISHED"
+        children = child_runs(client, parent.info.experiment_id, parent_id)
+        assert len(children) == 3 and len({c.data.tags[TAG_TRIAL] for c in children}) == 3
+        assert all(c.info.status == "FINISHED" for c in children)
