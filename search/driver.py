@@ -115,6 +115,8 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
         ray.shutdown()  # stops a local Ray; only disconnects from a cluster
         if server is not None:
             server.close()
+    # Records that waited for an unreachable tracking server: written now (waiting for it if need be).
+    MlflowTrialLogger.of_search(parent_id).flush()
     # MLflow is the record: the search is complete when every trial has ended there.
     client = MlflowClient(tracking_uri)
     runs = child_runs(client, experiment_id, parent_id)

@@ -79,11 +79,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmsa.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE, experiment_name
     from mmsa.run_tags import tracking_uri as resolve_tracking_uri
-    from search.tracking import find_resumable_search, get_experiment_id, log_params, prepare_tracking_uri
+    from search.tracking import (find_resumable_search, get_experiment_id, log_params, prepare_tracking_uri,
+                                 unreachable)
+    # A tracking server that stops answering mid-search is waited out (search/tracking.py): each
+    # attempt gives up after seconds, not MLflow's default minutes, so the search does not stall.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     tracking_uri = prepare_tracking_uri(resolve_tracking_uri(args.tracking_uri))
     client = MlflowClient(tracking_uri)
     experiment = experiment_name(args.experiment)
-    experiment_id = get_experiment_id(client, experiment, tracking_uri)
+    try:
+        experiment_id = get_experiment_id(client, experiment, tracking_uri)
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        raise UserError(f"--tracking-uri {tracking_uri}: the tracking server does not answer") from None
     space_key = str(Path(args.space).resolve())
     parent = None
     if args.resume:

@@ -23,6 +23,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
                             TAG_NOT_RESUMED, TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
+from mmsa.errors import UserError
 from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
@@ -118,9 +119,17 @@ def find_resumable_search(client: MlflowClient, experiment_id: str, space: str):
 class MlflowTrialLogger(Callback):
     """Ray Tune callback (runs in the driver) that writes each trial as a child run.
 
-    Picklable: Ray saves callbacks with the experiment state; the client and the trial map are
-    rebuilt after a restore.
+    Every event becomes one write operation (picklable data: Ray saves callbacks with the
+    experiment state), done in order. While the tracking server is unreachable, the operations
+    wait in order and the search goes on; they are tried again every RETRY_S seconds and written
+    once it is back (`flush` waits for that at the end of the search). The client and the trial
+    map are rebuilt after a restore.
     """
+
+    RETRY_S = 15.0
+    # The instance Ray Tune calls, per search: on --resume Ray unpickles its own copy from the
+    # saved state (with the writes still waiting), and the driver flushes that one.
+    _live: dict[str, "MlflowTrialLogger"] = {}
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base: dict,
                  datasets: dict[str, str] | None = None):
@@ -131,11 +140,24 @@ class MlflowTrialLogger(Callback):
         self._runs: dict[str, str] | None = None  # trial id -> run id of its live attempt
         self._attempts: dict[str, int] = {}
         self._started_here: set[str] = set()
+        self._pending: list[tuple] = []  # write operations not done yet, oldest first
+        self._down_since: float | None = None  # when the tracking server stopped answering
+        self._last_try = 0.0
+        MlflowTrialLogger._live[parent_run_id] = self
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_client"], state["_runs"], state["_attempts"], state["_started_here"] = None, None, {}, set()
+        state["_down_since"], state["_last_try"] = None, 0.0
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        MlflowTrialLogger._live[self.parent_run_id] = self
+
+    @classmethod
+    def of_search(cls, parent_run_id: str) -> "MlflowTrialLogger | None":
+        return cls._live.get(parent_run_id)
 
     @property
     def client(self) -> MlflowClient:
@@ -145,42 +167,119 @@ class MlflowTrialLogger(Callback):
 
     def _run_map(self) -> dict[str, str]:
         if self._runs is None:
-            self._runs = {}
+            runs, attempts = {}, {}
             for run in child_runs(self.client, self.experiment_id, self.parent_run_id):
                 trial_id = run.data.tags.get(TAG_TRIAL)
-                self._attempts[trial_id] = max(self._attempts.get(trial_id, 0),
-                                               int(run.data.tags.get(TAG_ATTEMPT, "1")))
+                attempts[trial_id] = max(attempts.get(trial_id, 0), int(run.data.tags.get(TAG_ATTEMPT, "1")))
                 if run.info.status in ("RUNNING", "SCHEDULED"):
-                    self._runs[trial_id] = run.info.run_id
+                    runs[trial_id] = run.info.run_id
+            self._runs = runs
+            for trial_id, n in attempts.items():
+                self._attempts[trial_id] = max(self._attempts.get(trial_id, 0), n)
         return self._runs
 
+    # ---- the queue of writes ---------------------------------------------------------------
+
+    def _write(self, *op) -> None:
+        self._pending.append(op)
+        if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
+            self._drain()
+
+    def _drain(self) -> bool:
+        """Do the pending writes in order; False if the server stopped answering on the way."""
+        while self._pending:
+            self._last_try = time.monotonic()
+            try:
+                getattr(self, "_op_" + self._pending[0][0])(*self._pending[0][1:])
+            except Exception as e:  # noqa: BLE001 - only an unreachable server is waited out
+                if not unreachable(e):
+                    raise
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    print(f"tracking: {self.tracking_uri} is not answering; the search goes on, and its "
+                          f"records wait here to be written when it is back", flush=True)
+                return False
+            self._pending.pop(0)
+        if self._down_since is not None:
+            print(f"tracking: {self.tracking_uri} answers again after "
+                  f"{time.monotonic() - self._down_since:.0f} s without it; every waiting record is written",
+                  flush=True)
+            self._down_since = None
+        return True
+
+    def flush(self, wait_s: float = 1800.0) -> None:
+        """Write what waits, waiting up to `wait_s` for the server; UserError if it stays away."""
+        deadline, said = time.monotonic() + wait_s, time.monotonic()
+        while not self._drain():
+            if time.monotonic() > deadline:
+                raise UserError(f"tracking: {self.tracking_uri} did not answer for {wait_s / 60:.0f} min: "
+                                f"{len(self._pending)} records of this search are not written. Ray kept its state: "
+                                f"run the same command with --resume once the server is back")
+            if time.monotonic() - said >= 60:
+                said = time.monotonic()
+                print(f"tracking: waiting for {self.tracking_uri} to write {len(self._pending)} records "
+                      f"(Ctrl-C stops; --resume writes them later)", flush=True)
+            time.sleep(self.RETRY_S)
+
+    # ---- Ray Tune events -> write operations -----------------------------------------------
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        runs = self._run_map()
-        if trial.trial_id in runs:
-            if trial.trial_id in self._started_here:
-                return
-            # Left RUNNING by a search that was killed outright; the trial starts over now.
-            self._end(trial, "KILLED", "interrupted")
-        attempt = self._attempts.get(trial.trial_id, 0) + 1
-        self._attempts[trial.trial_id] = attempt
-        name = f"trial-{trial.trial_id}" + (f"-attempt{attempt}" if attempt > 1 else "")
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=context_tags({
-            TAG_PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial.trial_id,
-            TAG_ATTEMPT: str(attempt)}))
-        runs[trial.trial_id] = run.info.run_id
-        self._started_here.add(trial.trial_id)
-        log_params(self.client, run.info.run_id, {**self.base, **trial.config})
-        if self.datasets:
-            log_datasets(self.client, run.info.run_id, self.base.get("data_dir", "."), self.datasets)
+        self._write("start", trial.trial_id, dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_map().get(trial.trial_id)
-        if run_id and result.get("training_iteration") == 1:
+        keep = {k: v for k, v in result.items() if k not in ("config",)}
+        self._write("result", trial.trial_id, keep)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if last.get("val_confusion"):
+            self._write("confusion", trial.trial_id, last["val_confusion"],
+                        f"trial {trial.trial_id}: {last.get('folds_done', '?')} fold(s) at epoch "
+                        f"{last.get('best_epoch', '?')}, summed")
+        self._write("end", trial.trial_id, "FINISHED", "completed" if last.get(FINAL_KEY) else "stopped early", None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._write("end", trial.trial_id, "FAILED", "failed", trial_error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed attempt that Ray retries (max_failures): close it; the retry gets a new run."""
+        self._write("end", trial.trial_id, "FAILED", "failed (retried)", trial_error_text(trial))
+        self._write("forget", trial.trial_id)
+
+    # ---- the writes --------------------------------------------------------------------------
+
+    def _op_start(self, trial_id: str, config: dict) -> None:
+        runs = self._run_map()
+        if trial_id in runs:
+            if trial_id in self._started_here:
+                return
+            # Left RUNNING by a search that was killed outright; the trial starts over now.
+            self._op_end(trial_id, "KILLED", "interrupted", None)
+        attempt = self._attempts.get(trial_id, 0) + 1
+        name = f"trial-{trial_id}" + (f"-attempt{attempt}" if attempt > 1 else "")
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=context_tags({
+            TAG_PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_ATTEMPT: str(attempt)}))
+        self._attempts[trial_id] = attempt
+        runs[trial_id] = run.info.run_id
+        self._started_here.add(trial_id)
+        self._pending[1:1] = [("params", trial_id, config)] + ([("datasets", trial_id)] if self.datasets else [])
+
+    def _op_params(self, trial_id: str, config: dict) -> None:
+        if trial_id in self._run_map():
+            log_params(self.client, self._runs[trial_id], {**self.base, **config})
+
+    def _op_datasets(self, trial_id: str) -> None:
+        if trial_id in self._run_map():
+            log_datasets(self.client, self._runs[trial_id], self.base.get("data_dir", "."), self.datasets)
+
+    def _op_result(self, trial_id: str, result: dict) -> None:
+        run_id = self._run_map().get(trial_id)
+        if not run_id:
+            return
+        if result.get("training_iteration") == 1:
             for tag, key in ((TAG_NODE, "node_id"), (TAG_PROCESS, "trial_process")):
                 if result.get(key):
                     self.client.set_tag(run_id, tag, result[key])
-        if not run_id:
-            return
         fold = int(result.get("folds_done", result.get("training_iteration", 0)))
         # The CV metrics at step = folds done, and the fold's learning curve, one step per epoch
         # (fold<k>_val_acc, ...), in one request.
@@ -190,31 +289,23 @@ class MlflowTrialLogger(Callback):
         if items:
             self.client.log_batch(run_id, metrics=items)
 
-    def _end(self, trial, status: str, ended: str, error: str | None = None) -> None:
-        run_id = self._run_map().pop(trial.trial_id, None)
+    def _op_confusion(self, trial_id: str, confusion: list, caption: str) -> None:
+        run_id = self._run_map().get(trial_id)
+        if run_id:
+            log_confusion(self.client, run_id, confusion, caption)
+
+    def _op_end(self, trial_id: str, status: str, ended: str, error: str | None) -> None:
+        run_id = self._run_map().get(trial_id)
         if run_id is None:
             return
         self.client.set_tag(run_id, TAG_ENDED, ended)
         if error:
             self.client.set_tag(run_id, TAG_ERROR, error)
         self.client.set_terminated(run_id, status=status)
+        self._runs.pop(trial_id, None)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        run_id = self._run_map().get(trial.trial_id)
-        if run_id and last.get("val_confusion"):
-            log_confusion(self.client, run_id, last["val_confusion"],
-                          f"trial {trial.trial_id}: {last.get('folds_done', '?')} fold(s) at epoch "
-                          f"{last.get('best_epoch', '?')}, summed")
-        self._end(trial, "FINISHED", "completed" if last.get(FINAL_KEY) else "stopped early")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED", "failed", error=trial_error_text(trial))
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        """A failed attempt that Ray retries (max_failures): close it; the retry gets a new run."""
-        self._end(trial, "FAILED", "failed (retried)", error=trial_error_text(trial))
-        self._started_here.discard(trial.trial_id)
+    def _op_forget(self, trial_id: str) -> None:
+        self._started_here.discard(trial_id)
 
     def mark_interrupted(self, complete: bool = False) -> list[str]:
         """Close the trial runs still open, as interrupted; returns their trial ids.
@@ -231,6 +322,16 @@ class MlflowTrialLogger(Callback):
                 self.client.set_tag(run_id, TAG_NOT_RESUMED, NOT_RESUMED)
             self.client.set_terminated(run_id, status="KILLED")
         return closed
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says the tracking server did not answer (refused, timed out, 5xx after
+    MLflow's own retries), as opposed to refusing what was sent."""
+    import requests
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(error)
+    return isinstance(error, MlflowException) and text.startswith("API request to") and "failed with exception" in text
 
 
 def trial_error_text(trial) -> str:

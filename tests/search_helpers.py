@@ -36,3 +36,46 @@ def search_cmd(space: Path, tmp: Path, *more: str) -> list[str]:
 def run_search(space: Path, tmp: Path, *more: str, timeout: int = 400, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(search_cmd(space, tmp, *more), capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 over a sqlite store in `folder`; stop() and start() again keep
+    the store and the port, as a restarted tracking server would."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout: float = 120) -> None:
+        import time
+        import urllib.request
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db", "--artifacts-destination",
+             str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server on {self.uri} did not start")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+        self.process = None

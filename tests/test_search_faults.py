@@ -91,3 +91,45 @@ def test_two_searches_started_at_once_on_one_new_store_both_finish(subset_dir, s
         children = child_runs(client, parent.info.experiment_id, parent_id)
         assert len(children) == 3 and len({c.data.tags[TAG_TRIAL] for c in children}) == 3
         assert all(c.info.status == "FINISHED" for c in children)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    from tests.search_helpers import MlflowServer
+    server = MlflowServer(tmp_path / "tracking")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_search_outlives_its_tracking_server_being_away(subset_dir, subset_cache, subset_prepared, tmp_path,
+                                                          mlflow_server):
+    """The tracking server stops mid-search for 40 s (longer than a write's retries), then comes
+    back on the same store: the search goes on and every trial is recorded once."""
+    space = _long_trials_space(tmp_path, subset_dir, subset_cache, epochs=15, num_samples=3, max_concurrent=1)
+    cmd = search_cmd(space, tmp_path)
+    cmd[cmd.index("--tracking-uri") + 1] = mlflow_server.uri
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(mlflow_server.uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # the first trial is recorded: stop the server
+        time.sleep(1)
+        if [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.data.tags.get(TAG_TRIAL)]:
+            break
+    mlflow_server.stop()
+    time.sleep(40)
+    mlflow_server.start()
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "is not answering; the search goes on" in out
+    assert "answers again after" in out
+    parent_id = out.strip().splitlines()[-1].split("=", 1)[1]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags[TAG_STATE] == "finished"
+    children = child_runs(client, parent.info.experiment_id, parent_id)
+    assert len(children) == 3 and len({c.data.tags[TAG_TRIAL] for c in children}) == 3
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags[TAG_ENDED] == "completed"
+        assert child.data.metrics["folds_done"] == 1 and "lr" in child.data.params
+        assert len(client.get_metric_history(child.info.run_id, "fold1_val_acc")) == 15  # every epoch's point

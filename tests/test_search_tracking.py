@@ -49,3 +49,23 @@ def test_a_trial_whose_process_was_killed_says_so_first(tmp_path):
     assert "ActorDiedError" in text  # Ray's words kept below
     path.write_text("Traceback (most recent call last):\nValueError: bad\n")
     assert trial_error_text(SimpleNamespace(error_file=str(path))).splitlines()[0] == "ValueError: bad"
+
+
+def test_writes_wait_in_order_while_the_tracking_server_does_not_answer(monkeypatch, capsys):
+    import pytest
+
+    from mmsa.errors import UserError
+    from tests.search_helpers import free_port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    logger = MlflowTrialLogger(uri, "0", "parent", {"lr": 0.1})
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.2}, last_result={"folds_done": 1})
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, {"training_iteration": 1, "val_acc": 0.5})
+    logger.on_trial_complete(0, [], trial)
+    assert [op[0] for op in logger._pending] == ["start", "result", "end"]  # kept, in order
+    assert capsys.readouterr().out.count("is not answering; the search goes on") == 1  # said once
+    with pytest.raises(UserError, match="3 records of this search are not written.*--resume"):
+        logger.flush(wait_s=0)
+    import pickle
+    assert [op[0] for op in pickle.loads(pickle.dumps(logger))._pending] == ["start", "result", "end"]
