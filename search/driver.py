@@ -12,6 +12,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from mmsa.errors import UserError
 from mmsa.features import RawSource
 from mmsa.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import forkserver
@@ -59,6 +60,24 @@ def start_fork_server(spec, base, address: str | None) -> forkserver.ForkServer 
     if not trials_fork(spec, address):
         return None
     return forkserver.ForkServer("search.trainable:fit_trial", preload=TRIAL_IMPORTS + (FULL_FINETUNE_IMPORTS if base.data.finetune == "full" else []))
+
+
+def check_cluster(address: str) -> None:
+    """Refuse at once, in one line, an --address where no Ray cluster answers: ray.init would wait
+    there for minutes (e.g. `auto` after a head died without `ray stop`)."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+    try:
+        resolved = canonicalize_bootstrap_address(address) or ""
+    except (ConnectionError, ValueError) as e:
+        raise UserError(f"--address {address}: {str(e).splitlines()[0]}") from None
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        raise UserError(f"--address {address}: no Ray cluster answers at {resolved or address} "
+                        f"(not started, or a head that stopped without `ray stop`)") from None
 
 
 def start_ray(address: str | None) -> None:

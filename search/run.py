@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         # node, not here: untested, so refused.
         raise UserError(f"--address {args.address}: Ray Client (ray://) is not supported; run the search on a "
                         "cluster node with --address auto")
+    if args.address:
+        from search.driver import check_cluster
+        check_cluster(args.address)
     from search.space import check_against_data, load_space
     spec = load_space(args.space)  # every config error surfaces here, before any heavy work
     if args.data:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -129,6 +130,18 @@ def test_cli_refuses_ray_client_addresses(tmp_path):
                           "--address", "ray://head:10001", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "ray://head:10001" in out.stderr
+
+
+@pytest.mark.parametrize("address, env", [("127.0.0.1:1", {}), ("auto", {"RAY_ADDRESS": "127.0.0.1:1"})])
+def test_cli_refuses_an_address_where_no_cluster_answers_at_once(tmp_path, address, env):
+    # ray.init would wait minutes there (a head that died without `ray stop` leaves `auto` pointing at it)
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "search.run", "--space", str(ROOT / "spaces" / "smoke.yaml"),
+                          "--address", address, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, **env})
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"--address {address}: no Ray cluster answers at " in out.stderr and ":1 (not started" in out.stderr
+    assert time.time() - start < 60 and not (tmp_path / "mlflow.db").exists()
 
 
 def test_loading_and_validating_a_space_imports_no_torch():
