@@ -52,7 +52,7 @@ class ModelConfig:
     # features, each scaled to unit RMS, concatenated, then a hidden layer of d_model, or none.
     head: str = "fusion"
     # Defaults: the region the earlier single-split fusion searches kept finding; cross-validation
-    # gave no evidence to move them, except class_weights (README, Honest reading).
+    # gave no evidence to move them, except class_weights (docs/results.md, Honest reading).
     d_model: int = 64
     heads: int = 4
     fusion_depth: int = 0
@@ -84,7 +84,7 @@ class TrainConfig:
     max_epochs: int = 6  # length of the learning-rate schedule
     stop_epoch: int = 0  # stop after this epoch (within the schedule); 0: at max_epochs
     warmup_frac: float = 0.1
-    # none | balanced | sqrt. none: weighting cost accuracy in cross-validation (README, Honest reading).
+    # none | balanced | sqrt. none: weighting cost accuracy in cross-validation (docs/results.md, Honest reading).
     class_weights: str = "none"
     label_smoothing: float = 0.0
     # Decay of an exponential moving average of the weights (per optimizer step), evaluated and kept;

@@ -1,7 +1,7 @@
 """Trial processes forked from one warm process instead of each importing torch on its own.
 
 Every Ray trial process imports torch, scikit-learn and mmsa: several hundred MB of private
-memory per concurrent trial before a single batch (README, "Results"). Ray starts its workers by
+memory per concurrent trial before a single batch (docs/results.md). Ray starts its workers by
 exec, so nothing of that is shared. Here the driver starts one server that
 imports them once; each trial's Ray worker asks it for a fork, which shares those pages
 copy-on-write and trains there. The Ray worker keeps only Ray and relays results.
