@@ -70,11 +70,11 @@ def flipped_image_means(data_dir: str, guids: list[str]) -> np.ndarray:
 
     from mmsa.data import load_dataset
     from mmsa.encoders import build_image_encoder
-    from mmsa.features import _ImageFiles
+    from mmsa.images import ImageFiles
     by_guid = {ex.guid: ex for ex in load_dataset(data_dir).all_examples}
     encoder = build_image_encoder("efficientnet_lite0").eval()
     pre = encoder.preprocess
-    files = _ImageFiles([by_guid[g] for g in guids], T.Compose([T.RandomHorizontalFlip(1.0), pre.transform()]),
+    files = ImageFiles([by_guid[g] for g in guids], T.Compose([T.RandomHorizontalFlip(1.0), pre.transform()]),
                         pre.size)
     out = []
     with torch.no_grad():

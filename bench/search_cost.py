@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from bench.common import table, write_result  # noqa: E402
 from mmsa.config import Config  # noqa: E402
 from mmsa.encoders import build_image_encoder, build_text_encoder  # noqa: E402
-from mmsa.features import _ImageFiles  # noqa: E402
+from mmsa.images import ImageFiles  # noqa: E402
 from mmsa.data import normalize_tweet  # noqa: E402
 from mmsa.prepare import prepare  # noqa: E402
 from mmsa.train import build_model, fit  # noqa: E402
@@ -41,7 +41,7 @@ def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
         guids = data.train.guids[b * bs:(b + 1) * bs]
         start = time.perf_counter()
         exs = [examples[g] for g in guids]
-        images = _ImageFiles(exs, image_enc.preprocess.transform(), image_enc.preprocess.size)
+        images = ImageFiles(exs, image_enc.preprocess.transform(), image_enc.preprocess.size)
         pixels = torch.stack([images[i][0] for i in range(len(exs))])
         tok = text_enc.tokenize([normalize_tweet(e.text) for e in exs], cfg.data.max_text_len)
         text, mask = text_enc(tok["input_ids"], tok["attention_mask"])

@@ -1,42 +1,44 @@
-"""Frozen-feature cache: run each backbone once over the dataset, keep its token features.
+"""The feature cache, read: memory-mapped token features of a dataset's pairs, batch by batch.
 
-Each modality is cached in its own folder `<cache_dir>/<kind>-<name>-<key>/`, holding float16
-`.npy` arrays that are opened memory-mapped, so concurrent trials share one copy through the
-page cache. The key hashes the backbone's fingerprint (name, weights, preprocessing), the
-settings (text length, layer) and the data content (guids, decoded texts, image bytes): change
-any of them and a new cache is built. A folder is built under a temporary name and renamed into
-place only once complete, with `meta.json` written last; a folder without a matching
-`meta.json` (a killed build, a copy gone wrong) is never trusted and gets rebuilt.
-
-torch is imported only where backbones run or batches are made, so a process that just opens the
-cache (the search driver) does not pay for torch's memory.
+`Features` is what training reads from: the cache (`FeatureSet`, built by mmsa.cache) or, for
+finetune=full, the dataset files themselves (mmsa.rawsource.RawSource). The cache's float16
+`.npy` arrays are opened memory-mapped, so concurrent trials share one copy through the page
+cache. torch is imported only where batches are made, so a process that just opens the cache
+(the search driver) does not pay for torch's memory.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
-
-from mmsa.config import DataConfig
-from mmsa.data import Dataset, Example, normalize_tweet
-from mmsa.errors import DiskFullError
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 1
+
+class Features(Protocol):
+    """What training, prediction and the search read pairs through."""
+
+    guids: list[str]
+
+    @property
+    def text_dim(self) -> int: ...
+
+    @property
+    def image_dim(self) -> int: ...
+
+    def rows(self, guids: list[str]) -> np.ndarray: ...
+
+    def batch(self, rows: np.ndarray, device: torch.device) -> tuple: ...
+
+    def iter_batches(self, row_batches: list[np.ndarray], device: torch.device): ...
+
+    def content_digest(self, rows: np.ndarray, labels: np.ndarray) -> str: ...
 
 
 @dataclass
@@ -95,101 +97,7 @@ class FeatureSet:
         text and image bytes, and of their labels: the same pairs give the same digest."""
         items = [json.loads((d / "meta.json").read_text()).get("items") or self.guids
                  for d in (self.text_dir, self.image_dir)]
-        return _hash(*(f"{items[0][r]}:{items[1][r]}" for r in rows), np.asarray(labels, np.int64).tobytes())
-
-
-class RawSource:
-    """Model inputs read from the dataset files batch by batch, for finetune=full:
-    (input_ids, attention_mask, pixels). No cache.
-
-    Cheap to build and to pickle (the search driver builds one and ships it to trials): the
-    tokenizer and the image preprocessing are loaded on first use, in the process that trains.
-    `iter_batches` decodes and tokenizes in DataLoader worker processes, ahead of the model:
-    on a GPU the decoding, not the backbones, bounded an epoch (bench/results/gpu_check.md)."""
-
-    def __init__(self, examples: list[Example], cfg: DataConfig):
-        self.guids = [ex.guid for ex in examples]
-        self.examples, self.cfg = list(examples), cfg
-        self._loaded: dict | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_loaded": None}  # the tokenizer and encoders load where used
-
-    def content_digest(self, rows: np.ndarray, labels: np.ndarray) -> str:
-        """A short hash of these rows' guids, text and labels (no image bytes: nothing caches them
-        here, and reading every image for a digest would cost what an epoch does)."""
-        return _hash(*(f"{self.guids[r]}\t{self.examples[r].text}" for r in rows),
-                     np.asarray(labels, np.int64).tobytes())
-
-    def _load(self) -> dict:
-        if self._loaded is None:
-            from mmsa.encoders import build_image_encoder, build_text_encoder
-            # Fast tokenizers warn (and turn their threads off) in forked DataLoader workers.
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            text_enc, image_enc = build_text_encoder(self.cfg.text_encoder), build_image_encoder(self.cfg.image_encoder)
-            pre = image_enc.preprocess
-            texts = [normalize_tweet(ex.text) if self.cfg.text_clean else ex.text for ex in self.examples]
-            self._loaded = {"text_dim": text_enc.dim, "image_dim": image_enc.dim,
-                            "pairs": _RawPairs(texts, _ImageFiles(self.examples, pre.transform(), pre.size)),
-                            "collate": _Collate(text_enc.tokenizer, self.cfg.max_text_len)}
-        return self._loaded
-
-    @property
-    def text_dim(self) -> int:
-        return self._load()["text_dim"]
-
-    @property
-    def image_dim(self) -> int:
-        return self._load()["image_dim"]
-
-    def rows(self, guids: list[str]) -> np.ndarray:
-        return row_index(self.guids, guids)
-
-    def batch(self, rows: np.ndarray, device: torch.device):
-        loaded = self._load()
-        inputs = loaded["collate"]([loaded["pairs"][int(r)] for r in rows])
-        return tuple(t.to(device) for t in inputs)
-
-    def iter_batches(self, row_batches: list[np.ndarray], device: torch.device):
-        """`batch(rows)` for each of `row_batches` in order, prepared ahead by `loader_workers`
-        processes. By default none on a CPU: the model needs the cores itself there (workers made
-        a 2-core machine's epochs 1.5-3x slower, bench/gpu_check.py --device cpu)."""
-        import torch
-        loaded = self._load()
-        workers = self.cfg.loader_workers if self.cfg.loader_workers >= 0 else _loader_workers(device, on_cpu=0)
-        loader = torch.utils.data.DataLoader(
-            loaded["pairs"], batch_sampler=[[int(r) for r in rows] for rows in row_batches],
-            collate_fn=loaded["collate"], num_workers=workers, pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None)
-        for inputs in loader:
-            yield tuple(t.to(device, non_blocking=True) for t in inputs)
-
-
-class _RawPairs:
-    """Map-style dataset: row -> (text, preprocessed image; a blank one where unreadable)."""
-
-    def __init__(self, texts: list[str], images: _ImageFiles):
-        self.texts, self.images = texts, images
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, row: int):
-        return self.texts[row], self.images[row][0]
-
-
-class _Collate:
-    """A batch of (text, image) -> (input_ids, attention_mask, pixels), padded to the longest text."""
-
-    def __init__(self, tokenizer, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
-
-    def __call__(self, pairs: list):
-        import torch
-        texts, images = zip(*pairs)
-        tok = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        return tok["input_ids"], tok["attention_mask"], torch.stack(images)
+        return digest(*(f"{items[0][r]}:{items[1][r]}" for r in rows), np.asarray(labels, np.int64).tobytes())
 
 
 def row_index(all_guids: list[str], guids: list[str]) -> np.ndarray:
@@ -198,268 +106,9 @@ def row_index(all_guids: list[str], guids: list[str]) -> np.ndarray:
     return np.array([index[g] for g in guids], dtype=np.int64)
 
 
-def _hash(*parts: str | bytes) -> str:
+def digest(*parts: str | bytes) -> str:
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
         h.update(p.encode("utf-8", "surrogatepass") if isinstance(p, str) else p)
         h.update(b"\0")
     return h.hexdigest()
-
-
-def image_content_hash(examples: list[Example]) -> tuple[str, list[str]]:
-    """(hash of every example's guid and image bytes, each example's own hash of the same)."""
-    h = hashlib.blake2b(digest_size=8)
-    items = []
-    for ex in examples:
-        data = b""
-        if ex.has_image:
-            try:
-                data = ex.image_path.read_bytes()
-            except OSError:
-                pass
-        h.update(ex.guid.encode() + b"\0")
-        h.update(data)
-        h.update(b"\0")
-        items.append(_hash(ex.guid, data))
-    return h.hexdigest(), items
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
-
-
-def _load_if_complete(folder: Path, key: str, n: int) -> dict[str, np.ndarray] | None:
-    meta_path = folder / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key or meta.get("n") != n or meta.get("format") != FORMAT_VERSION:
-            return None
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
-        if any(a.shape[0] != n for a in arrays.values()):
-            return None
-        return arrays
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
-    """A writable memory-mapped .npy file with its disk blocks reserved now. Without that, a full
-    disk shows only when a page is written back: SIGBUS kills the process mid-build."""
-    out = np.lib.format.open_memmap(path, "w+", dtype, shape)
-    try:
-        with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        free = shutil.disk_usage(path.parent).free
-        raise DiskFullError(f"{path.parent.parent}: no space left for the feature cache "
-                            f"({os.path.getsize(path) / 2**20:.0f} MiB needed for {path.name}, "
-                            f"{free / 2**20:.0f} MiB free)") from None
-    return out
-
-
-def _build_atomically(folder: Path, key: str, n: int, fill, extra: dict | None = None) -> dict[str, np.ndarray]:
-    """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        names = fill(tmp)
-        meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial one
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    arrays = _load_if_complete(folder, key, n)
-    assert arrays is not None, f"{folder}: cache just written does not load"
-    return arrays
-
-
-def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0)
-
-
-class _ImageFiles:
-    """Map-style dataset of preprocessed images for torch's DataLoader."""
-
-    def __init__(self, examples: list[Example], transform, size: int):
-        self.examples, self.transform, self.size = examples, transform, size
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int):
-        ex = self.examples[i]
-        if ex.has_image:
-            try:
-                with Image.open(ex.image_path) as img:
-                    return self.transform(to_rgb(img)), True
-            except (OSError, ValueError, Image.DecompressionBombError):
-                pass
-        # A blank (mean-coloured) image: the features then say "no picture".
-        import torch
-        return torch.zeros(3, self.size, self.size), False
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent parts become white rather than black."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
-def _get_or_build(cache_root: Path, base: str, items: list[str], prepare) -> tuple[dict, Path]:
-    """Load `<base>-<key>` if complete, else build it. `items`: each example's content hash.
-    `prepare()` loads the backbone and returns (model, key, fill): `model` hashes the backbone's
-    fingerprint and settings, `key` that and the content. Where another complete cache of the same
-    model holds every example (a subset of a dataset, another order), its rows are copied instead
-    of running the backbone."""
-    model, key, fill = prepare()
-    folder = cache_root / f"{base}-{key}"
-    n = len(items)
-    arrays = _load_if_complete(folder, key, n)
-    if arrays is None:
-        source = _covering_cache(cache_root, base, model, items)
-        if source is not None:
-            print(f"features of {n} examples copied from {source[0].name}", file=sys.stderr, flush=True)
-            fill = _copy_rows(*source)
-        arrays = _build_atomically(folder, key, n, fill, {"model": model, "items": items})
-    return arrays, folder
-
-
-def _covering_cache(cache_root: Path, base: str, model: str, items: list[str]) -> tuple[Path, np.ndarray] | None:
-    """A complete cache folder of the same model holding every item: (folder, row of each item)."""
-    for folder in sorted(cache_root.glob(f"{base}-*")):
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-        except (OSError, ValueError):
-            continue  # incomplete, or being built
-        if meta.get("model") != model or meta.get("format") != FORMAT_VERSION or "items" not in meta:
-            continue
-        if _load_if_complete(folder, meta.get("key"), meta.get("n")) is None:
-            continue
-        index = {item: row for row, item in enumerate(meta["items"])}
-        if all(item in index for item in items):
-            return folder, np.array([index[item] for item in items], dtype=np.int64)
-    return None
-
-
-def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
-    """A `fill` that copies `rows` of every array of the `source` cache folder, in that order."""
-    def fill(tmp: Path) -> list[str]:
-        names = json.loads((source / "meta.json").read_text())["arrays"]
-        for name in names:
-            src = np.load(source / f"{name}.npy", mmap_mode="r")
-            out = _new_array(tmp / f"{name}.npy", src.dtype, (len(rows), *src.shape[1:]))
-            for s in range(0, len(rows), chunk):
-                out[s:s + chunk] = src[rows[s:s + chunk]]
-            out.flush()
-        return names
-    return fill
-
-
-def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
-    from mmsa.encoders import build_text_encoder
-    layers = cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
-    n, L = len(examples), cfg.max_text_len
-    texts = [normalize_tweet(ex.text) if cfg.text_clean else ex.text for ex in examples]
-    content = _hash(*(f"{ex.guid}\t{text}" for ex, text in zip(examples, texts)))
-    items = [_hash(f"{ex.guid}\t{text}") for ex, text in zip(examples, texts)]
-
-    def prepare():
-        encoder = build_text_encoder(cfg.text_encoder)
-
-        def fill(tmp: Path) -> list[str]:
-            device = _extraction_device()
-            encoder.to(device)
-            tokens = _new_array(tmp / "tokens.npy", np.float16, (n, L, encoder.dim))
-            mask = _new_array(tmp / "mask.npy", np.bool_, (n, L))
-            with _progress(n, f"text features ({cfg.text_encoder}, {device})") as bar:
-                for s in range(0, n, batch_size):
-                    batch = encoder.tokenize(texts[s:s + batch_size], L)
-                    hidden, m = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device), layers)
-                    tokens[s:s + len(hidden)] = hidden.float().cpu().numpy().astype(np.float16)
-                    mask[s:s + len(hidden)] = m.cpu().numpy()
-                    bar.update(len(hidden))
-            tokens.flush(), mask.flush()
-            return ["tokens", "mask"]
-        model = _hash(encoder.fingerprint(), str(L), str(layers))
-        return model, _hash(encoder.fingerprint(), str(L), str(layers), content), fill
-
-    base = f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{layers}"
-    return _get_or_build(Path(cfg.cache_dir), base, items, prepare)
-
-
-def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 32,
-                      workers: int | None = None) -> tuple[dict, Path]:
-    from mmsa.encoders import build_image_encoder
-    n = len(examples)
-    content, items = image_content_hash(examples)
-
-    def prepare():
-        import torch
-        encoder = build_image_encoder(cfg.image_encoder)
-        pre = encoder.preprocess
-
-        def fill(tmp: Path) -> list[str]:
-            device = _extraction_device()
-            encoder.to(device)
-            n_workers = workers if workers is not None else _loader_workers(device, on_cpu=2)
-            loader = torch.utils.data.DataLoader(_ImageFiles(examples, pre.transform(), pre.size),
-                                                 batch_size=batch_size, num_workers=n_workers,
-                                                 pin_memory=device.type == "cuda")
-            tokens = valid = None
-            with _progress(n, f"image features ({cfg.image_encoder}, {device})") as bar:
-                s = 0
-                for images, ok in loader:
-                    feats = encoder(images.to(device, non_blocking=True)).float().cpu()
-                    if tokens is None:
-                        tokens = _new_array(tmp / "tokens.npy", np.float16, (n, feats.shape[1], feats.shape[2]))
-                        valid = _new_array(tmp / "valid.npy", np.bool_, (n,))
-                    tokens[s:s + len(feats)] = feats.numpy().astype(np.float16)
-                    valid[s:s + len(feats)] = ok.numpy()
-                    s += len(feats)
-                    bar.update(len(feats))
-            tokens.flush(), valid.flush()
-            return ["tokens", "valid"]
-        return _hash(encoder.fingerprint()), _hash(encoder.fingerprint(), content), fill
-
-    return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", items, prepare)
-
-
-def _loader_workers(device: torch.device, on_cpu: int) -> int:
-    """Processes decoding images ahead of the model: up to 8 on a GPU, where decoding bounds the
-    speed; `on_cpu` on a CPU, where the model needs the cores itself."""
-    return min(8 if device.type == "cuda" else on_cpu, os.cpu_count() or 1)
-
-
-def _extraction_device() -> torch.device:
-    """The backbones fill the cache on the GPU where there is one (CUDA_VISIBLE_DEVICES= to not)."""
-    import torch
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def features_of(cfg: DataConfig, examples: list[Example]) -> FeatureSet:
-    """The cached features of `examples` (guids unique), building what is missing."""
-    Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-    _, text_dir = build_text_cache(cfg, examples)
-    _, image_dir = build_image_cache(cfg, examples)
-    return FeatureSet.open([ex.guid for ex in examples], text_dir, image_dir)
-
-
-def load_features(cfg: DataConfig, dataset: Dataset) -> FeatureSet:
-    """Load the cached features of every example of `dataset`, building what is missing."""
-    examples = dataset.all_examples
-    feats = features_of(cfg, examples)
-    for ex, ok in zip(examples, feats.has_image):
-        if ex.has_image and not ok:
-            dataset.report.unreadable_image.append(ex.guid)
-    return feats

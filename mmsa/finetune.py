@@ -1,6 +1,6 @@
 """Full fine-tuning (finetune=full): both backbones run on every batch and train with the head.
 
-No feature cache: `mmsa.features.RawSource` reads and preprocesses the files of each batch, and
+No feature cache: `mmsa.rawsource.RawSource` reads and preprocesses the files of each batch, and
 `FullFusion` is backbones + FusionModel. Meant for GPU machines (AMP is on under CUDA, see
 mmsa.train); on a CPU it works, slowly.
 """
@@ -25,6 +25,10 @@ class FullFusion(nn.Module):
         self._image_features = image_enc._features
         self.head = build_single_head(cfg.model)
         self.cfg = cfg.model
+
+    def pretrained_parameters(self) -> tuple[list[nn.Parameter], float]:
+        """Both backbones train, at backbone_lr_scale times the head's lr."""
+        return [*self.text_backbone.parameters(), *self.image_backbone.parameters()], self.cfg.backbone_lr_scale
 
     def forward(self, input_ids, attention_mask, pixels):
         text = self.text_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

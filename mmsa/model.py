@@ -97,7 +97,16 @@ class Combine(nn.Module):
         return (torch.stack(feats, 1) * weights.unsqueeze(-1)).sum(1)
 
 
-class FusionModel(nn.Module):
+class Head(nn.Module):
+    """A model on cached features; with finetune=last_k it holds the top text layers (`text_top`)."""
+
+    def pretrained_parameters(self) -> tuple[list[nn.Parameter], float]:
+        """(pretrained weights being fine-tuned, their learning-rate factor against the head's lr)."""
+        top = getattr(self, "text_top", None)
+        return (list(top.parameters()), self.cfg.text_lr_scale) if top is not None else ([], 1.0)
+
+
+class FusionModel(Head):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -155,7 +164,7 @@ class FusionModel(nn.Module):
         return self.head(self.combine(feats))
 
 
-class PooledHead(nn.Module):
+class PooledHead(Head):
     """head=mlp | linear: pool each modality's tokens (the same `pooling` options), scale each
     pooled vector to unit RMS (the linear probe's L2 normalisation, times sqrt(dim)), concatenate,
     classify: one hidden layer of d_model (mlp) or none (linear)."""

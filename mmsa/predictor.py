@@ -114,7 +114,8 @@ def predict_examples(members: list[Member], examples: list[Example], cache_dir: 
     `cache_dir`, reused where the same pairs were seen)."""
     from dataclasses import replace
 
-    from mmsa.features import RawSource, features_of
+    from mmsa.cache import features_of
+    from mmsa.rawsource import RawSource
 
     def features_for(cfg: DataConfig):
         cfg = replace(cfg, cache_dir=cache_dir)

@@ -9,7 +9,8 @@ import numpy as np
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, load_dataset, split_train_val
-from mmsa.features import FeatureSet, RawSource
+from mmsa.features import FeatureSet
+from mmsa.rawsource import RawSource
 
 
 @dataclass
@@ -56,7 +57,7 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
     Training pairs whose image turned out unreadable are dropped here and counted in the report.
     """
     from mmsa.encoders import check_encoder_names
-    from mmsa.features import load_features
+    from mmsa.cache import load_features
     check_encoder_names(cfg.text_encoder, cfg.image_encoder)
     dataset = load_dataset(cfg.data_dir)
     if cfg.finetune == "full":  # backbones run per batch: no cache to build

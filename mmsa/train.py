@@ -20,7 +20,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from mmsa.config import Config
 from mmsa.data import LABELS
-from mmsa.features import FeatureSet, RawSource
+from mmsa.features import FeatureSet
+from mmsa.rawsource import RawSource
 from mmsa.model import EnsembleModel, build_head
 from mmsa.prepare import Split
 
@@ -137,20 +138,10 @@ class _Member:
         return self.ema.module if self.ema is not None else self.model
 
 
-def _pretrained_parameters(model: torch.nn.Module, cfg: Config) -> tuple[list, float]:
-    """Pretrained weights being fine-tuned, and their learning-rate factor against the head's lr:
-    the backbones (finetune=full, backbone_lr_scale) or the top text layers (last_k, text_lr_scale)."""
-    if hasattr(model, "text_backbone"):
-        return [*model.text_backbone.parameters(), *model.image_backbone.parameters()], cfg.model.backbone_lr_scale
-    if hasattr(model, "text_top"):
-        return list(model.text_top.parameters()), cfg.model.text_lr_scale
-    return [], 1.0
-
-
 def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Member:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     t = cfg.train
-    pretrained, scale = _pretrained_parameters(model, cfg)
+    pretrained, scale = model.pretrained_parameters()
     slow = set(pretrained)
     groups = [{"params": [p for p in model.parameters() if p not in slow], "lr": t.lr}]
     if pretrained:

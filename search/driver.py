@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from mmsa.errors import UserError
-from mmsa.features import RawSource
+from mmsa.rawsource import RawSource
 from mmsa.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import forkserver
 from search.progress import ProgressPrinter

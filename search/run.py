@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len,
                                 forked=trials_fork(spec, args.address))
         spec.max_concurrent = chosen.concurrent
-        if chosen.micro_batch:
-            spec.fixed["micro_batch"] = chosen.micro_batch
+        if chosen.micro_batch:  # as if given as --set micro_batch=N
+            apply_flags(spec, sets={"micro_batch": chosen.micro_batch})
             base = spec.base_config()
         print(chosen.describe(budget), flush=True)
 

@@ -8,7 +8,8 @@ per-trial resources. See spaces/fusion.yaml for every key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,42 @@ from mmsa.config import MONITORS, Config, refuse_derived
 from mmsa.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
-TOP_KEYS = ("data_dir", "metric", "mode", "num_samples", "max_concurrent", "resources", "max_failures",
-            "seed", "cv_folds", "scheduler", "searcher", "fixed", "params", "memory_budget",
-            "fork_trials")
-SCHEDULER_KEYS = ("type", "max_epochs", "grace_period", "reduction_factor")
-SEARCHER_KEYS = ("type", "n_startup_trials", "start_from_defaults")
-RESOURCE_KEYS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting of a space file: where it sits, the SearchSpec field it sets (whose default
+    gives its type), and what a valid value is."""
+    path: str  # "num_samples", or "section.name"
+    attr: str
+    check: Callable[[Any, Any], bool] = lambda value, spec: True
+    expected: str = ""
+
+
+KEYS = (
+    Key("data_dir", "data_dir"),
+    Key("metric", "metric", lambda v, s: v in MONITORS, f"one of {MONITORS}"),
+    Key("mode", "mode", lambda v, s: v in ("max", "min"), "max or min"),
+    Key("num_samples", "num_samples", lambda v, s: v > 0, "> 0"),
+    Key("max_concurrent", "max_concurrent", lambda v, s: v > 0, "> 0"),
+    Key("max_failures", "max_failures", lambda v, s: v >= 0, ">= 0"),
+    Key("seed", "seed"),
+    Key("cv_folds", "cv_folds", lambda v, s: v >= 1, ">= 1 (1: one held-out split)"),
+    Key("memory_budget", "memory_budget"),
+    Key("fork_trials", "fork_trials"),
+    Key("scheduler.type", "scheduler", lambda v, s: v in ("asha", "fifo"), "asha or fifo"),
+    Key("scheduler.max_epochs", "max_epochs", lambda v, s: v > 0, "> 0"),
+    Key("scheduler.grace_period", "grace_period", lambda v, s: 0 < v <= max(s.cv_folds, 1),
+        "in [1, cv_folds] (folds)"),
+    Key("scheduler.reduction_factor", "reduction_factor", lambda v, s: v >= 2, ">= 2"),
+    Key("searcher.type", "searcher", lambda v, s: v in ("tpe", "random"), "tpe or random"),
+    Key("searcher.n_startup_trials", "n_startup_trials", lambda v, s: v >= 0, ">= 0"),
+    Key("searcher.start_from_defaults", "start_from_defaults"),
+    Key("resources.cpu", "cpu", lambda v, s: v > 0, "> 0"),
+    Key("resources.gpu", "gpu", lambda v, s: v >= 0, ">= 0"),
+)
+SECTIONS = ("scheduler", "searcher", "resources")
+TOP_KEYS = tuple(k.path for k in KEYS if "." not in k.path) + SECTIONS + ("fixed", "params")
 
 
 @dataclass
@@ -88,10 +119,18 @@ class SearchSpec:
         return {name: p.to_optuna() for name, p in self.params.items()}
 
 
-def _flag(path: Path, key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}: key '{key}' must be true or false")
-    return value
+def _typed(path: Path, key: str, value: Any, typ: type) -> Any:
+    """A space-file value as the SearchSpec field's type, or a one-line ConfigError."""
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: key '{key}' must be true or false")
+        return value
+    if typ is str:
+        return str(value)
+    number = _number(path, key, value)
+    if typ is int and not number.is_integer():
+        raise ConfigError(f"{path}: '{key}' = {value!r} must be a whole number")
+    return typ(number)
 
 
 def _number(path: Path, where: str, value: Any) -> float:
@@ -142,14 +181,14 @@ def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
         if "low" not in spec or "high" not in spec:
             raise ConfigError(f"{path}: '{where}' needs 'low' and 'high'")
         low, high = _number(path, f"{where}.low", spec["low"]), _number(path, f"{where}.high", spec["high"])
-        if low >= high:
-            raise ConfigError(f"{path}: '{where}': low ({spec['low']}) must be below high ({spec['high']})")
-        if kind in ("loguniform", "logint") and low <= 0:
-            raise ConfigError(f"{path}: '{where}': a log-scale bound must be positive (low = {spec['low']})")
         if kind in ("int", "logint") and not (low.is_integer() and high.is_integer()):
             raise ConfigError(f"{path}: '{where}': int bounds must be whole numbers")
         candidates = [low, high]
         param = Param(name, kind, low=low, high=high)
+        try:  # Optuna's own checks of the bounds (ordered, positive on a log scale)
+            param.to_optuna()
+        except ValueError as e:
+            raise ConfigError(f"{path}: '{where}': {e}") from None
     for value in candidates:  # every value must make a valid config (names, ranges, types)
         try:
             Config.from_flat({**fixed, name: value})
@@ -179,53 +218,18 @@ def load_space(path: str | Path) -> SearchSpec:
             raise ConfigError(f"{path}: key '{name}' is both fixed and searched")
     spec.params = {name: _parse_param(path, name, p, fixed) for name, p in params.items()}
 
-    for key, typ in (("data_dir", str), ("metric", str), ("mode", str), ("num_samples", int),
-                     ("max_concurrent", int), ("max_failures", int), ("seed", int), ("cv_folds", int),
-                     ("memory_budget", str)):
-        if key in data and data[key] is not None:
-            value = data[key]
-            if typ is int:
-                number = _number(path, key, value)
-                if not number.is_integer():
-                    raise ConfigError(f"{path}: '{key}' = {value!r} must be a whole number")
-                value = int(number)
-            setattr(spec, key, typ(value))
-    if data.get("fork_trials") is not None:
-        spec.fork_trials = _flag(path, "fork_trials", data["fork_trials"])
-    sched = _check_keys(path, "scheduler", data.get("scheduler") or {}, SCHEDULER_KEYS)
-    spec.scheduler = sched.get("type", spec.scheduler)
-    for key in ("max_epochs", "grace_period", "reduction_factor"):
-        if key in sched:
-            setattr(spec, key, int(_number(path, f"scheduler.{key}", sched[key])))
-    search = _check_keys(path, "searcher", data.get("searcher") or {}, SEARCHER_KEYS)
-    spec.searcher = search.get("type", spec.searcher)
-    if "start_from_defaults" in search:
-        spec.start_from_defaults = _flag(path, "searcher.start_from_defaults", search["start_from_defaults"])
-    if "n_startup_trials" in search:
-        spec.n_startup_trials = int(_number(path, "searcher.n_startup_trials", search["n_startup_trials"]))
-    res = _check_keys(path, "resources", data.get("resources") or {}, RESOURCE_KEYS)
-    spec.cpu = _number(path, "resources.cpu", res.get("cpu", spec.cpu))
-    spec.gpu = _number(path, "resources.gpu", res.get("gpu", spec.gpu))
-
-    checks = [
-        ("metric", spec.metric in MONITORS, f"one of {MONITORS}"),
-        ("mode", spec.mode in ("max", "min"), "max or min"),
-        ("num_samples", spec.num_samples > 0, "> 0"),
-        ("max_concurrent", spec.max_concurrent > 0, "> 0"),
-        ("max_failures", spec.max_failures >= 0, ">= 0"),
-        ("scheduler.type", spec.scheduler in ("asha", "fifo"), "asha or fifo"),
-        ("scheduler.max_epochs", spec.max_epochs > 0, "> 0"),
-        ("cv_folds", spec.cv_folds >= 1, ">= 1 (1: one held-out split)"),
-        ("scheduler.grace_period", 0 < spec.grace_period <= max(spec.cv_folds, 1), "in [1, cv_folds] (folds)"),
-        ("scheduler.reduction_factor", spec.reduction_factor >= 2, ">= 2"),
-        ("searcher.type", spec.searcher in ("tpe", "random"), "tpe or random"),
-        ("searcher.n_startup_trials", spec.n_startup_trials >= 0, ">= 0"),
-        ("resources.cpu", spec.cpu > 0, "> 0"),
-        ("resources.gpu", spec.gpu >= 0, ">= 0"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{path}: key '{key}' must be {expected}")
+    allowed = {name: tuple(k.path.split(".")[1] for k in KEYS if k.path.startswith(name + ".")) for name in SECTIONS}
+    sections = {"": data, **{name: _check_keys(path, name, data.get(name) or {}, allowed[name]) for name in SECTIONS}}
+    defaults = {f.name: f.default for f in fields(SearchSpec)}
+    for key in KEYS:
+        section, _, name = key.path.rpartition(".")
+        value = sections[section].get(name)
+        if value is not None:
+            default = defaults[key.attr]
+            setattr(spec, key.attr, _typed(path, key.path, value, str if default is None else type(default)))
+    for key in KEYS:
+        if not key.check(getattr(spec, key.attr), spec):
+            raise ConfigError(f"{path}: key '{key.path}' must be {key.expected}")
     spec.base_config()  # the fixed values plus data_dir and max_epochs must make a valid config
     return spec
 

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass
 
 from mmsa.config import Config
-from mmsa.features import FeatureSet, RawSource
+from mmsa.features import FeatureSet
+from mmsa.rawsource import RawSource
 from mmsa.prepare import Split
 from search import forkserver
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 import mmsa.encoders
-import mmsa.features
+import mmsa.cache
 from mmsa.config import DataConfig
 from mmsa.data import load_dataset
-from mmsa.features import load_features
+from mmsa.cache import load_features
 from tests.conftest import make_synthetic
 
 
@@ -33,7 +33,7 @@ def test_second_load_uses_the_cache(tiny, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("features were recomputed although the cache was complete")
-    monkeypatch.setattr(mmsa.features, "_build_atomically", refuse)
+    monkeypatch.setattr(mmsa.cache, "_build_atomically", refuse)
     second = load_features(tiny, load_dataset(tiny.data_dir))
     assert second.text_dir == first.text_dir and np.array_equal(second.image, first.image)
 
@@ -103,7 +103,7 @@ def test_unreadable_image_is_reported_and_gets_blank_features(tiny):
 def test_odd_image_modes_become_rgb(mode):
     from PIL import Image
 
-    from mmsa.features import to_rgb
+    from mmsa.images import to_rgb
     img = Image.new("RGB", (8, 6), (200, 10, 10)).convert(mode)
     out = to_rgb(img)
     assert out.mode == "RGB" and out.size == (8, 6)
@@ -112,7 +112,7 @@ def test_odd_image_modes_become_rgb(mode):
 def test_transparent_pixels_become_white():
     from PIL import Image
 
-    from mmsa.features import to_rgb
+    from mmsa.images import to_rgb
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
 
@@ -150,7 +150,7 @@ def test_raw_source_prepares_batches_ahead_in_workers_exactly_as_one_at_a_time(s
 
     import torch
 
-    from mmsa.features import RawSource
+    from mmsa.rawsource import RawSource
     cfg = DataConfig(data_dir=str(subset_dir), max_text_len=16, finetune="full", loader_workers=2)
     examples = load_dataset(subset_dir).all_examples
     source = pickle.loads(pickle.dumps(RawSource(examples, cfg)))  # as shipped to a trial

@@ -47,8 +47,8 @@ def test_good_space(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("num_samples: 3\nwhatever: 1\n", "unknown key 'whatever'"),
     ("params:\n  learning_rate: {type: uniform, low: 0, high: 1}\n", "unknown key 'params.learning_rate'"),
-    ("params:\n  lr: {type: uniform, low: 0.1, high: 0.01}\n", "params.lr.*low"),
-    ("params:\n  lr: {type: loguniform, low: 0, high: 0.01}\n", "params.lr.*log-scale bound must be positive"),
+    ("params:\n  lr: {type: uniform, low: 0.1, high: 0.01}\n", "params.lr.*`low <= high` must hold"),
+    ("params:\n  lr: {type: loguniform, low: 0, high: 0.01}\n", "params.lr.*`low > 0` must hold for `log=True`"),
     ("params:\n  lr: {type: gaussian, low: 0, high: 1}\n", "unknown distribution 'gaussian'"),
     ("params:\n  pooling: {type: choice, values: [mean, max]}\n", "params.pooling.*'pooling'"),
     ("params:\n  fusion_depth: {type: int, low: 0.5, high: 2}\n", "whole numbers"),

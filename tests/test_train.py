@@ -152,7 +152,7 @@ def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
 
 def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     from mmsa.config import DataConfig
-    from mmsa.features import RawSource
+    from mmsa.rawsource import RawSource
     from mmsa.prepare import prepare
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), val_fraction=0.3,
                           max_text_len=16, finetune="full")
