@@ -1,6 +1,7 @@
 """Faults a long search meets, produced for real on this machine: a trial process killed from
 outside, two searches on one new sqlite store at once, the tracking server away for a while."""
 
+import os
 import signal
 import subprocess
 import time
@@ -133,3 +134,15 @@ def test_a_search_outlives_its_tracking_server_being_away(subset_dir, subset_cac
         assert child.info.status == "FINISHED" and child.data.tags[TAG_ENDED] == "completed"
         assert child.data.metrics["folds_done"] == 1 and "lr" in child.data.params
         assert len(client.get_metric_history(child.info.run_id, "fold1_val_acc")) == 15  # every epoch's point
+
+
+def test_without_address_a_search_starts_its_own_ray_beside_a_dead_cluster(subset_dir, subset_cache,
+                                                                           subset_prepared, tmp_path):
+    """RAY_ADDRESS (like a stale /tmp/ray/ray_current_cluster) points at a cluster that is gone:
+    a search without --address never tries to join it."""
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=1, cv_folds=1,
+                        max_epochs=1, scheduler={"type": "fifo", "max_epochs": 1})
+    out = subprocess.run(search_cmd(space, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("parent_run_id=")
