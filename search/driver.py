@@ -32,7 +32,9 @@ def make_scheduler(spec):
 
 def make_trainable(spec, base, data, folds, fork_address: str | None = None):
     f = data.features
-    common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)),
+    # data_dir absolute: a node that builds its own cache reads the dataset at the driver's path
+    flat = {**base.to_flat(), "data_dir": os.path.abspath(base.data.data_dir)}
+    common = dict(guids=f.guids, folds=folds, base=flat, threads=max(1, int(spec.cpu)),
                   fork_address=fork_address)
     if isinstance(f, RawSource):  # finetune=full
         trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import os
 from dataclasses import dataclass
 
 from mmsa.config import Config
@@ -42,7 +43,49 @@ class TrialData:
     def features(self) -> FeatureSet | RawSource:
         if self.raw is not None:
             return self.raw
-        return FeatureSet.open(self.guids, self.text_dir, self.image_dir)
+        return node_features(self)
+
+
+NODE_CACHE_ENV = "MMSA_CACHE_DIR"  # set on a node (before `ray start`): its own feature cache folder
+
+
+def node_features(data: TrialData) -> FeatureSet:
+    """The driver's feature cache as this node sees it: the driver's folders where the node shares
+    its disk; under $MMSA_CACHE_DIR where the node sets one (a cluster without a shared disk).
+    Absent there, the node builds its copy once, under a lock, so concurrent trials on one node
+    wait for one build; its keys are content hashes, so it matches the driver's or says why not."""
+    import fcntl
+    import socket
+    from dataclasses import replace
+
+    from mmsa.cache import features_of
+    from mmsa.data import load_dataset
+    from mmsa.errors import DataError
+    root = os.environ.get(NODE_CACHE_ENV)
+    text_dir, image_dir = data.text_dir, data.image_dir
+    if root:
+        text_dir, image_dir = (os.path.join(root, os.path.basename(d)) for d in (data.text_dir, data.image_dir))
+    if all(os.path.exists(os.path.join(d, "meta.json")) for d in (text_dir, image_dir)):
+        return FeatureSet.open(data.guids, text_dir, image_dir)
+    cfg = Config.from_flat(data.base, source="trial config").data
+    cfg = replace(cfg, cache_dir=os.path.dirname(text_dir))
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    with open(os.path.join(cfg.cache_dir, ".build.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            by_guid = {ex.guid: ex for ex in load_dataset(cfg.data_dir).all_examples}
+        except DataError as e:
+            raise DataError(f"node {socket.gethostname()}: {e}") from None
+        missing = [g for g in data.guids if g not in by_guid]
+        if missing:
+            raise DataError(f"node {socket.gethostname()}: {cfg.data_dir} lacks {len(missing)} of the search's "
+                            f"pairs (e.g. {missing[0]}): not the driver's dataset")
+        features = features_of(cfg, [by_guid[g] for g in data.guids])
+    if (os.path.basename(features.text_dir), os.path.basename(features.image_dir)) != \
+            (os.path.basename(text_dir), os.path.basename(image_dir)):
+        raise DataError(f"node {socket.gethostname()}: the features of {cfg.data_dir} here differ from the "
+                        f"driver's (other file contents or backbone versions)")
+    return features
 
 
 def scalar_metrics(metrics: dict) -> dict:

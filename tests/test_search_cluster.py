@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine (loopback only): the search joins it with
 --address, trials run on its nodes, and MLflow is written from the driver."""
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -24,12 +25,14 @@ PORT = "6391"
 ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
 
 
-def _ray(*args):
-    return subprocess.run([shutil.which("ray") or "ray", *args], capture_output=True, text=True, timeout=180, env=ENV)
+def _ray(*args, env=None):
+    return subprocess.run([shutil.which("ray") or "ray", *args], capture_output=True, text=True, timeout=180,
+                          env=env or ENV)
 
 
-@pytest.fixture
-def two_node_cluster():
+@contextlib.contextmanager
+def _cluster(worker_env: dict | None = None):
+    """A head and a worker node, one CPU each; `worker_env` is the worker node's own environment."""
     if shutil.which("ray") is None:
         pytest.skip("the 'ray' command is not on PATH")
     temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -38,12 +41,18 @@ def two_node_cluster():
     assert head.returncode == 0, head.stderr[-2000:]
     try:
         worker = _ray("start", f"--address=127.0.0.1:{PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                      "--disable-usage-stats")
+                      "--disable-usage-stats", env={**ENV, **(worker_env or {})})
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"127.0.0.1:{PORT}"
     finally:
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_node_cluster():
+    with _cluster() as address:
+        yield address
 
 
 def _stop_cluster(temp: str) -> None:
@@ -86,3 +95,24 @@ def test_search_on_a_two_node_cluster(two_node_cluster, subset_dir, subset_cache
     assert None not in used and len(used) == 2  # one CPU per node, two at a time: both nodes ran trials
     # No fork server on a cluster (the driver's machine may run no trials): trials train in Ray's workers.
     assert {c.data.tags.get(TAG_PROCESS) for c in children} == {"ray worker"}
+
+
+
+def test_a_node_without_the_drivers_cache_builds_its_own_once(subset_dir, subset_cache, subset_prepared, tmp_path):
+    """No shared disk for the cache: the worker node has its own cache folder ($MMSA_CACHE_DIR, empty);
+    its trials build the features there once (under a lock), the head's trials use the driver's."""
+    node_cache = tmp_path / "worker-node-cache"
+    with _cluster({"MMSA_CACHE_DIR": str(node_cache)}) as address:
+        space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, max_epochs=1)
+        out = run_search(space, tmp_path, "--address", address, env=ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags.get(TAG_NODE) for c in children}) == 2  # both nodes ran trials
+    built = sorted(p.name for p in node_cache.iterdir() if not p.name.startswith("."))
+    driver = sorted(p.name for p in subset_cache.iterdir() if p.name.startswith(("text-", "image-"))
+                    and p.name in built)
+    assert len(built) == 2 and built == driver  # one text and one image cache, the driver's keys
+    assert all((node_cache / name / "meta.json").exists() for name in built)

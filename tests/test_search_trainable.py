@@ -86,3 +86,18 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     assert set(full.intermediate_values) == {1, 2, 3}
     assert len(reports["cut"]) == 1 and "final" not in reports["cut"][0]
     assert cut.state == TrialState.PRUNED and cut.intermediate_values == {1: reports["cut"][0]["best_val_acc"]}
+
+
+def test_a_node_that_cannot_read_the_dataset_says_which_node_and_what(tmp_path, monkeypatch):
+    import socket
+
+    from mmsa.config import Config
+    from mmsa.errors import DataError
+    from search.trainable import NODE_CACHE_ENV, TrialData
+    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node-cache"))
+    base = {**Config().to_flat(), "data_dir": str(tmp_path / "not-on-this-node")}
+    data = TrialData(guids=["1"], text_dir="/driver/cache/text-minilm-x", image_dir="/driver/cache/image-y",
+                     folds=[], base=base, threads=1)
+    with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*not-on-this-node") as e:
+        data.features()
+    assert "\n" not in str(e.value)
