@@ -84,8 +84,13 @@ def test_search_on_a_two_node_cluster(two_node_cluster, subset_dir, subset_cache
                             "print(sum(n['Alive'] for n in ray.nodes()))" % two_node_cluster],
                            capture_output=True, text=True, timeout=120, env=ENV)
     assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
+    _search_on_both_nodes(two_node_cluster, subset_dir, subset_cache, tmp_path)
+
+
+def _search_on_both_nodes(address, subset_dir, subset_cache, tmp_path) -> None:
+    """A 4-trial search joining the cluster: every trial recorded, and trials ran on both nodes."""
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, max_epochs=1)
-    out = run_search(space, tmp_path, "--address", two_node_cluster, env=ENV)
+    out = run_search(space, tmp_path, "--address", address, env=ENV)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -97,20 +102,12 @@ def test_search_on_a_two_node_cluster(two_node_cluster, subset_dir, subset_cache
     assert {c.data.tags.get(TAG_PROCESS) for c in children} == {"ray worker"}
 
 
-
 def test_a_node_without_the_drivers_cache_builds_its_own_once(subset_dir, subset_cache, subset_prepared, tmp_path):
     """No shared disk for the cache: the worker node has its own cache folder ($MMSA_CACHE_DIR, empty);
     its trials build the features there once (under a lock), the head's trials use the driver's."""
     node_cache = tmp_path / "worker-node-cache"
     with _cluster({"MMSA_CACHE_DIR": str(node_cache)}) as address:
-        space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, max_epochs=1)
-        out = run_search(space, tmp_path, "--address", address, env=ENV)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
-    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-    assert len({c.data.tags.get(TAG_NODE) for c in children}) == 2  # both nodes ran trials
+        _search_on_both_nodes(address, subset_dir, subset_cache, tmp_path)
     built = sorted(p.name for p in node_cache.iterdir() if not p.name.startswith("."))
     driver = sorted(p.name for p in subset_cache.iterdir() if p.name.startswith(("text-", "image-"))
                     and p.name in built)
