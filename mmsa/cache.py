@@ -28,6 +28,7 @@ from mmsa.data import Dataset, Example, normalize_tweet
 from mmsa.errors import DiskFullError
 from mmsa.features import FeatureSet, digest
 from mmsa.images import ImageFiles, loader_workers
+from mmsa.locks import exclusive
 
 if TYPE_CHECKING:
     import torch
@@ -118,17 +119,22 @@ def _get_or_build(cache_root: Path, base: str, items: list[str], prepare) -> tup
     `prepare()` loads the backbone and returns (model, key, fill): `model` hashes the backbone's
     fingerprint and settings, `key` that and the content. Where another complete cache of the same
     model holds every example (a subset of a dataset, another order), its rows are copied instead
-    of running the backbone."""
+    of running the backbone. Builds in one cache folder take turns (trials on one node, two
+    searches): who waited finds the cache built and loads it."""
     model, key, fill = prepare()
     folder = cache_root / f"{base}-{key}"
     n = len(items)
     arrays = _load_if_complete(folder, key, n)
-    if arrays is None:
-        source = _covering_cache(cache_root, base, model, items)
-        if source is not None:
-            print(f"features of {n} examples copied from {source[0].name}", file=sys.stderr, flush=True)
-            fill = _copy_rows(*source)
-        arrays = _build_atomically(folder, key, n, fill, {"model": model, "items": items})
+    if arrays is not None:
+        return arrays, folder
+    with exclusive(cache_root):
+        arrays = _load_if_complete(folder, key, n)
+        if arrays is None:
+            source = _covering_cache(cache_root, base, model, items)
+            if source is not None:
+                print(f"features of {n} examples copied from {source[0].name}", file=sys.stderr, flush=True)
+                fill = _copy_rows(*source)
+            arrays = _build_atomically(folder, key, n, fill, {"model": model, "items": items})
     return arrays, folder
 
 

@@ -24,6 +24,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
                             TAG_NOT_RESUMED, TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
 from mmsa.errors import UserError
+from mmsa.locks import exclusive
 from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
@@ -48,13 +49,7 @@ def prepare_tracking_uri(uri: str) -> str:
     if path is None:
         return uri
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not on Unix: no lock, one search at a time on a new store
-        fcntl = None
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with exclusive(path.with_name(path.name + ".lock")):
         MlflowClient(uri).search_experiments(max_results=1)  # builds the tables if missing
     return uri
 

@@ -52,9 +52,8 @@ NODE_CACHE_ENV = "MMSA_CACHE_DIR"  # set on a node (before `ray start`): its own
 def node_features(data: TrialData) -> FeatureSet:
     """The driver's feature cache as this node sees it: the driver's folders where the node shares
     its disk; under $MMSA_CACHE_DIR where the node sets one (a cluster without a shared disk).
-    Absent there, the node builds its copy once, under a lock, so concurrent trials on one node
-    wait for one build; its keys are content hashes, so it matches the driver's or says why not."""
-    import fcntl
+    Absent there, the node builds its copy (mmsa.cache: once, concurrent trials wait for it); its
+    keys are content hashes, so it matches the driver's or says why not."""
     import socket
     from dataclasses import replace
 
@@ -69,18 +68,15 @@ def node_features(data: TrialData) -> FeatureSet:
         return FeatureSet.open(data.guids, text_dir, image_dir)
     cfg = Config.from_flat(data.base, source="trial config").data
     cfg = replace(cfg, cache_dir=os.path.dirname(text_dir))
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    with open(os.path.join(cfg.cache_dir, ".build.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        try:
-            by_guid = {ex.guid: ex for ex in load_dataset(cfg.data_dir).all_examples}
-        except DataError as e:
-            raise DataError(f"node {socket.gethostname()}: {e}") from None
-        missing = [g for g in data.guids if g not in by_guid]
-        if missing:
-            raise DataError(f"node {socket.gethostname()}: {cfg.data_dir} lacks {len(missing)} of the search's "
-                            f"pairs (e.g. {missing[0]}): not the driver's dataset")
-        features = features_of(cfg, [by_guid[g] for g in data.guids])
+    try:
+        by_guid = {ex.guid: ex for ex in load_dataset(cfg.data_dir).all_examples}
+    except DataError as e:
+        raise DataError(f"node {socket.gethostname()}: {e}") from None
+    missing = [g for g in data.guids if g not in by_guid]
+    if missing:
+        raise DataError(f"node {socket.gethostname()}: {cfg.data_dir} lacks {len(missing)} of the search's "
+                        f"pairs (e.g. {missing[0]}): not the driver's dataset")
+    features = features_of(cfg, [by_guid[g] for g in data.guids])
     if (os.path.basename(features.text_dir), os.path.basename(features.image_dir)) != \
             (os.path.basename(text_dir), os.path.basename(image_dir)):
         raise DataError(f"node {socket.gethostname()}: the features of {cfg.data_dir} here differ from the "

@@ -164,3 +164,27 @@ def test_raw_source_prepares_batches_ahead_in_workers_exactly_as_one_at_a_time(s
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     assert pickle.loads(pickle.dumps(source))._loaded is None  # loaded state stays behind
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks to see waiting processes")
+def test_two_processes_building_one_cache_take_turns_and_build_it_once(tiny):
+    import subprocess
+    import sys
+    import time
+
+    from mmsa.locks import exclusive
+    from tests.search_helpers import ROOT
+    code = ("import sys; from mmsa.config import DataConfig; from mmsa.cache import load_features; "
+            "from mmsa.data import load_dataset; cfg = DataConfig(data_dir=sys.argv[1], cache_dir=sys.argv[2], "
+            "max_text_len=8); load_features(cfg, load_dataset(cfg.data_dir))")
+    Path(tiny.cache_dir).mkdir(parents=True)
+    with exclusive(Path(tiny.cache_dir)):  # both builders arrive while the cache folder is taken
+        procs = [subprocess.Popen([sys.executable, "-c", code, tiny.data_dir, tiny.cache_dir], cwd=ROOT,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        deadline = time.time() + 180
+        while time.time() < deadline and Path("/proc/locks").read_text().count("->") < 2:
+            time.sleep(0.2)
+        assert Path("/proc/locks").read_text().count("->") >= 2, "the builders never waited for the lock"
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    assert sum("text features (" in e for e in errs) == 1 and sum("image features (" in e for e in errs) == 1
