@@ -10,7 +10,6 @@ a matching `meta.json` (a killed build, a copy gone wrong) is never trusted and 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, normalize_tweet
-from mmsa.errors import DiskFullError
+from mmsa.errors import DISK_FULL, DiskFullError
 from mmsa.features import FeatureSet, digest
 from mmsa.images import ImageFiles, loader_workers
 from mmsa.locks import exclusive
@@ -80,7 +79,7 @@ def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in DISK_FULL:
             raise
         free = shutil.disk_usage(path.parent).free
         raise DiskFullError(f"{path.parent.parent}: no space left for the feature cache "

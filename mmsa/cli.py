@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from collections.abc import Callable
 import yaml
 
 from mmsa.config import Config, parse_overrides, refuse_derived
-from mmsa.errors import ConfigError, UserError
+from mmsa.errors import DISK_FULL, ConfigError, UserError
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -22,9 +21,9 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in DISK_FULL:
             raise
-        # Every file is written to a temporary name and renamed: what was there stays intact.
+        # A full disk that no writer turned into a DiskFullError (naming its folder) already.
         print(f"error: {e.filename or 'a file being written'}: no space left on the device", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

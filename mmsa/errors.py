@@ -5,6 +5,8 @@ CLI edges catch `UserError`, print its message on one line and exit with status 
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """Bad input from the user (a file, a config key, an id). Exit status 2, no traceback."""
@@ -16,6 +18,9 @@ class DataError(UserError):
 
 class DiskFullError(UserError):
     """No room on the device for a file being written; the message names the folder."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the OSError errnos that mean "no room left"
 
 
 class ConfigError(UserError):

@@ -8,7 +8,6 @@ they load from their packages (or the hub) by the names in each member's config.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 
 from mmsa.config import Config, DataConfig
 from mmsa.data import LABELS, Example
-from mmsa.errors import DiskFullError, UserError
+from mmsa.errors import DISK_FULL, DiskFullError, UserError
 
 FORMAT = 2
 
@@ -139,7 +138,7 @@ def write_atomically(path: Path, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in DISK_FULL:
             raise
         raise DiskFullError(f"{path}: no space left on the device ({len(data) / 2**20:.1f} MiB to write); "
                             + ("the earlier file is unchanged" if path.exists() else "nothing was written")) from None

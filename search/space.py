@@ -240,16 +240,14 @@ def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | None 
     """Command-line flags over the space file's values: resources per trial, concurrency, the
     searcher's seed, and `--set key=value` (fixes a config key; a searched key stops being
     searched). Returns the searched keys that --set fixed."""
-    for flag, value, ok, expected in (("--cpus-per-trial", cpus, cpus is None or cpus > 0, "> 0"),
-                                      ("--gpus-per-trial", gpus, gpus is None or gpus >= 0, ">= 0"),
-                                      ("--max-concurrent", max_concurrent,
-                                       max_concurrent is None or max_concurrent > 0, "> 0")):
-        if not ok:
-            raise ConfigError(f"{flag} {value}: must be {expected}")
-    spec.cpu = spec.cpu if cpus is None else cpus
-    spec.gpu = spec.gpu if gpus is None else gpus
-    spec.max_concurrent = spec.max_concurrent if max_concurrent is None else max_concurrent
-    spec.seed = spec.seed if seed is None else seed
+    key_of = {k.attr: k for k in KEYS}  # a flag is checked as the space-file key it overrides
+    for flag, attr, value in (("--cpus-per-trial", "cpu", cpus), ("--gpus-per-trial", "gpu", gpus),
+                              ("--max-concurrent", "max_concurrent", max_concurrent), ("--seed", "seed", seed)):
+        if value is None:
+            continue
+        if not key_of[attr].check(value, spec):
+            raise ConfigError(f"{flag} {value}: must be {key_of[attr].expected}")
+        setattr(spec, attr, value)
     typed = Config.from_flat(refuse_derived(sets or {}, "--set"), source="--set").to_flat()  # unknown keys, bad values: one line
     unsearched = []
     for key in sets or {}:
