@@ -9,7 +9,7 @@ import numpy as np
 
 from mmsa.config import DataConfig
 from mmsa.data import Dataset, Example, load_dataset, split_train_val
-from mmsa.features import FeatureSet
+from mmsa.features import Features, FeatureSet
 from mmsa.rawsource import RawSource
 
 
@@ -22,7 +22,7 @@ class Split:
     guids: list[str]
 
     @classmethod
-    def of(cls, features: FeatureSet, examples: list[Example]) -> Split:
+    def of(cls, features: Features, examples: list[Example]) -> Split:
         labels = np.array([-1 if ex.label is None else ex.label for ex in examples], dtype=np.int64)
         guids = [ex.guid for ex in examples]
         return cls(rows=features.rows(guids), labels=labels, guids=guids)
@@ -45,7 +45,7 @@ def cv_splits(labeled: Split, k: int, seed: int, val_fraction: float = 0.2) -> l
 @dataclass
 class Prepared:
     dataset: Dataset
-    features: FeatureSet | RawSource  # RawSource when finetune=full
+    features: Features  # a FeatureSet (the cache), or a RawSource when finetune=full
     train: Split
     val: Split | None
     test: Split

@@ -20,8 +20,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from mmsa.config import Config
 from mmsa.data import LABELS
-from mmsa.features import FeatureSet
-from mmsa.rawsource import RawSource
+from mmsa.features import Features, FeatureSet
 from mmsa.model import EnsembleModel, build_head
 from mmsa.prepare import Split
 
@@ -83,7 +82,7 @@ def _autocast(device: torch.device, precision: str = "auto"):
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, features, rows: np.ndarray, device: torch.device,
+def predict_proba(model: torch.nn.Module, features: Features, rows: np.ndarray, device: torch.device,
                   batch_size: int = 64, precision: str = "auto") -> np.ndarray:
     """Class probabilities for `rows`, in small batches: larger ones raise a trial's peak memory
     (float32 text tokens and the image grid per example) and are no faster on a CPU."""
@@ -201,7 +200,7 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
     return loss_sum, seen
 
 
-def fit(cfg: Config, features: FeatureSet | RawSource, train: Split, val: Split | None = None,
+def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
         on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False) -> FitResult:
     """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch.
     With `ensemble` K > 1, K members train epoch by epoch side by side, each on its own seed, and

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from mmsa.config import Config
-from mmsa.features import FeatureSet
+from mmsa.features import Features, FeatureSet
 from mmsa.rawsource import RawSource
 from mmsa.prepare import Split
 from search import forkserver
@@ -40,7 +40,7 @@ class TrialData:
     raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
     fork_address: str | None = None  # the driver's fork server (search/forkserver.py), if any
 
-    def features(self) -> FeatureSet | RawSource:
+    def features(self) -> Features:
         if self.raw is not None:
             return self.raw
         return node_features(self)
