@@ -164,8 +164,8 @@ def main() -> None:
             f"{args.num_samples} trials.\n\n"
             + table(["search", "peak PSS, all processes (GiB)", "peak RSS sum (GiB)", "wall (s)"], rows)
             + f"\n\nThe second concurrent trial adds {extra[True] / 2**30:.2f} GiB of PSS = "
-              f"{extra[True] / cache:.2f} x the cache size (trials forked from the fork server, the default); "
-              f"{extra[False] / 2**30:.2f} GiB = {extra[False] / cache:.2f} x with `fork_trials: false` (every "
+              f"{extra[True] / cache:.2f} x the cache size (trials forked from the fork server, `fork_trials: true`); "
+              f"{extra[False] / 2**30:.2f} GiB = {extra[False] / cache:.2f} x with `fork_trials: false`, the default (every "
               "trial process imports torch itself).\n\n"
             + "".join(
                 f"Where the memory is at the 2-trial peak, fork_trials: {str(fork).lower()} (PSS, GiB; a shared "

@@ -11,11 +11,12 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from mmsa.errors import UserError
 from mmsa.rawsource import RawSource
 from mmsa.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
-from search import forkserver
+from search import cache_transfer, forkserver
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
 from search.tracking import MlflowTrialLogger, child_runs
@@ -30,16 +31,19 @@ def make_scheduler(spec):
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
-def make_trainable(spec, base, data, folds, fork_address: str | None = None):
+def make_trainable(spec, base, data, folds, fork_address: str | None = None, offer_cache: bool = False):
+    """`offer_cache` (on a cluster): the cache's files go into Ray's object store once, for the
+    nodes that do not share the driver's disk."""
     f = data.features
-    # data_dir absolute: a node that builds its own cache reads the dataset at the driver's path
-    flat = {**base.to_flat(), "data_dir": os.path.abspath(base.data.data_dir)}
+    flat = {**base.to_flat(), "data_dir": os.path.abspath(base.data.data_dir)}  # trials on other nodes
     common = dict(guids=f.guids, folds=folds, base=flat, threads=max(1, int(spec.cpu)),
                   fork_address=fork_address)
     if isinstance(f, RawSource):  # finetune=full
         trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
     else:
-        trial_data = TrialData(text_dir=str(f.text_dir.resolve()), image_dir=str(f.image_dir.resolve()), **common)
+        folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve())]
+        trial_data = TrialData(text_dir=folders[0], image_dir=folders[1],
+                               cache_files=cache_transfer.offer(folders) if offer_cache else None, **common)
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
 
@@ -102,6 +106,10 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
     # default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that had
     # finished since, and lost the ones started since. Every second costs little: the state is small.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Ray's default TensorBoard logger imports torch into the driver (tensorboardX does). Loaded
+    # that late, after Ray, grpc and pyarrow, torch once died loading its MKL in a submitted job.
+    # MLflow is the record; Ray's own JSON and CSV logs per trial are kept.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     metric = f"best_{spec.metric}"
     logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat(), datasets)
     server = start_fork_server(spec, base, address)
@@ -111,7 +119,7 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
         if server is not None and fork_address is None:
             print(f"note: the fork server did not start, trials import torch themselves:\n{server.failure}",
                   flush=True)
-        trainable = make_trainable(spec, base, data, folds, fork_address)
+        trainable = make_trainable(spec, base, data, folds, fork_address, offer_cache=address is not None)
         if resume and tune.Tuner.can_restore(ray_path):
             tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -124,7 +132,8 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
                     scheduler=make_scheduler(spec), reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
-                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode, spec.cv_folds)],
+                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode, spec.cv_folds),
+                               CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     verbose=0))
         previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))

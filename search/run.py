@@ -26,7 +26,7 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, help="number of trials (default: from the space file)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial at most (default: from the space file)")
     p.add_argument("--address", help="Ray cluster to join, from one of its nodes: auto, or HOST:PORT of the head "
-                   "(default: start a local one)")
+                   "(default: start a local one; under `ray job submit`, the job's cluster)")
     p.add_argument("--resume", action="store_true", help="continue the newest unfinished search of this space file")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                    "else sqlite:///mlruns/mlflow.db)")
@@ -34,7 +34,8 @@ def parse_args(argv):
                    "else mmsa-search)")
     p.add_argument("--memory-budget", help="keep the whole search under this much memory, e.g. 12GB "
                    "(default: memory_budget of the space file, else no limit)")
-    p.add_argument("--storage", default=RAY_STORAGE, help="folder (or URI) for Ray's experiment state")
+    p.add_argument("--storage", default=RAY_STORAGE, help="folder or URI (s3://, gs://, file:///...) for Ray's "
+                   "search state")
     p.add_argument("--cpus-per-trial", type=float,
                    help="CPUs each trial reserves (default: resources.cpu of the space)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves, e.g. 0.5 to share one between two "
@@ -55,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         # node, not here: untested, so refused.
         raise UserError(f"--address {args.address}: Ray Client (ray://) is not supported; run the search on a "
                         "cluster node with --address auto")
-    if args.address:
-        from search.driver import check_cluster
-        check_cluster(args.address)
+    from search.job import check_job_locations, inside, job_cache_dir, job_working_dir
+    job_dir = job_working_dir()
+    if job_dir is not None and not args.address:
+        args.address = "auto"  # submitted with `ray job submit`: the search runs on that cluster
     from search.space import check_against_data, load_space
     spec = load_space(args.space)  # every config error surfaces here, before any heavy work
     if args.data:
@@ -77,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     if unsearched:
         print(f"--set fixes {', '.join(unsearched)}: not searched in this run", flush=True)
     base = spec.base_config()
+    from mmsa.run_tags import tracking_uri as resolve_tracking_uri
+    if job_dir is not None:
+        check_job_locations(job_dir, resolve_tracking_uri(args.tracking_uri), args.storage, base.data.data_dir)
+        from search.trainable import NODE_CACHE_ENV
+        node_cache = job_cache_dir(job_dir, base.data.cache_dir, os.environ.get(NODE_CACHE_ENV))
+        if node_cache:
+            print(f"cache: {node_cache} (${NODE_CACHE_ENV} of this node), not the job's temporary copy", flush=True)
+            apply_flags(spec, sets={"cache_dir": node_cache})
+            base = spec.base_config()
+    if args.address:
+        from search.driver import check_cluster
+        check_cluster(args.address)
 
     from mlflow.tracking import MlflowClient
 
     from mmsa.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE, experiment_name
-    from mmsa.run_tags import tracking_uri as resolve_tracking_uri
     from search.tracking import (find_resumable_search, get_experiment_id, log_params, prepare_tracking_uri,
                                  unreachable)
     # A tracking server that stops answering mid-search is waited out (search/tracking.py): each
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise UserError(f"--tracking-uri {tracking_uri}: the tracking server does not answer") from None
     space_key = str(Path(args.space).resolve())
+    if job_dir is not None and inside(Path(space_key), job_dir):  # the copy's folder differs from job to job
+        space_key = f"ray-job:{Path(space_key).relative_to(job_dir)}"
     parent = None
     if args.resume:
         parent = find_resumable_search(client, experiment_id, space_key)

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from mmsa.config import Config
 from mmsa.features import Features, FeatureSet
@@ -39,10 +40,13 @@ class TrialData:
     threads: int
     raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
     fork_address: str | None = None  # the driver's fork server (search/forkserver.py), if any
+    # On a cluster: the driver's cache files in Ray's object store, for nodes that lack them
+    # (search/cache_transfer.py); {"folder/file": ObjectRef}
+    cache_files: dict | None = None
 
     def features(self) -> Features:
         if self.raw is not None:
-            return self.raw
+            return node_raw(self.raw)
         return node_features(self)
 
 
@@ -52,36 +56,35 @@ NODE_CACHE_ENV = "MMSA_CACHE_DIR"  # set on a node (before `ray start`): its own
 def node_features(data: TrialData) -> FeatureSet:
     """The driver's feature cache as this node sees it: the driver's folders where the node shares
     its disk; under $MMSA_CACHE_DIR where the node sets one (a cluster without a shared disk).
-    Absent there, the node builds its copy (mmsa.cache: once, concurrent trials wait for it); its
-    keys are content hashes, so it matches the driver's or says why not."""
+    Absent there, the node receives the driver's copy through Ray's object store, once."""
     import socket
-    from dataclasses import replace
 
-    from mmsa.cache import features_of
-    from mmsa.data import load_dataset
     from mmsa.errors import DataError
+    from search.cache_transfer import receive
     root = os.environ.get(NODE_CACHE_ENV)
     text_dir, image_dir = data.text_dir, data.image_dir
     if root:
         text_dir, image_dir = (os.path.join(root, os.path.basename(d)) for d in (data.text_dir, data.image_dir))
-    if all(os.path.exists(os.path.join(d, "meta.json")) for d in (text_dir, image_dir)):
-        return FeatureSet.open(data.guids, text_dir, image_dir)
-    cfg = Config.from_flat(data.base, source="trial config").data
-    cfg = replace(cfg, cache_dir=os.path.dirname(text_dir))
-    try:
-        by_guid = {ex.guid: ex for ex in load_dataset(cfg.data_dir).all_examples}
-    except DataError as e:
-        raise DataError(f"node {socket.gethostname()}: {e}") from None
-    missing = [g for g in data.guids if g not in by_guid]
-    if missing:
-        raise DataError(f"node {socket.gethostname()}: {cfg.data_dir} lacks {len(missing)} of the search's "
-                        f"pairs (e.g. {missing[0]}): not the driver's dataset")
-    features = features_of(cfg, [by_guid[g] for g in data.guids])
-    if (os.path.basename(features.text_dir), os.path.basename(features.image_dir)) != \
-            (os.path.basename(text_dir), os.path.basename(image_dir)):
-        raise DataError(f"node {socket.gethostname()}: the features of {cfg.data_dir} here differ from the "
-                        f"driver's (other file contents or backbone versions)")
-    return features
+    if not all(os.path.exists(os.path.join(d, "meta.json")) for d in (text_dir, image_dir)):
+        if not data.cache_files:
+            raise DataError(f"node {socket.gethostname()}: {os.path.dirname(text_dir)}: the search's feature "
+                            f"cache is not here, and the driver offered none (a search on one machine)")
+        receive(data.cache_files, Path(os.path.dirname(text_dir)),
+                [os.path.basename(text_dir), os.path.basename(image_dir)])
+    return FeatureSet.open(data.guids, text_dir, image_dir)
+
+
+def node_raw(raw: RawSource) -> RawSource:
+    """finetune=full reads the images where it trains: where this node lacks them, say so rather
+    than train on blank images (an unreadable image is one)."""
+    import socket
+
+    from mmsa.errors import DataError
+    sample = next((ex for ex in raw.examples if ex.has_image), None)
+    if sample is not None and not os.path.exists(sample.image_path):
+        raise DataError(f"node {socket.gethostname()}: {os.path.dirname(os.path.abspath(sample.image_path))}: the "
+                        f"dataset's images are not here (finetune=full reads them on every node that trains)")
+    return raw
 
 
 def scalar_metrics(metrics: dict) -> dict:

@@ -83,7 +83,18 @@ def smoke_search(subset_dir, subset_cache, subset_prepared, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     # the fork server, opted in: the default path (plain Ray workers) runs in the other searches
     space = write_space(tmp / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, fork_trials=True)
-    out = run_search(space, tmp)
+    # What the driver process had imported when it ended: written by a sitecustomize of the test's
+    # (its other processes, Ray's workers among them, write nothing).
+    hook = tmp / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "def _modules():\n"
+        "    if sys.argv and sys.argv[0].endswith(os.path.join('search', 'run.py')):\n"
+        f"        open({str(tmp / 'driver_modules.txt')!r}, 'w').write('\\n'.join(sorted(sys.modules)))\n"
+        "atexit.register(_modules)\n")
+    pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    out = run_search(space, tmp, env={**os.environ, "PYTHONPATH": pythonpath})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("parent_run_id=")

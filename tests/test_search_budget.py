@@ -32,6 +32,6 @@ def test_tight_budget_shrinks_the_micro_batch_before_failing():
 
 def test_forked_trials_fit_more_of_them_in_the_same_budget():
     def concurrent(footprint):
-        return plan(int(3.0 * GIB), cache_bytes=int(0.73 * GIB), max_concurrent=2, batch_size=32, tokens=113,
+        return plan(int(2.8 * GIB), cache_bytes=int(0.73 * GIB), max_concurrent=2, batch_size=32, tokens=113,
                     d_model=64, layers=1, input_dims=64 * 384 + 49 * 1280, footprint=footprint).concurrent
     assert concurrent(FORKED) == 2 and concurrent(OWN_PROCESS) == 1

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from mmsa.run_tags import TAG_NODE, TAG_PROCESS
 from search.tracking import child_runs
-from tests.search_helpers import run_search, write_space
+from tests.search_helpers import ROOT, MlflowServer, free_port, run_search, write_space
 
 pytestmark = pytest.mark.slow  # a two-node Ray cluster
 
@@ -31,22 +31,29 @@ def _ray(*args, env=None):
 
 
 @contextlib.contextmanager
-def _cluster(worker_env: dict | None = None):
-    """A head and a worker node, one CPU each; `worker_env` is the worker node's own environment."""
+def _cluster(worker_env: dict | None = None, head_env: dict | None = None, dashboard_port: int | None = None):
+    """A head and a worker node, one CPU each; `worker_env` and `head_env` are each node's own
+    environment; the head serves Ray's dashboard (the job API) on `dashboard_port` if given."""
     if shutil.which("ray") is None:
         pytest.skip("the 'ray' command is not on PATH")
     temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+                 if dashboard_port else ["--include-dashboard=false"])
     head = _ray("start", "--head", f"--port={PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}")
+                *dashboard, "--disable-usage-stats", f"--temp-dir={temp}", env={**ENV, **(head_env or {})})
     assert head.returncode == 0, head.stderr[-2000:]
+    # The worker node's own session folder, as on another machine: Ray unpacks a job's working dir
+    # there and deletes it when that node is done with it.
+    worker_temp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")
     try:
         worker = _ray("start", f"--address=127.0.0.1:{PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                      "--disable-usage-stats", env={**ENV, **(worker_env or {})})
+                      "--disable-usage-stats", f"--temp-dir={worker_temp}", env={**ENV, **(worker_env or {})})
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"127.0.0.1:{PORT}"
     finally:
-        _stop_cluster(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_cluster(temp, worker_temp)
+        for folder in (temp, worker_temp):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -55,14 +62,14 @@ def two_node_cluster():
         yield address
 
 
-def _stop_cluster(temp: str) -> None:
+def _stop_cluster(*temps: str) -> None:
     """End this cluster's processes only. `ray stop` would end every Ray process of the machine,
     a user's own searches among them: pick ours by their session folder or GCS port instead."""
     import psutil
     ours = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if temp in cmdline or f"127.0.0.1:{PORT}" in cmdline:
+        if any(temp in cmdline for temp in temps) or f"127.0.0.1:{PORT}" in cmdline:
             ours.add(proc)
             try:  # workers and agents rename themselves (ray::IDLE): found as children instead
                 ours.update(proc.children(recursive=True))
@@ -102,14 +109,64 @@ def _search_on_both_nodes(address, subset_dir, subset_cache, tmp_path) -> None:
     assert {c.data.tags.get(TAG_PROCESS) for c in children} == {"ray worker"}
 
 
-def test_a_node_without_the_drivers_cache_builds_its_own_once(subset_dir, subset_cache, subset_prepared, tmp_path):
+def test_a_node_without_the_drivers_cache_receives_it_once(subset_dir, subset_cache, subset_prepared, tmp_path):
     """No shared disk for the cache: the worker node has its own cache folder ($MMSA_CACHE_DIR, empty);
-    its trials build the features there once (under a lock), the head's trials use the driver's."""
+    its trials receive the driver's cache there once, through Ray's object store (under a lock), the
+    head's trials use the driver's."""
     node_cache = tmp_path / "worker-node-cache"
     with _cluster({"MMSA_CACHE_DIR": str(node_cache)}) as address:
         _search_on_both_nodes(address, subset_dir, subset_cache, tmp_path)
-    built = sorted(p.name for p in node_cache.iterdir() if not p.name.startswith("."))
-    driver = sorted(p.name for p in subset_cache.iterdir() if p.name.startswith(("text-", "image-"))
-                    and p.name in built)
-    assert len(built) == 2 and built == driver  # one text and one image cache, the driver's keys
-    assert all((node_cache / name / "meta.json").exists() for name in built)
+    assert_received(node_cache, subset_cache)
+
+
+def assert_received(node_cache, driver_cache) -> None:
+    """One text and one image cache, byte for byte the driver's (a cache built there would differ:
+    its meta.json says when it was made)."""
+    got = sorted(p.name for p in node_cache.iterdir() if not p.name.startswith("."))
+    assert len(got) == 2 and {name.split("-")[0] for name in got} == {"text", "image"}
+    for name in got:
+        assert sorted(p.name for p in (node_cache / name).iterdir()) == sorted(
+            p.name for p in (driver_cache / name).iterdir())
+        assert (node_cache / name / "meta.json").read_bytes() == (driver_cache / name / "meta.json").read_bytes()
+
+
+def test_a_search_submitted_with_ray_job_submit(subset_dir, subset_prepared, tmp_path):
+    """The Ray user's way: `ray job submit --working-dir . -- python -m search.run ...`. The code
+    travels with the job; no node shares a disk for the cache (each has its own $MMSA_CACHE_DIR,
+    the driver builds it on the head, the worker node receives it);
+    MLflow is a tracking server and Ray's state goes to a storage URI, both outside the job's
+    temporary copy of the working dir."""
+    pytest.importorskip("ray.dashboard.modules.job", reason="`ray job submit` needs ray[default]")
+    head_cache, worker_cache = tmp_path / "head-cache", tmp_path / "worker-cache"
+    # a relative cache_dir would land in the job's temporary copy: the node's own folder is used
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), ".cache/mmsa-features", num_samples=4,
+                        max_epochs=1)
+    server = MlflowServer(tmp_path / "tracking")
+    server.start()
+    dashboard = free_port()
+    try:
+        with _cluster({"MMSA_CACHE_DIR": str(worker_cache)}, {"MMSA_CACHE_DIR": str(head_cache)},
+                      dashboard_port=dashboard):
+            out = subprocess.run(
+                [shutil.which("ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                 f"--working-dir={ROOT}", "--", "python", "-m", "search.run", "--space", str(space),
+                 "--tracking-uri", server.uri, "--storage", f"file://{tmp_path}/state"],
+                capture_output=True, text=True, timeout=600, env=ENV)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"cache: {head_cache} ($MMSA_CACHE_DIR of this node), not the job's temporary copy" in out.stdout
+    parent_id = out.stdout.split("parent_run_id=", 1)[1].split()[0]
+    server.start()
+    try:
+        client = MlflowClient(server.uri)
+        parent = client.get_run(parent_id)
+        children = child_runs(client, parent.info.experiment_id, parent_id)
+    finally:
+        server.stop()
+    assert parent.info.status == "FINISHED" and parent.data.params["address"] == "auto"
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags.get(TAG_NODE) for c in children}) == 2  # both nodes trained
+    state = tmp_path / "state" / f"search-{parent_id[:12]}"
+    assert any(p.name.startswith("experiment_state") for p in state.iterdir())  # Ray's state, under the URI
+    assert_received(worker_cache, head_cache)  # the driver built its cache on the head; the worker received it

@@ -60,6 +60,15 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     assert f"cost: {folds_trained} folds ({2 * folds_trained} epochs) trained, of 12 (24)" in out.stdout
 
 
+def test_the_search_driver_holds_no_torch(smoke_search):
+    # the driver runs for the whole search: torch there costs memory, and torch loaded late (Ray's
+    # TensorBoard logger imports it) once died loading its MKL in a submitted job
+    tmp = smoke_search[0]
+    modules = (tmp / "driver_modules.txt").read_text().split()
+    assert "ray.tune" in modules and "mlflow" in modules  # the driver's own file, written at its end
+    assert "torch" not in modules and "tensorboardX" not in modules
+
+
 def test_smoke_search_records_what_a_user_needs_in_the_ui(smoke_search, subset_dir):
     tmp, uri, parent_id, _ = smoke_search
     client = MlflowClient(uri)

@@ -88,16 +88,60 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     assert cut.state == TrialState.PRUNED and cut.intermediate_values == {1: reports["cut"][0]["best_val_acc"]}
 
 
-def test_a_node_that_cannot_read_the_dataset_says_which_node_and_what(tmp_path, monkeypatch):
+def test_a_node_without_the_cache_and_nothing_offered_says_which_node_and_what(tmp_path, monkeypatch):
     import socket
 
     from mmsa.config import Config
     from mmsa.errors import DataError
     from search.trainable import NODE_CACHE_ENV, TrialData
     monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node-cache"))
-    base = {**Config().to_flat(), "data_dir": str(tmp_path / "not-on-this-node")}
     data = TrialData(guids=["1"], text_dir="/driver/cache/text-minilm-x", image_dir="/driver/cache/image-y",
-                     folds=[], base=base, threads=1)
-    with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*not-on-this-node") as e:
+                     folds=[], base=Config().to_flat(), threads=1)
+    with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*node-cache: the search's feature cache "
+                                        f"is not here") as e:
         data.features()
     assert "\n" not in str(e.value)
+
+
+def test_a_node_receives_the_offered_cache_into_its_own_folder_once(subset_prepared, tmp_path, monkeypatch):
+    """What a node of a cluster without a shared disk does with the driver's offered files (the
+    object store's get is the identity here; the real transfer runs in tests/test_search_cluster.py)."""
+    import ray
+
+    from search.trainable import NODE_CACHE_ENV, TrialData
+    _, p = subset_prepared
+    f = p.features
+    offered = {}
+    for folder in (f.text_dir, f.image_dir):
+        for path in sorted(folder.iterdir()):
+            offered[f"{folder.name}/{path.name}"] = np.fromfile(path, dtype=np.uint8)
+    node = tmp_path / "node-cache"
+    monkeypatch.setenv(NODE_CACHE_ENV, str(node))
+    calls = []
+    monkeypatch.setattr(ray, "get", lambda ref: (calls.append(1), ref)[1])
+    data = TrialData(guids=f.guids, text_dir=str(f.text_dir), image_dir=str(f.image_dir), folds=[],
+                     base={}, threads=1, cache_files=offered)
+    got = data.features()
+    assert got.text_dir.parent == node and np.array_equal(got.text, f.text) and np.array_equal(got.image, f.image)
+    assert sorted(p.name for p in node.iterdir()) == sorted([f.text_dir.name, f.image_dir.name])
+    fetched = len(calls)
+    data.features()  # a second trial on this node: nothing fetched again
+    assert len(calls) == fetched == len(offered)
+
+
+def test_full_finetuning_on_a_node_without_the_images_says_so_rather_than_train_on_blanks(tmp_path):
+    import socket
+
+    from mmsa.config import DataConfig
+    from mmsa.data import Example
+    from mmsa.errors import DataError
+    from mmsa.rawsource import RawSource
+    from search.trainable import TrialData
+    raw = RawSource([Example("1", "a tweet", tmp_path / "not-here" / "1.jpg", 0)], DataConfig(finetune="full"))
+    data = TrialData(guids=["1"], text_dir="", image_dir="", folds=[], base={}, threads=1, raw=raw)
+    with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*not-here: the dataset's images are not "
+                                        f"here"):
+        data.features()
+    (tmp_path / "not-here").mkdir()
+    (tmp_path / "not-here" / "1.jpg").write_bytes(b"")
+    assert data.features() is raw

@@ -1,0 +1,54 @@
+"""The driver's feature cache, sent through Ray's object store to a node that lacks it (a cluster
+without a shared disk). Chosen by measurement over each node building its own copy: seconds
+against minutes, and no backbone in the trial's memory (bench/results/cluster_cache.md)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from mmsa.locks import exclusive
+
+
+def offer(folders: list[str]) -> dict:
+    """Every file of these cache folders, put once into the object store: {"folder/file": ref}.
+    Memory-mapped, so the driver's own memory holds no copy."""
+    import ray
+    files = {}
+    for folder in map(Path, folders):
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            raw = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+            files[f"{folder.name}/{path.name}"] = ray.put(raw)
+    return files
+
+
+def receive(files: dict, root: Path, names: list[str], get=None) -> None:
+    """Write the offered folders `names` under `root` where missing. Once per node: concurrent
+    trials (and a cache build, mmsa.cache) take turns on `root`'s lock, and each folder is written
+    beside its place, then renamed into it, so no reader sees a partial one. `get`: how a file's
+    bytes are fetched (ray.get)."""
+    if get is None:
+        import ray
+        get = ray.get
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root):
+        for name in names:
+            final = root / name
+            if (final / "meta.json").exists():
+                continue
+            tmp = root / f"{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                for key, ref in files.items():
+                    folder, file = key.split("/", 1)
+                    if folder == name:
+                        get(ref).tofile(tmp / file)
+                shutil.rmtree(final, ignore_errors=True)  # a partial one
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
