@@ -12,7 +12,7 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_NODE, TAG_PROCESS
+from mmsa.run_tags import TAG_NODE, TAG_PROCESS, TAG_SPACE, TAG_TRIAL
 from search.tracking import child_runs
 from tests.search_helpers import ROOT, MlflowServer, free_port, run_search, write_space
 
@@ -170,3 +170,55 @@ def test_a_search_submitted_with_ray_job_submit(subset_dir, subset_prepared, tmp
     state = tmp_path / "state" / f"search-{parent_id[:12]}"
     assert any(p.name.startswith("experiment_state") for p in state.iterdir())  # Ray's state, under the URI
     assert_received(worker_cache, head_cache)  # the driver built its cache on the head; the worker received it
+
+
+def _job(dashboard: int, command: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("ray"), "job", command, f"--address=http://127.0.0.1:{dashboard}", *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_a_submitted_search_stopped_with_ray_job_stop_resumes_from_an_edited_checkout(subset_dir, tmp_path):
+    """`ray job stop`, then the same search submitted again with --resume from a checkout that
+    changed meanwhile (so Ray unpacks it into another folder): the search is found by its space
+    file's path inside the working dir, and ends with every trial recorded once."""
+    pytest.importorskip("ray.dashboard.modules.job", reason="`ray job submit` needs ray[default]")
+    import time
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
+        ".git", ".cache", "mlruns", "ray_results", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"))
+    server = MlflowServer(tmp_path / "tracking")
+    server.start()
+    dashboard = free_port()
+    search = ["--", "python", "-m", "search.run", "--space", "spaces/smoke.yaml", "--data", str(subset_dir),
+              "--num-samples", "40", "--set", "d_model=32", "--set", f"cache_dir={tmp_path / 'cache'}",
+              "--tracking-uri", server.uri, "--storage", f"file://{tmp_path}/state"]
+    try:
+        with _cluster(dashboard_port=dashboard):
+            first = _job(dashboard, "submit", "--submission-id=first", "--no-wait", f"--working-dir={checkout}",
+                         *search)
+            assert first.returncode == 0, first.stderr[-3000:]
+            deadline, logs = time.time() + 300, ""
+            while "completed " not in logs and "stopped early " not in logs and time.time() < deadline:
+                time.sleep(2)
+                logs = _job(dashboard, "logs", "first").stdout
+                assert "error:" not in logs, logs[-3000:]
+            assert "parent_run_id=" not in logs, "the search ended before it could be stopped"
+            assert _job(dashboard, "stop", "first").returncode == 0
+            (checkout / "EDITED").write_text("a change between the two submissions\n")
+            second = _job(dashboard, "submit", "--submission-id=second", f"--working-dir={checkout}",
+                          *search, "--resume")
+        out = second.stdout + second.stderr
+        client = MlflowClient(server.uri)
+        searches = [(r.data.tags.get(TAG_SPACE), r.data.tags.get("mmsa.state"), r.info.status)
+                    for r in client.search_runs(client.get_experiment_by_name("mmsa-search").experiment_id)
+                    if r.data.tags.get(TAG_SPACE)]
+        assert second.returncode == 0, f"{searches}\n{logs[-3000:]}\n{out[-3000:]}"
+        parent_id = out.split("parent_run_id=", 1)[1].split()[0]
+        assert f"resuming search {parent_id}" in out
+        parent = client.get_run(parent_id)
+        children = child_runs(client, parent.info.experiment_id, parent_id)
+    finally:
+        server.stop()
+    assert parent.info.status == "FINISHED" and parent.data.tags[TAG_SPACE] == "ray-job:spaces/smoke.yaml"
+    ended = [c for c in children if c.info.status == "FINISHED"]
+    assert len({c.data.tags[TAG_TRIAL] for c in ended}) == len(ended) == 40
