@@ -38,17 +38,25 @@ def ray_cmd(*args, env=None) -> None:
         raise SystemExit(f"ray {args[0]} failed: {out.stderr[-2000:]}")
 
 
-def stop(*temps: str) -> None:
+def processes_of(*markers: str) -> set:
+    """The processes whose command line names one of `markers` (a node's session folder, the
+    head's port), and every process under them: Ray's workers rename themselves, so the command
+    line alone does not find them."""
     import psutil
-    ours = set()
+    found = set()
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(t in cmdline for t in temps) or f"127.0.0.1:{PORT}" in cmdline:
-            ours.add(proc)
+        if any(m in " ".join(proc.info["cmdline"] or []) for m in markers):
+            found.add(proc)
             try:
-                ours.update(proc.children(recursive=True))
+                found.update(proc.children(recursive=True))
             except psutil.NoSuchProcess:
                 pass
+    return found
+
+
+def stop(*temps: str) -> None:
+    import psutil
+    ours = processes_of(*temps, f"127.0.0.1:{PORT}")
     for proc in ours:
         try:
             proc.terminate()
@@ -60,9 +68,7 @@ def stop(*temps: str) -> None:
 
 
 class PeakRss(threading.Thread):
-    """The largest resident set of any one process of the node whose session folder is `marker`:
-    its raylet and every process under it (Ray's workers rename themselves, so the command
-    line alone does not find them)."""
+    """The largest resident set of any one process of the node whose session folder is `marker`."""
 
     def __init__(self, marker: str):
         super().__init__(daemon=True)
@@ -71,15 +77,7 @@ class PeakRss(threading.Thread):
     def run(self) -> None:
         import psutil
         while not self.done:
-            node = set()
-            for proc in psutil.process_iter(["cmdline"]):
-                if self.marker in " ".join(proc.info["cmdline"] or []):
-                    node.add(proc)
-                    try:
-                        node.update(proc.children(recursive=True))
-                    except psutil.NoSuchProcess:
-                        pass
-            for proc in node:
+            for proc in processes_of(self.marker):
                 try:
                     self.peak = max(self.peak, proc.memory_info().rss)
                 except psutil.NoSuchProcess:

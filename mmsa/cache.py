@@ -88,21 +88,29 @@ def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
     return out
 
 
-def _build_atomically(folder: Path, key: str, n: int, fill, extra: dict | None = None) -> dict[str, np.ndarray]:
-    """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
+def write_folder_atomically(folder: Path, fill) -> None:
+    """Run `fill(tmp_folder)` in a temporary folder beside `folder`, then rename it into place
+    (replacing a stale or partial one), so no reader ever sees a partial folder."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        names = fill(tmp)
-        meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial one
+        fill(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _build_atomically(folder: Path, key: str, n: int, fill, extra: dict | None = None) -> dict[str, np.ndarray]:
+    """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
+    def fill_then_meta(tmp: Path) -> None:
+        names = fill(tmp)
+        meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    write_folder_atomically(folder, fill_then_meta)
     arrays = _load_if_complete(folder, key, n)
     assert arrays is not None, f"{folder}: cache just written does not load"
     return arrays
@@ -118,8 +126,9 @@ def _get_or_build(cache_root: Path, base: str, items: list[str], prepare) -> tup
     `prepare()` loads the backbone and returns (model, key, fill): `model` hashes the backbone's
     fingerprint and settings, `key` that and the content. Where another complete cache of the same
     model holds every example (a subset of a dataset, another order), its rows are copied instead
-    of running the backbone. Builds in one cache folder take turns (trials on one node, two
-    searches): who waited finds the cache built and loads it."""
+    of running the backbone. Builds in one cache folder take turns (two searches on one machine,
+    or a node receiving the driver's copy: search/cache_transfer.py): who waited finds the cache
+    built and loads it."""
     model, key, fill = prepare()
     folder = cache_root / f"{base}-{key}"
     n = len(items)

@@ -4,12 +4,11 @@ against minutes, and no backbone in the trial's memory (bench/results/cluster_ca
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from mmsa.cache import write_folder_atomically
 from mmsa.locks import exclusive
 
 
@@ -25,30 +24,20 @@ def offer(folders: list[str]) -> dict:
     return files
 
 
-def receive(files: dict, root: Path, names: list[str], get=None) -> None:
+def receive(files: dict, root: Path, names: list[str]) -> None:
     """Write the offered folders `names` under `root` where missing. Once per node: concurrent
-    trials (and a cache build, mmsa.cache) take turns on `root`'s lock, and each folder is written
-    beside its place, then renamed into it, so no reader sees a partial one. `get`: how a file's
-    bytes are fetched (ray.get)."""
-    if get is None:
-        import ray
-        get = ray.get
+    trials (and a cache build, mmsa.cache) take turns on `root`'s lock, and each folder appears
+    whole or not at all."""
+    import ray
     root.mkdir(parents=True, exist_ok=True)
     with exclusive(root):
         for name in names:
-            final = root / name
-            if (final / "meta.json").exists():
+            if (root / name / "meta.json").exists():
                 continue
-            tmp = root / f"{name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
+
+            def fill(tmp: Path, name: str = name) -> None:
                 for key, ref in files.items():
                     folder, file = key.split("/", 1)
                     if folder == name:
-                        get(ref).tofile(tmp / file)
-                shutil.rmtree(final, ignore_errors=True)  # a partial one
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                        ray.get(ref).tofile(tmp / file)
+            write_folder_atomically(root / name, fill)

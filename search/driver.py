@@ -35,8 +35,7 @@ def make_trainable(spec, base, data, folds, fork_address: str | None = None, off
     """`offer_cache` (on a cluster): the cache's files go into Ray's object store once, for the
     nodes that do not share the driver's disk."""
     f = data.features
-    flat = {**base.to_flat(), "data_dir": os.path.abspath(base.data.data_dir)}  # trials on other nodes
-    common = dict(guids=f.guids, folds=folds, base=flat, threads=max(1, int(spec.cpu)),
+    common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)),
                   fork_address=fork_address)
     if isinstance(f, RawSource):  # finetune=full
         trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
