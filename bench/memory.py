@@ -102,19 +102,12 @@ def _sum(parts: list[dict]) -> dict:
 
 
 def process_groups(parts: list[dict]) -> list[tuple[str, dict]]:
-    """Rows of the breakdown table: each trial's processes on their own, the rest summed."""
-    # The server's forks run under its command line too: the server is the one not forked from another.
-    forkserver = {b["pid"] for b in parts if "search.forkserver" in b["name"]}
-    servers = {b["pid"] for b in parts if b["pid"] in forkserver and b["ppid"] not in forkserver}
-    forks = [b for b in parts if b["ppid"] in servers]
+    """Rows of the breakdown table: each trial's process on its own, the rest summed."""
     workers = [b for b in parts if "ImplicitFunc" in b["name"] or "train_trial" in b["name"]]
-    server = [b for b in parts if b["pid"] in servers]
     driver = [b for b in parts if "search.run" in b["name"]]
-    named = forks + workers + server + driver
-    rest = [b for b in parts if b not in named]
-    return ([("trial: Ray worker", b) for b in workers] + [("trial: its fork", b) for b in forks]
-            + [(name, _sum(group)) for name, group in (("fork server", server), ("driver (search.run)", driver),
-                                                       ("Ray's own", rest)) if group])
+    rest = [b for b in parts if b not in workers + driver]
+    return ([("trial: Ray worker", b) for b in workers]
+            + [(name, _sum(group)) for name, group in (("driver (search.run)", driver), ("Ray's own", rest)) if group])
 
 
 def main() -> None:
@@ -133,52 +126,43 @@ def main() -> None:
     feats = prepare(cfg.data).features  # built once here, so both searches only read it
     cache = feats.nbytes
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-mem-"))
-    rows, peaks, groups = [], {}, {}
+    rows, peaks, groups = [], {}, []
 
     def search_cmd(space: Path | str, *more: str) -> list[str]:
         return [sys.executable, "-m", "search.run", "--space", str(space), "--data", args.data, "--num-samples",
                 str(args.num_samples), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--storage", str(tmp / "ray"),
                 *more]
 
-    for fork in (True, False):
-        for concurrent in (1, 2):
-            space = yaml.safe_load(Path(args.space).read_text())
-            space["max_concurrent"] = concurrent
-            space["fork_trials"] = fork
-            path = tmp / f"c{concurrent}-{'fork' if fork else 'nofork'}.yaml"
-            path.write_text(yaml.safe_dump(space))
-            pss, rss, wall, parts, _ = measured_search(search_cmd(path))
-            peaks[fork, concurrent] = pss
-            if concurrent == 2:
-                groups[fork] = process_groups(parts)
-            label = f"{concurrent} concurrent trial(s), fork_trials: {str(fork).lower()}"
-            rows.append([label, f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
+    for concurrent in (1, 2):
+        space = yaml.safe_load(Path(args.space).read_text())
+        space["max_concurrent"] = concurrent
+        path = tmp / f"c{concurrent}.yaml"
+        path.write_text(yaml.safe_dump(space))
+        pss, rss, wall, parts, _ = measured_search(search_cmd(path))
+        peaks[concurrent] = pss
+        if concurrent == 2:
+            groups = process_groups(parts)
+        rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     if args.budget:
         from search.budget import parse_size
         pss, rss, wall, _, plan = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
         verdict = "under" if pss <= parse_size(args.budget) else "OVER"
         label = f"--memory-budget {args.budget} ({verdict} budget; plan: {plan.split(': ', 1)[-1]})"
         rows.append([label, f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
-    extra = {fork: peaks[fork, 2] - peaks[fork, 1] for fork in (True, False)}
+    extra = peaks[2] - peaks[1]
     body = (f"Feature cache: {cache / 2**30:.2f} GiB (float16, memory-mapped). Space `{args.space}`, "
             f"{args.num_samples} trials.\n\n"
             + table(["search", "peak PSS, all processes (GiB)", "peak RSS sum (GiB)", "wall (s)"], rows)
-            + f"\n\nThe second concurrent trial adds {extra[True] / 2**30:.2f} GiB of PSS = "
-              f"{extra[True] / cache:.2f} x the cache size (trials forked from the fork server, `fork_trials: true`); "
-              f"{extra[False] / 2**30:.2f} GiB = {extra[False] / cache:.2f} x with `fork_trials: false`, the default (every "
-              "trial process imports torch itself).\n\n"
-            + "".join(
-                f"Where the memory is at the 2-trial peak, fork_trials: {str(fork).lower()} (PSS, GiB; a shared "
-                "page counts 1/k in each of its k processes):\n\n"
-                + table(["process", "feature-cache pages resident", "feature-cache pages, PSS",
-                         "private anonymous (Python, torch, buffers; PSS)", "other (libraries, ...)"],
-                        [[name, f"{b['cache_rss'] / 2**30:.2f}", f"{b['cache_pss'] / 2**30:.2f}",
-                          f"{b['anon'] / 2**30:.2f}", f"{b['other_pss'] / 2**30:.2f}"] for name, b in groups[fork]])
-                + "\n\n" for fork in (True, False))
-            + "Each trial has the cache pages it reads resident, but together they count once (the PSS "
-              "column sums to the cache's resident size): the cache is shared, not copied. Without the fork "
-              "server, what a second trial adds is a whole Python process that imported torch, scikit-learn and "
-              "Ray; with it, a Ray worker (Ray only) plus a fork whose torch pages stay shared with the server.")
+            + f"\n\nThe second concurrent trial adds {extra / 2**30:.2f} GiB of PSS = {extra / cache:.2f} x the "
+              "cache size (a Ray worker that imports torch itself).\n\n"
+            + "Where the memory is at the 2-trial peak (PSS, GiB; a shared page counts 1/k in each of its k "
+              "processes):\n\n"
+            + table(["process", "feature-cache pages resident", "feature-cache pages, PSS",
+                     "private anonymous (Python, torch, buffers; PSS)", "other (libraries, ...)"],
+                    [[name, f"{b['cache_rss'] / 2**30:.2f}", f"{b['cache_pss'] / 2**30:.2f}",
+                      f"{b['anon'] / 2**30:.2f}", f"{b['other_pss'] / 2**30:.2f}"] for name, b in groups])
+            + "\n\nEach trial has the cache pages it reads resident, but together they count once (the PSS "
+              "column sums to the cache's resident size): the cache is shared, not copied.")
     write_result(args.out, "Peak memory of a whole search", body, "python bench/memory.py " + " ".join(sys.argv[1:]))
 
 

@@ -18,7 +18,6 @@ TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | int
 TAG_ERROR = "mmsa.error"
 TAG_NOT_RESUMED = "mmsa.not_resumed"  # on an interrupted trial that Ray did not know when resuming
 TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
-TAG_PROCESS = "mmsa.trial_process"  # "fork" (of the search's fork server) or "ray worker"
 TAG_SPACE = "mmsa.space"
 TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"

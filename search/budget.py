@@ -2,8 +2,8 @@
 whole search (driver, Ray's own processes, trials, the shared feature cache) stays under a budget.
 
 The estimate is a sum of measured parts (bench/memory.py, this 2-core CPU, PSS):
-- the driver with its Ray system processes (and the fork server), and what each idle trial adds
-  (its Ray worker and its fork, or a whole process that imported torch): `Footprint` below;
+- the driver with its Ray system processes, and what each idle trial adds (a Ray worker that
+  imported torch): `Footprint` below;
 - the feature cache once, whatever the number of trials (it is memory-mapped and shared);
 - each trial's activations, proportional to its micro-batch and tokens.
 Gradient accumulation keeps the tuned effective batch size when the micro-batch shrinks.
@@ -21,7 +21,7 @@ GIB = 2 ** 30
 
 @dataclass(frozen=True)
 class Footprint:
-    driver: int  # search driver (no torch) + Ray's own processes (+ the fork server, when trials fork)
+    driver: int  # search driver (no torch) + Ray's own processes
     trial: int  # what each concurrent trial adds before its activations
 
 
@@ -29,8 +29,7 @@ class Footprint:
 # concurrent trials on the smoke space; a trial is the difference, the driver the rest minus the
 # cache, each rounded up (the fusion space's trials hold more).
 # Drivers re-measured once the driver no longer imported torch (Ray's TensorBoard logger had).
-FORKED = Footprint(driver=int(1.30 * GIB), trial=int(0.25 * GIB))  # fork_trials: true
-OWN_PROCESS = Footprint(driver=int(0.80 * GIB), trial=int(0.66 * GIB))  # every trial imports torch
+FOOTPRINT = Footprint(driver=int(0.80 * GIB), trial=int(0.66 * GIB))
 BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (bench/memory.py)
 
 
@@ -58,7 +57,7 @@ def activation_bytes(batch: int, tokens: int, d_model: int, layers: int) -> int:
 
 
 def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, tokens: int,
-         d_model: int, layers: int, input_dims: int, footprint: Footprint = FORKED) -> Plan:
+         d_model: int, layers: int, input_dims: int, footprint: Footprint = FOOTPRINT) -> Plan:
     """The most concurrent trials (up to max_concurrent) that fit, then the largest micro-batch."""
     fixed = footprint.driver + cache_bytes
     for concurrent in range(max_concurrent, 0, -1):
@@ -74,9 +73,8 @@ def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, to
                       f"{need / GIB:.1f} GiB (driver, cache {cache_bytes / GIB:.2f} GiB, one trial)")
 
 
-def plan_for_space(spec, budget: int, features, max_text_len: int, forked: bool) -> Plan:
-    """Plan for the most demanding trial the space can sample (largest batch, width, depth);
-    forked: trials fork from the fork server (search/forkserver.py)."""
+def plan_for_space(spec, budget: int, features, max_text_len: int) -> Plan:
+    """Plan for the most demanding trial the space can sample (largest batch, width, depth)."""
     base = spec.base_config()
 
     def largest(name: str, default):
@@ -89,5 +87,4 @@ def plan_for_space(spec, budget: int, features, max_text_len: int, forked: bool)
     depth = int(largest("fusion_depth", base.model.fusion_depth))
     return plan(budget, features.nbytes, spec.max_concurrent, int(largest("batch_size", base.train.batch_size)),
                 tokens, int(largest("d_model", base.model.d_model)), 1 + 4 * depth,
-                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim,
-                FORKED if forked else OWN_PROCESS)
+                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim)

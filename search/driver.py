@@ -16,7 +16,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from mmsa.errors import UserError
 from mmsa.rawsource import RawSource
 from mmsa.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
-from search import cache_transfer, forkserver
+from search import cache_transfer
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
 from search.tracking import MlflowTrialLogger, child_runs
@@ -31,12 +31,11 @@ def make_scheduler(spec):
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
-def make_trainable(spec, base, data, folds, fork_address: str | None = None, offer_cache: bool = False):
+def make_trainable(spec, base, data, folds, offer_cache: bool = False):
     """`offer_cache` (on a cluster): the cache's files go into Ray's object store once, for the
     nodes that do not share the driver's disk."""
     f = data.features
-    common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)),
-                  fork_address=fork_address)
+    common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)))
     if isinstance(f, RawSource):  # finetune=full
         trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
     else:
@@ -45,26 +44,6 @@ def make_trainable(spec, base, data, folds, fork_address: str | None = None, off
                                cache_files=cache_transfer.offer(folders) if offer_cache else None, **common)
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
-
-
-def trials_fork(spec, address: str | None) -> bool:
-    """Whether trials fork from a fork server (search/forkserver.py): not on a cluster (the
-    driver's machine may run no trials), not for GPU trials (a CUDA context does not survive a
-    fork; untested on a GPU, so kept out), nor where the space file sets fork_trials: false."""
-    return not address and spec.gpu == 0 and spec.fork_trials and forkserver.available()
-
-
-# What a trial imports, loaded once by the fork server so that forks share it. torch.optim imports
-# torch._dynamo (hundreds of modules, sympy among them) at a trial's first optimizer: unless it is
-# preloaded, every fork imports it again into memory of its own.
-TRIAL_IMPORTS = ["mmsa.train", "mmsa.encoders", "torch._dynamo", "search.trainable"]
-FULL_FINETUNE_IMPORTS = ["transformers", "timm"]  # the backbones train in the trials
-
-
-def start_fork_server(spec, base, address: str | None) -> forkserver.ForkServer | None:
-    if not trials_fork(spec, address):
-        return None
-    return forkserver.ForkServer("search.trainable:fit_trial", preload=TRIAL_IMPORTS + (FULL_FINETUNE_IMPORTS if base.data.finetune == "full" else []))
 
 
 def check_cluster(address: str) -> None:
@@ -111,14 +90,9 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     metric = f"best_{spec.metric}"
     logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat(), datasets)
-    server = start_fork_server(spec, base, address)
     try:
-        start_ray(address)  # while the fork server imports torch
-        fork_address = server.address if server is not None and server.wait_ready() else None
-        if server is not None and fork_address is None:
-            print(f"note: the fork server did not start, trials import torch themselves:\n{server.failure}",
-                  flush=True)
-        trainable = make_trainable(spec, base, data, folds, fork_address, offer_cache=address is not None)
+        start_ray(address)
+        trainable = make_trainable(spec, base, data, folds, offer_cache=address is not None)
         if resume and tune.Tuner.can_restore(ray_path):
             tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -142,8 +116,6 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
             signal.signal(signal.SIGTERM, previous)
     finally:
         ray.shutdown()  # stops a local Ray; only disconnects from a cluster
-        if server is not None:
-            server.close()
     # Records that waited for an unreachable tracking server: written now (waiting for it if need be).
     MlflowTrialLogger.of_search(parent_id).flush()
     # MLflow is the record: the search is complete when every trial has ended there.

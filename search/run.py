@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if full:
             raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
         budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
-        from search.driver import trials_fork
-        chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len,
-                                forked=trials_fork(spec, args.address))
+        chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len)
         spec.max_concurrent = chosen.concurrent
         if chosen.micro_batch:  # as if given as --set micro_batch=N
             apply_flags(spec, sets={"micro_batch": chosen.micro_batch})

@@ -40,7 +40,6 @@ KEYS = (
     Key("seed", "seed"),
     Key("cv_folds", "cv_folds", lambda v, s: v >= 1, ">= 1 (1: one held-out split)"),
     Key("memory_budget", "memory_budget"),
-    Key("fork_trials", "fork_trials"),
     Key("scheduler.type", "scheduler", lambda v, s: v in ("asha", "fifo"), "asha or fifo"),
     Key("scheduler.max_epochs", "max_epochs", lambda v, s: v > 0, "> 0"),
     Key("scheduler.grace_period", "grace_period", lambda v, s: 0 < v <= max(s.cv_folds, 1),
@@ -53,6 +52,8 @@ KEYS = (
     Key("resources.gpu", "gpu", lambda v, s: v >= 0, ">= 0"),
 )
 SECTIONS = ("scheduler", "searcher", "resources")
+# Keys that older space files may hold: refused with what to do instead.
+RETIRED = {"fork_trials": "removed: every trial runs as a plain Ray worker; delete the key"}
 TOP_KEYS = tuple(k.path for k in KEYS if "." not in k.path) + SECTIONS + ("fixed", "params")
 
 
@@ -96,9 +97,6 @@ class SearchSpec:
     n_startup_trials: int = 8
     start_from_defaults: bool = True  # the first trial is the default config, where the space holds it
     memory_budget: str | None = None
-    # Opt-in, for tight memory on one CPU machine: trials fork from one process that imported torch
-    # (search/forkserver.py), sharing its pages. Off, every trial is a plain Ray worker.
-    fork_trials: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
 
@@ -149,6 +147,8 @@ def _check_keys(path: Path, where: str, data: Any, allowed: tuple[str, ...]) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: '{where}' must be a mapping")
     for key in data:
+        if not where and key in RETIRED:
+            raise ConfigError(f"{path}: key '{key}' was {RETIRED[key]}")
         if key not in allowed:
             raise ConfigError(f"{path}: unknown key '{where + '.' if where else ''}{key}' "
                               f"(known: {', '.join(allowed)})")

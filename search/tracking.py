@@ -22,21 +22,21 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
-                            TAG_NOT_RESUMED, TAG_PARENT, TAG_PROCESS, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
+                            TAG_NOT_RESUMED, TAG_PARENT, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
 from mmsa.errors import UserError
 from mmsa.locks import exclusive
 from mmsa.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
 MAX_TAG_CHARS = 5000
-# How Ray (and the fork server) say that a trial's process vanished without a word: SIGKILL from
+# How Ray says that a trial's process vanished without a word: SIGKILL from
 # outside, as the kernel's out-of-memory killer sends it, or a crash in native code.
 PROCESS_DIED = ("worker process has died", "Worker unexpectedly exits", "ended without a result")
 KILLED = "trial process killed (signal 9, possibly out of memory) or crashed"
 NOT_RESUMED = "Ray had not saved this trial when the search was killed; it was not trained again"
 # What Ray adds to every reported result (and the trainable's own bookkeeping): not results.
 NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint",
-                                             "node_id", "trial_process", FINAL_KEY}
+                                             "node_id", FINAL_KEY}
 
 
 def prepare_tracking_uri(uri: str) -> str:
@@ -272,9 +272,8 @@ class MlflowTrialLogger(Callback):
         if not run_id:
             return
         if result.get("training_iteration") == 1:
-            for tag, key in ((TAG_NODE, "node_id"), (TAG_PROCESS, "trial_process")):
-                if result.get(key):
-                    self.client.set_tag(run_id, tag, result[key])
+            if result.get("node_id"):
+                self.client.set_tag(run_id, TAG_NODE, result["node_id"])
         fold = int(result.get("folds_done", result.get("training_iteration", 0)))
         # The CV metrics at step = folds done, and the fold's learning curve, one step per epoch
         # (fold<k>_val_acc, ...), in one request.

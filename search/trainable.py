@@ -1,10 +1,9 @@
 """The Ray Tune trainable: a thin wrapper over `mmsa.crossval.cross_validate` that reports every fold.
 
 Trials receive the cache folders' paths, not the arrays: each trial memory-maps the same files,
-so N concurrent trials share one copy of the features through the OS page cache. Training runs
-in a fork of the driver's fork server where there is one (search/forkserver.py), so concurrent
-trials also share torch itself. Ray is imported only in `train_trial`: the fork server preloads
-this module without it.
+so N concurrent trials share one copy of the features through the OS page cache. Ray is imported
+only in `train_trial`, so that the driver's memory plan and the tests can import this module
+without it.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from mmsa.config import Config
 from mmsa.features import Features, FeatureSet
 from mmsa.rawsource import RawSource
 from mmsa.prepare import Split
-from search import forkserver
 
 # Set on a trial's report of its last fold. A trial whose last result lacks it was stopped by the
 # scheduler.
@@ -39,7 +37,6 @@ class TrialData:
     base: dict  # flat config: defaults + the space file's fixed values
     threads: int
     raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
-    fork_address: str | None = None  # the driver's fork server (search/forkserver.py), if any
     # On a cluster: the driver's cache files in Ray's object store, for nodes that lack them
     # (search/cache_transfer.py); {"folder/file": ObjectRef}
     cache_files: dict | None = None
@@ -116,16 +113,7 @@ def train_trial(config: dict, data: TrialData) -> None:
     from ray import tune
     node = ray.get_runtime_context().get_node_id()
 
-    conn = forkserver.connect(data.fork_address)
-    process = "fork" if conn is not None else "ray worker"
-
-    def report(metrics: dict) -> None:
-        tune.report({**metrics, "node_id": node, "trial_process": process})
-
-    if conn is not None:  # train in a fork of the warm server: torch's pages are shared
-        forkserver.run_forked(conn, (config, data), report)
-    else:  # no server on this machine (e.g. another node of a cluster): train here
-        fit_trial(report, config, data)
+    fit_trial(lambda metrics: tune.report({**metrics, "node_id": node}), config, data)
 
 
 def fit_trial(emit, config: dict, data: TrialData) -> None:

@@ -81,8 +81,7 @@ def smoke_search(subset_dir, subset_cache, subset_prepared, tmp_path_factory):
     """One real smoke search on the subset: (tmp folder, tracking uri, parent run id, process)."""
     from tests.search_helpers import run_search, write_space
     tmp = tmp_path_factory.mktemp("search")
-    # the fork server, opted in: the default path (plain Ray workers) runs in the other searches
-    space = write_space(tmp / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4, fork_trials=True)
+    space = write_space(tmp / "space.yaml", str(subset_dir), str(subset_cache), num_samples=4)
     # What the driver process had imported when it ended: written by a sitecustomize of the test's
     # (its other processes, Ray's workers among them, write nothing).
     hook = tmp / "hook"
@@ -113,3 +112,42 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a small tmpfs here ({out.stderr.strip() or 'mount failed'})")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
+
+
+RAY_PROCESS_NAMES = ("gcs_server", "raylet")
+TEST_RUN_ENV = "MMSA_TEST_RUN"  # set for each slow test: every process it starts inherits it
+
+
+def _ray_processes_of(token: str) -> list:
+    """Ray's processes that a test started, found by the variable they inherited (another test
+    session's Ray on this machine, a user's own among them, is left alone)."""
+    import psutil
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] in RAY_PROCESS_NAMES or cmdline.startswith("ray::") or "default_worker.py" in cmdline:
+            try:
+                if proc.environ().get(TEST_RUN_ENV) == token:
+                    found.append(proc)
+            except psutil.Error:
+                pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_behind(request, monkeypatch):
+    """A slow test leaves no Ray process of its own running: a leftover cluster holds CPUs,
+    memory and ports from the next test. Processes still ending get 30 s."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import secrets
+
+    import psutil
+    token = secrets.token_hex(8)
+    monkeypatch.setenv(TEST_RUN_ENV, token)
+    yield
+    _, alive = psutil.wait_procs(_ray_processes_of(token), timeout=30)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"the test left Ray processes running (now killed): {[p.pid for p in alive]}"

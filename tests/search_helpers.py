@@ -79,3 +79,54 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)
         self.process = None
+
+
+class TrialHold:
+    """Holds the `nth` trial attempt of a search, alive and before it trains, until release()
+    (tests/trial_hold/sitecustomize.py): a test acts on a running trial without racing it."""
+
+    def __init__(self, folder: Path, nth: int = 1):
+        self.folder, self.nth = folder, nth
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def env(self, base: dict | None = None) -> dict:
+        import os
+        base = dict(os.environ if base is None else base)
+        path = [str(ROOT / "tests" / "trial_hold"), base.get("PYTHONPATH")]
+        return {**base, "PYTHONPATH": os.pathsep.join(filter(None, path)),
+                "MMSA_TEST_HOLD": f"{self.folder}:{self.nth}"}
+
+    def wait_held(self, proc: subprocess.Popen, timeout: float = 300) -> int:
+        """The held trial's pid, once it holds; fails at once if the search ends first."""
+        import time
+        held = self.folder / "held"
+        deadline = time.monotonic() + timeout
+        while not held.exists():
+            if proc.poll() is not None:
+                raise AssertionError("the search ended before its trial was held:\n"
+                                     + (proc.communicate()[0] or "")[-3000:])
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"no trial held within {timeout} s:\n" + (proc.communicate()[0] or "")[-3000:])
+            time.sleep(0.05)
+        return int(held.read_text())
+
+    def release(self) -> None:
+        (self.folder / "release").touch()
+
+
+def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.2):
+    """Poll `condition()` until it returns something true (returned), failing with `what` on time-out,
+    or at once where `proc` ended meanwhile. For states that last (a held trial, a saved record),
+    never for moments that may pass between two polls."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the search ended before {what}:\n" + (proc.communicate()[0] or "")[-3000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(every)

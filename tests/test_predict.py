@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.search_helpers import ROOT
+from tests.search_helpers import ROOT, free_port
 
 pytestmark = pytest.mark.slow  # a real search, a retrain and a model server
 
@@ -76,15 +75,9 @@ def test_the_pyfunc_model_predicts_raw_pairs_even_without_an_image_or_text(regis
         model.predict(pd.DataFrame({"text": ["no image column"]}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_serves_the_registered_model(registered, subset_dir, tmp_path):
     uri, final_file, _ = registered
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mmsa-test/1",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],

@@ -1,7 +1,7 @@
 import pytest
 
 from mmsa.errors import ConfigError
-from search.budget import FORKED, GIB, OWN_PROCESS, parse_size, plan
+from search.budget import GIB, parse_size, plan
 
 
 def test_parse_size():
@@ -28,10 +28,3 @@ def test_tight_budget_shrinks_the_micro_batch_before_failing():
     assert loose.concurrent == 1 and 0 < loose.micro_batch < 256 and loose.estimate <= 3.4 * GIB
     with pytest.raises(ConfigError, match="too small"):
         _plan(2.0)
-
-
-def test_forked_trials_fit_more_of_them_in_the_same_budget():
-    def concurrent(footprint):
-        return plan(int(2.8 * GIB), cache_bytes=int(0.73 * GIB), max_concurrent=2, batch_size=32, tokens=113,
-                    d_model=64, layers=1, input_dims=64 * 384 + 49 * 1280, footprint=footprint).concurrent
-    assert concurrent(FORKED) == 2 and concurrent(OWN_PROCESS) == 1

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from mmsa.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
 from search.tracking import KILLED, child_runs
-from tests.search_helpers import ROOT, search_cmd, write_space
+from tests.search_helpers import ROOT, TrialHold, search_cmd, wait_until, write_space
 
 pytestmark = pytest.mark.slow  # real searches in subprocesses
 
@@ -27,38 +27,29 @@ def _long_trials_space(tmp_path, subset_dir, subset_cache, epochs: int, **extra)
     return space
 
 
-def _trial_processes(pid: int) -> list[psutil.Process]:
-    """The Ray workers running a trial, among a search driver's descendants."""
-    found = []
-    for p in psutil.Process(pid).children(recursive=True):
-        try:
-            if "ImplicitFunc" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
+def _trial_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get(TAG_TRIAL)]
 
 
 def test_a_trial_process_killed_from_outside_is_recorded_and_retried(subset_dir, subset_cache, subset_prepared,
                                                                      tmp_path):
-    """SIGKILL to the trial's worker, as the kernel's out-of-memory killer sends it."""
+    """SIGKILL to the trial's worker, as the kernel's out-of-memory killer sends it. The first
+    trial is held alive (tests/trial_hold) until it is recorded and killed: no race with its end."""
     space = _long_trials_space(tmp_path, subset_dir, subset_cache, epochs=20, num_samples=2, max_concurrent=1,
                                max_failures=1)
+    hold = TrialHold(tmp_path / "hold", nth=1)
     proc = subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=hold.env())
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    deadline, killed = time.time() + 300, None
-    while time.time() < deadline and killed is None:
-        time.sleep(1)
-        client = MlflowClient(uri)
-        trial_runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                      if r.data.tags.get(TAG_TRIAL)]
-        workers = _trial_processes(proc.pid)
-        if trial_runs and workers:  # a trial is recorded and training: kill its process
-            time.sleep(2)
-            workers[0].send_signal(signal.SIGKILL)
-            killed = workers[0].pid
-    assert killed, "no trial process was found to kill"
+    try:
+        worker = psutil.Process(hold.wait_held(proc))
+        wait_until(lambda: _trial_runs(uri), 120, "the held trial is recorded in MLflow", proc)
+        assert "ImplicitFunc" in " ".join(worker.cmdline())  # the Ray worker that runs the trial
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        hold.release()
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert f"trying again: {KILLED}" in out  # what the user sees when it happens
@@ -110,21 +101,22 @@ def test_a_search_outlives_its_tracking_server_being_away(subset_dir, subset_cac
     space = _long_trials_space(tmp_path, subset_dir, subset_cache, epochs=15, num_samples=3, max_concurrent=1)
     cmd = search_cmd(space, tmp_path)
     cmd[cmd.index("--tracking-uri") + 1] = mlflow_server.uri
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = MlflowClient(mlflow_server.uri)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # the first trial is recorded: stop the server
-        time.sleep(1)
-        if [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                if r.data.tags.get(TAG_TRIAL)]:
-            break
-    mlflow_server.stop()
-    time.sleep(40)
+    hold = TrialHold(tmp_path / "hold", nth=1)  # the first trial waits, recorded, until the server is down
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=hold.env())
+    try:
+        hold.wait_held(proc)
+        wait_until(lambda: _trial_runs(mlflow_server.uri), 120, "the held trial is recorded in MLflow", proc)
+        mlflow_server.stop()
+    finally:
+        hold.release()
+    time.sleep(40)  # the outage itself: longer than one write's retries
     mlflow_server.start()
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "is not answering; the search goes on" in out
     assert "answers again after" in out
+    client = MlflowClient(mlflow_server.uri)
     parent_id = out.strip().splitlines()[-1].split("=", 1)[1]
     parent = client.get_run(parent_id)
     assert parent.data.tags[TAG_STATE] == "finished"

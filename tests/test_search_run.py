@@ -1,14 +1,13 @@
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_PROCESS, TAG_STATE, TAG_TRIAL
+from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL
 from search.tracking import child_runs
-from tests.search_helpers import ROOT, run_search, search_cmd, write_space
+from tests.search_helpers import ROOT, TrialHold, run_search, search_cmd, wait_until, write_space
 
 pytestmark = pytest.mark.slow  # real searches in subprocesses
 
@@ -30,7 +29,6 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     for child in children:
         assert child.data.tags[TAG_ENDED] in ("completed", "stopped early")
         assert child.data.params["d_model"] == "32" and "lr" in child.data.params
-        assert child.data.tags[TAG_PROCESS] == "fork"  # of the search's fork server: torch imported once
         # one report per fold (step = folds done), each fold's curve per epoch
         folds = [m.step for m in client.get_metric_history(child.info.run_id, "best_val_acc")]
         assert folds == list(range(1, len(folds) + 1)) and 1 <= len(folds) <= 3
@@ -92,8 +90,9 @@ def test_smoke_search_records_what_a_user_needs_in_the_ui(smoke_search, subset_d
 
 
 def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
-    """A 5-trial search whose trials are long (`epochs`, no early stopping), returned once two
-    trials have finished, so that a kill lands mid-search with a trial running."""
+    """A 5-trial search, returned while its third trial is held alive (tests/trial_hold), recorded
+    as running, and after Ray has saved the first two as finished: a kill then lands mid-search
+    with a trial running, by construction. Returns (space, uri, process, hold)."""
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5, cv_folds=1,
                         max_epochs=epochs, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": epochs})
     import yaml
@@ -103,16 +102,29 @@ def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **p
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     (tmp_path / "mlruns").mkdir()
     experiment_id = MlflowClient(uri).create_experiment("mmsa-search")  # db ready before two processes use it
+    hold = TrialHold(tmp_path / "hold", nth=3)
     proc = subprocess.Popen(search_cmd(space, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        time.sleep(1)
+                            stderr=subprocess.STDOUT, text=True, env=hold.env(), **popen)
+    hold.wait_held(proc)
+
+    def recorded():
         runs = MlflowClient(uri).search_runs([experiment_id], f"tags.`{TAG_KIND}` = 'trial'")
-        if len([r for r in runs if r.info.status == "FINISHED"]) >= 2:
-            return space, uri, proc
-    proc.kill()
-    raise AssertionError("no two trials finished in time: " + proc.communicate()[0][-3000:])
+        return sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "RUNNING"]
+    wait_until(recorded, 120, "two trials finished and the third running, in MLflow", proc)
+    wait_until(lambda: _ray_saved_finished(tmp_path / "ray_results") == 2, 120,
+               "Ray's saved search state holds the two finished trials", proc)
+    return space, uri, proc, hold
+
+
+def _ray_saved_finished(storage) -> int:
+    """How many trials Ray's newest saved search state (what --resume reads) holds as finished."""
+    import json
+    states = sorted(storage.glob("search-*/experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (ValueError, OSError):  # being written right now
+        return 0
+    return sum(json.loads(state)["status"] == "TERMINATED" for state, _ in trials)
 
 
 def _finished_trials(client, parent_id) -> dict[str, str]:
@@ -139,9 +151,10 @@ def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[
 
 def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_dir, subset_cache, subset_prepared,
                                                                        tmp_path):
-    space, uri, proc = _start_long_search(tmp_path, subset_dir, subset_cache)
+    space, uri, proc, hold = _start_long_search(tmp_path, subset_dir, subset_cache)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
+    hold.release()
     assert proc.returncode == 130, output[-3000:]
     parent_id = output.strip().splitlines()[-1].split("=", 1)[1]
     client = MlflowClient(uri)
@@ -152,11 +165,10 @@ def test_interrupted_search_resumes_without_losing_or_repeating_trials(subset_di
 def test_search_killed_outright_resumes_and_closes_the_trial_it_left_running(
         subset_dir, subset_cache, subset_prepared, tmp_path):
     # SIGKILL to the whole process group (driver, Ray, trials): nothing gets to clean up.
-    # Trials of ~5 s; the kill comes 2 s after the second one finished, when Ray has saved its state.
-    space, uri, proc = _start_long_search(tmp_path, subset_dir, subset_cache, epochs=120, start_new_session=True)
-    time.sleep(2)
+    space, uri, proc, hold = _start_long_search(tmp_path, subset_dir, subset_cache, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
+    hold.release()
     client = MlflowClient(uri)
     (search,) = client.search_runs([client.get_experiment_by_name("mmsa-search").experiment_id],
                                    f"tags.`{TAG_KIND}` = 'search'")
@@ -199,7 +211,6 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(subset_dir, subset_c
         attempts = sorted(c.data.tags[TAG_ENDED] for c in failed if c.data.tags[TAG_TRIAL] == trial_id)
         assert attempts == ["failed", "failed (retried)"]
     assert all(c.data.params["lr"] == "0.001" for c in ok)
-    assert {c.data.tags[TAG_PROCESS] for c in ok} == {"ray worker"}  # the default: no fork server
     assert "FAILED" in out.stdout
 
 

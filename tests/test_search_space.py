@@ -39,7 +39,6 @@ def test_shipped_spaces_load():
 def test_good_space(tmp_path):
     spec = load_space(_write(tmp_path, GOOD))
     assert spec.num_samples == 3 and spec.max_epochs == 3 and spec.fixed == {"d_model": 64}
-    assert not spec.fork_trials and load_space(_write(tmp_path, GOOD + "fork_trials: true\n")).fork_trials
     cfg = spec.trial_config({"lr": 1e-3, "pooling": "attention", "fusion_depth": 2})
     assert cfg.model.d_model == 64 and cfg.model.pooling == "attention" and cfg.train.max_epochs == 3
 
@@ -61,7 +60,7 @@ def test_good_space(tmp_path):
     ("params:\n  text_encoder: {type: choice, values: [minilm, bert-base-uncased]}\n", "params.text_encoder.*under 'fixed'"),
     ("params:\n  finetune: {type: choice, values: [none, last_k]}\n", "params.finetune.*prepared once per search"),
     ("scheduler: {type: hyperband}\n", "scheduler.type"),
-    ("fork_trials: yes please\n", "'fork_trials' must be true or false"),
+    ("fork_trials: false\n", "key 'fork_trials' was removed: every trial runs as a plain Ray worker"),
     ("searcher: {start_from_defaults: 1}\n", "'searcher.start_from_defaults' must be true or false"),
     ("scheduler: {max_epochs: 3, grace_period: 6}\n", "grace_period"),
     ("cv_folds: 0\n", "cv_folds"),
