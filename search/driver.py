@@ -100,12 +100,12 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    metric=metric, mode=spec.mode, num_samples=spec.num_samples,
+                    metric=metric, mode="max", num_samples=spec.num_samples,
                     search_alg=ConcurrencyLimiter(make_searcher(spec), max_concurrent=spec.max_concurrent),
                     scheduler=make_scheduler(spec), reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
-                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.mode, spec.cv_folds),
+                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds),
                                CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     verbose=0))

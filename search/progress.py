@@ -19,8 +19,8 @@ def _short(config: dict, limit: int = 6) -> str:
 
 
 class ProgressPrinter(Callback):
-    def __init__(self, metric: str, num_samples: int, mode: str = "max", folds: int = 1):
-        self.metric, self.num_samples, self.mode, self.folds = metric, num_samples, mode, folds
+    def __init__(self, metric: str, num_samples: int, folds: int = 1):
+        self.metric, self.num_samples, self.folds = metric, num_samples, folds
         self.start = time.time()
 
     def __setstate__(self, state):  # a resumed search counts its time from the resume
@@ -40,7 +40,7 @@ class ProgressPrinter(Callback):
                   if t.last_result and t.last_result.get(FINAL_KEY) and t.last_result.get(self.metric) is not None]
         best = ""
         if scored:
-            value, trial_id = (max if self.mode == "max" else min)(scored)
+            value, trial_id = max(scored)
             best = f" | best of those run on every fold: {value:.4f} ({trial_id})"
         return f"{done} ended, {failed} failed, {running} running of {self.num_samples}{best}"
 

@@ -45,14 +45,14 @@ def collect_trials(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return out
 
 
-def best_trial(trials: list[TrialRecord], mode: str = "max") -> TrialRecord | None:
+def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
     """The best trial scored on every fold; only where none was, the best of those stopped early
     (a mean over fewer folds is noisier, and would win by luck)."""
     scored = [t for t in trials if not math.isnan(t.score)]
     for ended in ("completed", "stopped early"):
         candidates = [t for t in scored if t.ended == ended]
         if candidates:
-            return (max if mode == "max" else min)(candidates, key=lambda t: t.score)
+            return max(candidates, key=lambda t: t.score)
     return None
 
 
@@ -62,10 +62,10 @@ def config_from_params(params: dict) -> dict:
     return Config.from_flat({k: v for k, v in params.items() if k in known}, source="run params").to_flat()
 
 
-def top_table(trials: list[TrialRecord], metric: str, searched: list[str], k: int = 10, mode: str = "max") -> str:
+def top_table(trials: list[TrialRecord], metric: str, searched: list[str], k: int = 10) -> str:
     # Trials scored on every fold first: their means are the comparable ones.
     ranked = sorted((t for t in trials if not math.isnan(t.score)),
-                    key=lambda t: (t.ended == "completed", t.score if mode == "max" else -t.score), reverse=True)[:k]
+                    key=lambda t: (t.ended == "completed", t.score), reverse=True)[:k]
     other = "val_macro_f1" if metric == "val_acc" else "val_acc"
     head = ["rank", "trial", "ended", "folds", "epoch", f"cv_{metric}", f"{other} (same epoch)"] + searched
     rows = [head]
@@ -96,7 +96,7 @@ def search_plots(trials: list[TrialRecord], spec, out_dir: Path) -> list[Path]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     dists = spec.optuna_space()
-    study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
+    study = optuna.create_study(direction="maximize")
     for t in sorted(trials, key=lambda t: t.trial_id):
         if math.isnan(t.score) or not all(k in t.params for k in dists):
             continue
@@ -139,7 +139,7 @@ def _typed(value: str, dist):
 
 def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str, spec) -> tuple[TrialRecord | None, list[TrialRecord]]:
     trials = collect_trials(client, experiment_id, parent_run_id, spec.metric)
-    best = best_trial(trials, spec.mode)
+    best = best_trial(trials)
     counts = {"n_trials": len(trials)}
     for ended in ("completed", "stopped early", "failed", "interrupted"):
         counts["n_" + ended.replace(" ", "_")] = sum(t.ended == ended for t in trials)

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     client.set_tag(parent_id, TAG_STATE, "finished")
     client.set_terminated(parent_id, status="FINISHED")
     print(f"\ntop trials ({len(trials)} recorded, {time.time() - t0:.0f}s):", flush=True)
-    print(top_table(trials, spec.metric, list(spec.params), mode=spec.mode), flush=True)
+    print(top_table(trials, spec.metric, list(spec.params)), flush=True)
     print(baseline_line(client, parent_id, spec.metric), flush=True)
     print(cost_line(client, parent_id), flush=True)
     if best is None:

@@ -41,7 +41,7 @@ def make_searcher(spec) -> PruneAwareOptunaSearch:
     else:
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
     return PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}",
-                                  mode=spec.mode, sampler=sampler, points_to_evaluate=default_point(spec))
+                                  mode="max", sampler=sampler, points_to_evaluate=default_point(spec))
 
 
 def default_point(spec) -> list[dict] | None:

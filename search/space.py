@@ -33,7 +33,6 @@ class Key:
 KEYS = (
     Key("data_dir", "data_dir"),
     Key("metric", "metric", lambda v, s: v in MONITORS, f"one of {MONITORS}"),
-    Key("mode", "mode", lambda v, s: v in ("max", "min"), "max or min"),
     Key("num_samples", "num_samples", lambda v, s: v > 0, "> 0"),
     Key("max_concurrent", "max_concurrent", lambda v, s: v > 0, "> 0"),
     Key("max_failures", "max_failures", lambda v, s: v >= 0, ">= 0"),
@@ -53,7 +52,22 @@ KEYS = (
 )
 SECTIONS = ("scheduler", "searcher", "resources")
 # Keys that older space files may hold: refused with what to do instead.
-RETIRED = {"fork_trials": "removed: every trial runs as a plain Ray worker; delete the key"}
+RETIRED = {"fork_trials": "removed: every trial runs as a plain Ray worker; delete the key",
+           "mode": "removed: both metrics (val_acc, val_macro_f1) are maximised; delete the key"}
+# Config keys the search itself decides: refused under fixed, params and --set, where they would be
+# overridden without a word.
+SEARCH_DECIDES = {
+    "monitor": "what trials monitor is the search's `metric`",
+    "max_epochs": "the epoch schedule of a search is `scheduler.max_epochs` (or --max-epochs)",
+    "patience": "trials train whole schedules, and the search picks the epoch on the folds' mean curve",
+    "stop_epoch": "trials train whole schedules, and the search picks the epoch on the folds' mean curve",
+}
+
+
+def refuse_search_decided(keys, where: str) -> None:
+    for key in keys:
+        if key in SEARCH_DECIDES:
+            raise ConfigError(f"{where}: key '{key}' cannot be set here: {SEARCH_DECIDES[key]}")
 TOP_KEYS = tuple(k.path for k in KEYS if "." not in k.path) + SECTIONS + ("fixed", "params")
 
 
@@ -78,8 +92,7 @@ class Param:
 class SearchSpec:
     path: Path
     data_dir: str | None = None
-    metric: str = "val_acc"
-    mode: str = "max"
+    metric: str = "val_acc"  # trials monitor it; the search maximises it
     num_samples: int = 20
     max_concurrent: int = 2
     cpu: float = 1.0
@@ -104,6 +117,7 @@ class SearchSpec:
         """The fixed values on top of the defaults (what every trial starts from)."""
         cfg = Config.from_flat(self.fixed, source=f"{self.path}: fixed")
         cfg.train.max_epochs = self.max_epochs
+        cfg.train.monitor = self.metric
         if self.data_dir is not None:
             cfg.data.data_dir = self.data_dir
         return cfg
@@ -204,6 +218,7 @@ def load_space(path: str | Path) -> SearchSpec:
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{path}: 'fixed' must be a mapping of config keys")
+    refuse_search_decided(fixed, f"{path}: fixed")
     try:
         Config.from_flat(refuse_derived(fixed, "fixed"))
     except ConfigError as e:
@@ -213,6 +228,7 @@ def load_space(path: str | Path) -> SearchSpec:
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: 'params' must be a mapping of config keys to distributions")
     refuse_derived(params, f"{path}: params")
+    refuse_search_decided([k for k in params if k != "max_epochs"], f"{path}: params")  # a searched schedule is fine
     for name in params:
         if name in fixed:
             raise ConfigError(f"{path}: key '{name}' is both fixed and searched")
@@ -248,6 +264,7 @@ def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | None 
         if not key_of[attr].check(value, spec):
             raise ConfigError(f"{flag} {value}: must be {key_of[attr].expected}")
         setattr(spec, attr, value)
+    refuse_search_decided(sets or {}, "--set")
     typed = Config.from_flat(refuse_derived(sets or {}, "--set"), source="--set").to_flat()  # unknown keys, bad values: one line
     unsearched = []
     for key in sets or {}:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_space(path: Path, data_dir: str, cache_dir: str, num_samples: int = 3, max_epochs: int = 2,
                 max_concurrent: int = 2, cv_folds: int = 3, **extra) -> Path:
     space = {
-        "data_dir": data_dir, "metric": "val_acc", "mode": "max", "num_samples": num_samples,
+        "data_dir": data_dir, "metric": "val_acc", "num_samples": num_samples,
         "max_concurrent": max_concurrent, "resources": {"cpu": 1}, "seed": 0, "cv_folds": cv_folds,
         "scheduler": {"type": "asha", "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
         "searcher": {"type": "tpe", "n_startup_trials": 2},

@@ -8,7 +8,6 @@ import time
 
 import psutil
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from mmsa.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
@@ -19,12 +18,8 @@ pytestmark = pytest.mark.slow  # real searches in subprocesses
 
 
 def _long_trials_space(tmp_path, subset_dir, subset_cache, epochs: int, **extra):
-    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), cv_folds=1,
-                        max_epochs=epochs, scheduler={"type": "fifo", "max_epochs": epochs}, **extra)
-    spec = yaml.safe_load(space.read_text())
-    spec["fixed"]["patience"] = 0
-    space.write_text(yaml.safe_dump(spec))
-    return space
+    return write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), cv_folds=1,
+                       max_epochs=epochs, scheduler={"type": "fifo", "max_epochs": epochs}, **extra)
 
 
 def _trial_runs(uri: str) -> list:

@@ -95,10 +95,6 @@ def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **p
     with a trial running, by construction. Returns (space, uri, process, hold)."""
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5, cv_folds=1,
                         max_epochs=epochs, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": epochs})
-    import yaml
-    spec = yaml.safe_load(space.read_text())
-    spec["fixed"]["patience"] = 0
-    space.write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     (tmp_path / "mlruns").mkdir()
     experiment_id = MlflowClient(uri).create_experiment("mmsa-search")  # db ready before two processes use it
@@ -234,3 +230,21 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
         assert child.data.tags[TAG_ENDED] == "completed" and child.data.params["finetune"] == "full"
         assert 0 <= child.data.metrics["val_acc"] <= 1 and child.data.metrics["mean_epoch_seconds"] > 0
 
+
+
+def test_a_search_for_macro_f1_monitors_scores_and_picks_by_macro_f1(subset_dir, subset_cache, subset_prepared,
+                                                                      tmp_path):
+    from mmsa.run_tags import TAG_BEST_RUN
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=3, max_epochs=2,
+                        cv_folds=2, metric="val_macro_f1", scheduler={"type": "fifo", "max_epochs": 2})
+    out = run_search(space, tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    parent = client.get_run(parent_id)
+    children = child_runs(client, parent.info.experiment_id, parent_id)
+    assert len(children) == 3 and all(c.data.params["monitor"] == "val_macro_f1" for c in children)
+    scores = {c.info.run_id: c.data.metrics["best_val_macro_f1"] for c in children}
+    assert parent.data.tags[TAG_BEST_RUN] == max(scores, key=scores.get)
+    assert parent.data.metrics["best_val_macro_f1"] == max(scores.values())
+    assert "cv_val_macro_f1" in out.stdout and f"cv_val_macro_f1 {max(scores.values()):.4f}" in out.stdout

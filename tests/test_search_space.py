@@ -36,6 +36,18 @@ def test_shipped_spaces_load():
         assert spec.optuna_space()
 
 
+def test_the_metric_decides_what_trials_monitor(tmp_path):
+    spec = load_space(_write(tmp_path, GOOD + "metric: val_macro_f1\n"))
+    assert spec.base_config().train.monitor == "val_macro_f1"
+    assert spec.trial_config({"lr": 1e-3}).train.monitor == "val_macro_f1"
+    assert load_space(_write(tmp_path, GOOD)).base_config().train.monitor == "val_acc"
+
+
+def test_a_searched_schedule_length_overrides_the_schedulers(tmp_path):
+    spec = load_space(_write(tmp_path, GOOD + "  max_epochs: {type: choice, values: [2, 4]}\n"))
+    assert spec.base_config().train.max_epochs == 3 and spec.trial_config({"max_epochs": 4}).train.max_epochs == 4
+
+
 def test_good_space(tmp_path):
     spec = load_space(_write(tmp_path, GOOD))
     assert spec.num_samples == 3 and spec.max_epochs == 3 and spec.fixed == {"d_model": 64}
@@ -61,6 +73,11 @@ def test_good_space(tmp_path):
     ("params:\n  finetune: {type: choice, values: [none, last_k]}\n", "params.finetune.*prepared once per search"),
     ("scheduler: {type: hyperband}\n", "scheduler.type"),
     ("fork_trials: false\n", "key 'fork_trials' was removed: every trial runs as a plain Ray worker"),
+    ("mode: min\n", "key 'mode' was removed: both metrics .* are maximised"),
+    ("fixed: {monitor: val_macro_f1}\n", "fixed: key 'monitor' cannot be set here: .* the search's `metric`"),
+    ("fixed: {max_epochs: 9}\n", "fixed: key 'max_epochs' cannot be set here: .*`scheduler.max_epochs`"),
+    ("fixed: {patience: 0}\n", "fixed: key 'patience' cannot be set here: trials train whole schedules"),
+    ("params:\n  stop_epoch: {type: int, low: 1, high: 2}\n", "params: key 'stop_epoch' cannot be set here"),
     ("searcher: {start_from_defaults: 1}\n", "'searcher.start_from_defaults' must be true or false"),
     ("scheduler: {max_epochs: 3, grace_period: 6}\n", "grace_period"),
     ("cv_folds: 0\n", "cv_folds"),
@@ -117,6 +134,7 @@ def test_command_line_flags_override_the_space_file():
     ({"sets": {"nope": "1"}}, r"--set: unknown key 'nope'"),
     ({"sets": {"head": "cnn"}}, r"--set: key 'head' = 'cnn'"),
     ({"sets": {"text_dim": "7"}}, r"--set: key 'text_dim' follows from the data"),
+    ({"sets": {"monitor": "val_acc"}}, r"--set: key 'monitor' cannot be set here"),
 ])
 def test_bad_flags_are_refused_with_one_line(kwargs, match):
     from search.space import apply_flags
