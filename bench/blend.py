@@ -77,8 +77,9 @@ def blend_rule(kind: str, probs: np.ndarray, labels: np.ndarray, fold: np.ndarra
     """Predictions for fold k's rows under the rule `kind` (mean | prior | prior-f1 | stack)."""
     from mmsa.data import LABELS
     neutral, negative = LABELS.index("neutral"), LABELS.index("negative")
+    from mmsa.predictor import average_probabilities
     held, rest = fold == k, fold != k
-    mean = probs.mean(0)
+    mean = average_probabilities(probs)
     if kind == "mean":
         return mean[held].argmax(1)
     if kind in ("prior", "prior-f1"):

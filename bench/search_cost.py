@@ -25,7 +25,8 @@ from mmsa.encoders import build_image_encoder, build_text_encoder  # noqa: E402
 from mmsa.images import ImageFiles  # noqa: E402
 from mmsa.data import normalize_tweet  # noqa: E402
 from mmsa.prepare import prepare  # noqa: E402
-from mmsa.train import build_model, fit  # noqa: E402
+from mmsa.model import create_model  # noqa: E402
+from mmsa.train import fit  # noqa: E402
 
 
 def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
@@ -33,7 +34,7 @@ def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
     tokenize, both forwards) before the head's forward/backward: mean seconds per step."""
     text_enc, image_enc = build_text_encoder(cfg.data.text_encoder), build_image_encoder(cfg.data.image_encoder)
     examples = {ex.guid: ex for ex in data.dataset.train}
-    model = build_model(cfg, data.features)
+    model = create_model(cfg.with_features(data.features))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     bs = cfg.train.batch_size
     times = []

@@ -6,6 +6,7 @@ flat key; `Config.from_flat` routes each key to the section that owns it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -65,8 +66,6 @@ class ModelConfig:
     text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers (last_k)
     # finetune=full: learning-rate factor for both pretrained backbones, against the new head's lr.
     backbone_lr_scale: float = 0.1
-    # Models trained from different seeds (initialisation and batch order), probabilities averaged.
-    ensemble: int = 1
     # Set from the data config and the feature cache, not by users.
     text_backbone: str = "minilm"
     text_layers: int = 0  # top text-encoder layers trained with the head (data.text_finetune_layers)
@@ -123,15 +122,32 @@ class Config:
         cfg.update(values, source)
         return cfg
 
+    @classmethod
+    def from_stored(cls, values: dict[str, Any], source: str = "config") -> Config:
+        """A config that an earlier version stored (a run's best_config.yaml, a checkpoint):
+        keys it has retired are dropped."""
+        return cls.from_flat({k: v for k, v in values.items() if k not in RETIRED_KEYS}, source)
+
     def update(self, values: dict[str, Any], source: str = "config") -> Config:
         known = self.known_keys()
         for key, value in values.items():
+            if key in RETIRED_KEYS:
+                raise ConfigError(f"{source}: key '{key}' was {RETIRED_KEYS[key]}")
             if key not in known:
                 raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(known))})")
             section, typ = known[key]
             setattr(getattr(self, section), key, coerce(value, typ, f"{source}: key '{key}'"))
         self.validate(source)
         return self
+
+    def with_features(self, features) -> Config:
+        """A copy whose model sizes follow from the features it will read (cached or raw): what
+        every model of this config is built with (mmsa.model.create_model)."""
+        cfg = copy.deepcopy(self)
+        cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
+        cfg.model.text_backbone = self.data.text_encoder
+        cfg.model.text_layers = self.data.text_finetune_layers if self.data.finetune == "last_k" else 0
+        return cfg
 
     def to_flat(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -153,8 +169,6 @@ class Config:
             ("d_model", m.d_model > 0 and m.heads > 0 and m.d_model % m.heads == 0,
              f"a positive multiple of heads ({m.heads})"),
             ("fusion_depth", m.fusion_depth >= 0, ">= 0"),
-            ("ensemble", m.ensemble >= 1 and (m.ensemble == 1 or d.finetune != "full"),
-             ">= 1 (and 1 with finetune=full)"),
             ("dropout", 0 <= m.dropout < 1, "in [0, 1)"),
             ("image_grid", m.image_grid >= 0, ">= 0"),
             ("text_lr_scale", m.text_lr_scale > 0, "> 0"),
@@ -185,9 +199,13 @@ class Config:
                 raise ConfigError(f"{source}: key '{key}' = {value!r}, expected {expected}")
 
 
-# Model sizes that follow from the data config and the feature cache (mmsa.train.build_model sets
+# Model sizes that follow from the data config and the feature cache (Config.with_features sets
 # them; checkpoints carry them): refused where users give values, which would be overwritten.
 DERIVED_KEYS = ("text_backbone", "text_layers", "text_dim", "image_dim", "num_classes")
+
+
+# Keys of earlier versions: refused where users give them, dropped from stored configs.
+RETIRED_KEYS = {"ensemble": "removed: a final model's seeds are members of its ensemble (mmsa.final --ensemble K)"}
 
 
 def refuse_derived(values: dict[str, Any], source: str) -> dict[str, Any]:

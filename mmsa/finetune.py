@@ -10,20 +10,19 @@ from __future__ import annotations
 from torch import nn
 
 from mmsa.config import Config
-from mmsa.model import build_single_head
 
 
 class FullFusion(nn.Module):
-    """Text backbone + image backbone + the configured head, trained end to end."""
+    """Text backbone + image backbone + a head (mmsa.model.create_model builds it), trained end to end."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, head: nn.Module):
         super().__init__()
         from mmsa.encoders import build_image_encoder, build_text_encoder
         text_enc, image_enc = build_text_encoder(cfg.data.text_encoder), build_image_encoder(cfg.data.image_encoder)
         self.text_backbone = text_enc.model
         self.image_backbone = image_enc.backbone
         self._image_features = image_enc._features
-        self.head = build_single_head(cfg.model)
+        self.head = head
         self.cfg = cfg.model
 
     def pretrained_parameters(self) -> tuple[list[nn.Parameter], float]:

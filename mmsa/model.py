@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsa.config import ModelConfig
+from mmsa.config import Config, ModelConfig
 
 
 def _self_attention(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
@@ -249,41 +249,37 @@ def _run_text_top(layers: nn.ModuleList, hidden: torch.Tensor, mask: torch.Tenso
     return hidden
 
 
-class EnsembleModel(nn.Module):
-    """`cfg.ensemble` FusionModels, each trained on its own (mmsa.train: own initialisation, batch
-    order, optimizer); predicts the mean of their class probabilities."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.members = nn.ModuleList(build_single_head(cfg) for _ in range(cfg.ensemble))
-
-    def forward(self, text, text_mask, image) -> torch.Tensor:
-        """Logits whose softmax is the members' mean probability."""
-        log_probs = torch.stack([m(text, text_mask, image).float().log_softmax(-1) for m in self.members])
-        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
+def create_model(cfg: Config) -> nn.Module:
+    """The one model factory (training, final, the predictor): the configured `head` on cached
+    features, or with finetune=full both backbones and the head. The config is read, never
+    changed; its feature sizes come from `Config.with_features`."""
+    if cfg.data.finetune == "full":
+        from mmsa.finetune import FullFusion
+        return FullFusion(cfg, create_head(cfg.model))
+    return create_head(cfg.model)
 
 
-def build_single_head(cfg: ModelConfig) -> nn.Module:
-    """One model of the configured `head` family."""
+def create_head(cfg: ModelConfig) -> Head:
     return FusionModel(cfg) if cfg.head == "fusion" else PooledHead(cfg)
 
 
-def build_head(cfg: ModelConfig) -> nn.Module:
-    """One model, or an ensemble of `cfg.ensemble` of them."""
-    return build_single_head(cfg) if cfg.ensemble == 1 else EnsembleModel(cfg)
-
-
 PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
-              "image_grid": 0, "ensemble": 1, "text_layers": 0}
+              "image_grid": 0, "text_layers": 0}
 
 
-def probe_head(cfg: ModelConfig, coef, intercept) -> PooledHead:
-    """The linear probe (mmsa.probe) as a head: mean pooling, each modality scaled to unit RMS
-    (= its L2 norm times sqrt(dim)), one linear layer whose weights are the probe's divided by
-    sqrt(dim), so that it computes the probe's logits. `cfg` gives the feature sizes."""
+def probe_config(cfg: Config) -> Config:
+    """`cfg` (its data and feature sizes) with the linear probe's head: see probe_head."""
     import dataclasses
-    cfg = dataclasses.replace(cfg, **PROBE_HEAD)
-    head = PooledHead(cfg)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, finetune="none"),
+                               model=dataclasses.replace(cfg.model, **PROBE_HEAD))
+
+
+def probe_head(cfg: Config, coef, intercept) -> PooledHead:
+    """The linear probe (mmsa.probe) as a model of `probe_config(cfg)`: mean pooling, each
+    modality scaled to unit RMS (= its L2 norm times sqrt(dim)), one linear layer whose weights
+    are the probe's divided by sqrt(dim), so that it computes the probe's logits."""
+    head = create_model(cfg)
+    cfg = cfg.model
     scale = torch.cat([torch.full((cfg.text_dim,), cfg.text_dim ** -0.5),
                        torch.full((cfg.image_dim,), cfg.image_dim ** -0.5)])
     linear = head.classify[-1]

@@ -1,7 +1,9 @@
-"""A final model: one or more members whose class probabilities are averaged, each a trained head
-with its own config, and so with the features (cache) it reads.
+"""The one ensemble mechanism: a final model is a list of weighted members, whose class
+probabilities are averaged with their weights. Each member is a trained model with its own
+config, and so with the features (cache) it reads: the models of several seeds, of each fold of
+a search, the linear probe and any blend are all members.
 
-Checkpoint: {"format": 2, "labels": [...], "members": [{"name", "config": flat config,
+Checkpoint: {"format": 3, "labels": [...], "members": [{"name", "weight", "config": flat config,
 "model": state_dict}]}, loadable with torch.load(weights_only=True). The backbones are never in it:
 they load from their packages (or the hub) by the names in each member's config.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,53 +24,58 @@ from mmsa.config import Config, DataConfig
 from mmsa.data import LABELS, Example
 from mmsa.errors import DISK_FULL, DiskFullError, UserError
 
-FORMAT = 2
+FORMAT = 3
 
 
 @dataclass
 class Member:
-    name: str  # what it is, e.g. "chosen config" or "linear probe"
-    cfg: Config
+    name: str  # what it is, e.g. "chosen config, seed 1" or "linear probe"
+    cfg: Config  # with its feature sizes (FitResult.cfg)
     model: torch.nn.Module
+    weight: float = 1.0  # its share of the averaged probabilities, before normalising
 
 
 def save_members(path: Path, members: list[Member]) -> None:
     """Written to a temporary file, then renamed into place."""
     buffer = io.BytesIO()  # torch.save reports a full disk as a RuntimeError; a plain write, as OSError
     torch.save({"format": FORMAT, "labels": list(LABELS),
-                "members": [{"name": m.name, "config": m.cfg.to_flat(), "model": m.model.state_dict()}
-                            for m in members]}, buffer)
+                "members": [{"name": m.name, "weight": m.weight, "config": m.cfg.to_flat(),
+                             "model": m.model.state_dict()} for m in members]}, buffer)
     write_atomically(path, buffer.getvalue())
 
 
-def build_for(cfg: Config) -> torch.nn.Module:
-    """An untrained model of `cfg`'s shape (feature sizes already in the config)."""
-    if cfg.data.finetune == "full":
-        from mmsa.finetune import FullFusion
-        return FullFusion(cfg)
-    from mmsa.model import build_head
-    return build_head(cfg.model)
-
-
 def load_members(path: str | Path, device: torch.device | None = None) -> list[Member]:
-    """The members of a checkpoint, in eval mode. Checkpoints of one model (format 1, final
-    before members) load as one member."""
+    """The members of a checkpoint, in eval mode. Earlier formats load too: one model (1), and
+    members without weights whose config may hold an `ensemble` of K models in one state dict (2)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: not a loadable mmsa checkpoint ({e})") from None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path}: not a loadable mmsa checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or ("members" not in ckpt and "model" not in ckpt):
         raise UserError(f"{path}: not an mmsa checkpoint (no 'members' or 'model')")
     if list(ckpt.get("labels", LABELS)) != list(LABELS):
         raise UserError(f"{path}: labels {ckpt['labels']} differ from this version's {list(LABELS)}")
     entries = ckpt.get("members") or [{"name": "chosen config", "config": ckpt["config"], "model": ckpt["model"]}]
+    from mmsa.model import create_model
     members = []
     for entry in entries:
-        cfg = Config.from_flat(entry["config"], source=f"{path}: member '{entry['name']}'")
-        model = build_for(cfg)
-        model.load_state_dict(entry["model"])
-        members.append(Member(entry["name"], cfg, model.to(device or "cpu").eval()))
+        cfg = Config.from_stored(entry["config"], source=f"{path}: member '{entry['name']}'")
+        for name, weight, state in _split_ensemble(entry):
+            model = create_model(cfg)
+            model.load_state_dict(state)
+            members.append(Member(name, cfg, model.to(device or "cpu").eval(), weight))
     return members
+
+
+def _split_ensemble(entry: dict) -> list[tuple[str, float, dict]]:
+    """(name, weight, state_dict) of each model in a checkpoint entry: a format-2 entry whose
+    config has `ensemble: K` holds K models as `members.<i>.*`, each 1/K of the entry's weight."""
+    weight, k = float(entry.get("weight", 1.0)), int(entry["config"].get("ensemble", 1))
+    if k == 1:
+        return [(entry["name"], weight, entry["model"])]
+    return [(f"{entry['name']}, model {i + 1}", weight / k,
+             {key.split(".", 2)[2]: v for key, v in entry["model"].items() if key.startswith(f"members.{i}.")})
+            for i in range(k)]
 
 
 def feature_key(cfg: DataConfig) -> tuple:
@@ -76,12 +84,18 @@ def feature_key(cfg: DataConfig) -> tuple:
             cfg.text_finetune_layers if cfg.finetune == "last_k" else 0)
 
 
+def average_probabilities(probs, weights=None) -> np.ndarray:
+    """(rows, classes): members' class probabilities (members, rows, classes) averaged with
+    their weights (equal where none are given). The one way this project blends models."""
+    return np.average(np.asarray(probs), axis=0, weights=weights)
+
+
 FeaturesFor = Callable[[DataConfig], tuple]  # data config -> (features, rows to predict)
 
 
 def predict_members(members: list[Member], features_for: FeaturesFor, device: torch.device) -> np.ndarray:
-    """(rows, classes): the mean of the members' class probabilities. `features_for` is called
-    once per distinct feature key."""
+    """(rows, classes): the members' class probabilities averaged with their weights.
+    `features_for` is called once per distinct feature key."""
     from mmsa.train import predict_proba
     loaded: dict[tuple, tuple] = {}
     probs = []
@@ -91,7 +105,7 @@ def predict_members(members: list[Member], features_for: FeaturesFor, device: to
             loaded[key] = features_for(m.cfg.data)
         features, rows = loaded[key]
         probs.append(predict_proba(m.model.to(device), features, rows, device, precision=m.cfg.train.precision))
-    return np.mean(probs, 0)
+    return average_probabilities(probs, [m.weight for m in members])
 
 
 def examples_from(texts: list, images: list) -> list[Example]:

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from mmsa.config import Config
 from mmsa.data import LABELS
 from mmsa.features import Features, FeatureSet
-from mmsa.model import EnsembleModel, build_head
+from mmsa.model import create_model
 from mmsa.prepare import Split
 
 EpochCallback = Callable[[int, dict], None]
@@ -35,6 +35,7 @@ class TrainingError(RuntimeError):
 class FitResult:
     metrics: dict  # of the best epoch (or the last, without validation)
     model: torch.nn.Module  # with the best epoch's weights
+    cfg: Config  # what the model was built from: the config with its feature sizes
     history: list[dict] = field(default_factory=list)
 
 
@@ -109,21 +110,9 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_model(cfg: Config, features) -> torch.nn.Module:
-    """The head on cached features (one, or an ensemble), or (finetune=full) the backbones and the
-    head together."""
-    cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
-    cfg.model.text_backbone = cfg.data.text_encoder
-    cfg.model.text_layers = cfg.data.text_finetune_layers if cfg.data.finetune == "last_k" else 0
-    if cfg.data.finetune == "full":
-        from mmsa.finetune import FullFusion
-        return FullFusion(cfg)
-    return build_head(cfg.model)
-
-
 @dataclass
-class _Member:
-    """One model of a run, with its own optimizer, schedule, weight average and batch order."""
+class _Trainee:
+    """The model being trained, with its optimizer, schedule, weight average and batch order."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -137,7 +126,7 @@ class _Member:
         return self.ema.module if self.ema is not None else self.model
 
 
-def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Member:
+def _new_trainee(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Trainee:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     t = cfg.train
     pretrained, scale = model.pretrained_parameters()
@@ -150,10 +139,10 @@ def _new_member(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, t
     scheduler = warmup_cosine(optimizer, int(t.warmup_frac * total_steps), total_steps)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, t.precision) == torch.float16 else None
-    return _Member(model, optimizer, scheduler, ema, rng, scaler)
+    return _Trainee(model, optimizer, scheduler, ema, rng, scaler)
 
 
-def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
+def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
                  label_smoothing: float, device: torch.device, epoch: int, progress: bool = False,
                  precision: str = "auto"
                  ) -> tuple[float, int]:
@@ -202,44 +191,36 @@ def _train_epoch(member: _Member, features, train: Split, weights: torch.Tensor,
 
 def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
         on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False) -> FitResult:
-    """Train for up to `max_epochs` (fewer with early stopping on `monitor`); keep the best epoch.
-    With `ensemble` K > 1, K members train epoch by epoch side by side, each on its own seed, and
-    every epoch is scored (and reported) on their averaged probabilities.
-    `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on for finetune=full).
-    `keep_probs`: every epoch's history entry keeps `probs`, the validation rows' class
-    probabilities (for out-of-fold blends)."""
+    """Train one model of `cfg` for up to `max_epochs` (fewer with early stopping on `monitor`);
+    keep the best epoch. `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on
+    for finetune=full). `keep_probs`: every epoch's history entry keeps `probs`, the validation
+    rows' class probabilities (for out-of-fold blends). The result's config is `cfg` with the
+    feature sizes its model was built with."""
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
-    model = build_model(cfg, features).to(device)
-    parts = list(model.members) if isinstance(model, EnsembleModel) else [model]
+    cfg = cfg.with_features(features)
     weights = class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device)
     batch = min(t.batch_size, len(train))
     micro = min(t.micro_batch or batch, batch)
     total_steps = math.ceil(len(train) / batch) * t.max_epochs
-    # Member 0 draws the batch order a single model would; the others draw their own.
-    members = [_new_member(part, cfg, np.random.default_rng(t.seed if i == 0 else [t.seed, i]), total_steps)
-               for i, part in enumerate(parts)]
+    trainee = _new_trainee(create_model(cfg).to(device), cfg, np.random.default_rng(t.seed), total_steps)
 
     history: list[dict] = []
     best: dict | None = None
-    best_states: list[dict] = []
+    best_state: dict = {}
     stale = 0
     last_epoch = t.stop_epoch or t.max_epochs
     for epoch in range(1, last_epoch + 1):
         start = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        for member in members:
-            member_loss, member_seen = _train_epoch(member, features, train, weights, batch, micro,
-                                                    t.label_smoothing, device, epoch, progress, t.precision)
-            loss_sum, seen = loss_sum + member_loss, seen + member_seen
+        loss_sum, seen = _train_epoch(trainee, features, train, weights, batch, micro, t.label_smoothing, device,
+                                      epoch, progress, t.precision)
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                   "lr": members[0].scheduler.get_last_lr()[0]}
+                   "lr": trainee.scheduler.get_last_lr()[0]}
         if val is not None and len(val):
-            probs = np.mean([predict_proba(m.evaluated, features, val.rows, device, precision=t.precision)
-                             for m in members], 0)
+            probs = predict_proba(trainee.evaluated, features, val.rows, device, precision=t.precision)
             metrics.update(classification_metrics(val.labels, probs.argmax(1)))
             if keep_probs:
                 metrics["probs"] = probs
@@ -251,7 +232,7 @@ def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
         improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
         if improved:
             best, stale = metrics, 0
-            best_states = [copy.deepcopy(m.evaluated.state_dict()) for m in members]
+            best_state = copy.deepcopy(trainee.evaluated.state_dict())
         else:
             stale += 1
         stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
@@ -264,12 +245,11 @@ def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
             on_epoch(epoch, report)
         if stop:
             break
-    for part, state in zip(parts, best_states):
-        part.load_state_dict(state)
+    trainee.model.load_state_dict(best_state)
     final = dict(best)
     final.update(best_epoch=best["epoch"], epochs_run=len(history),
                  mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))
-    return FitResult(metrics=final, model=model, history=history)
+    return FitResult(metrics=final, model=trainee.model, cfg=cfg, history=history)
 
 
 def format_epoch(epoch: int, m: dict) -> str:

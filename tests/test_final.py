@@ -49,16 +49,18 @@ def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
     run_id = finals[0].info.run_id
     ckpt = _checkpoint(uri, run_id, tmp_path)
     assert set(ckpt) == {"format", "members", "labels"}
-    chosen = ckpt["members"][0]
-    assert chosen["name"] == "chosen config" and chosen["config"]["d_model"] == 32
-    from mmsa.final import DEFAULT_BLEND
-    assert len(ckpt["members"]) == 1 + len(DEFAULT_BLEND.split(","))  # the default blend's members
-    assert "blend: chosen config + linear probe" in out.stdout
-    assert chosen["config"]["ensemble"] == 5 and "an ensemble of 5 models" in out.stdout  # the default
-    assert {k.split(".")[1] for k in chosen["model"]} == {"0", "1", "2", "3", "4"}
+    from mmsa.final import DEFAULT_BLEND, DEFAULT_ENSEMBLE
+    names = [m["name"] for m in ckpt["members"]]
+    seeds = [f"chosen config, seed {s}" for s in range(DEFAULT_ENSEMBLE)]  # the default: 5 seeds
+    assert names == seeds + ["linear probe", "fine-tuned minilm"] and len(DEFAULT_BLEND.split(",")) == 2
+    # the chosen config's models together weigh as much as each blended member
+    assert [m["weight"] for m in ckpt["members"]] == pytest.approx([1 / DEFAULT_ENSEMBLE] * DEFAULT_ENSEMBLE + [1, 1])
+    assert "5 models (seeds 0..4)" in out.stdout and "blend: chosen config (5 models) + linear probe" in out.stdout
     from mmsa.config import Config
-    from mmsa.model import build_head
-    build_head(Config.from_flat(chosen["config"]).model).load_state_dict(chosen["model"])  # rebuilt from its config
+    from mmsa.model import create_model
+    for member in ckpt["members"]:
+        create_model(Config.from_flat(member["config"])).load_state_dict(member["model"])  # rebuilt from its config
+    assert ckpt["members"][0]["config"]["d_model"] == 32
     assert {a.path for a in client.list_artifacts(run_id, "predictions")} == {"predictions/pred.txt"}
 
 
@@ -160,8 +162,9 @@ def test_final_can_bag_the_models_of_the_search_folds(smoke_search, subset_dir, 
     client = MlflowClient(uri)
     final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
                 key=lambda r: r.info.start_time)
-    chosen = _checkpoint(uri, final.info.run_id, tmp_path)["members"][0]
-    assert chosen["config"]["ensemble"] == 3 and {k.split(".")[1] for k in chosen["model"]} == {"0", "1", "2"}
+    members = _checkpoint(uri, final.info.run_id, tmp_path)["members"]
+    assert [m["name"] for m in members[:3]] == [f"chosen config, fold {k}" for k in (1, 2, 3)]
+    assert [m["weight"] for m in members[:3]] == pytest.approx([1 / 3] * 3)
     both = _final(uri, parent_id, tmp_path / "q.txt", "--bag", "folds", "--ensemble", "2")
     assert both.returncode == 2 and "--ensemble" in both.stderr and both.stderr.strip().count("\n") == 0
 

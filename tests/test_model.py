@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmsa.config import COMBINES, MODALITIES, POOLINGS, ModelConfig
-from mmsa.model import EnsembleModel, FusionModel, PooledHead, _pool_grid, build_head
+from mmsa.model import FusionModel, PooledHead, _pool_grid, create_head, create_model
 
 
 def _inputs(b=3, L=7, T=5, dt=12, di=10):
@@ -69,23 +69,19 @@ def test_image_grid_pooling():
     assert model(text, mask, image).shape == (3, 3)
 
 
-def test_ensemble_predicts_the_mean_of_its_members_probabilities():
-    cfg = ModelConfig(d_model=16, heads=2, text_dim=12, image_dim=10, ensemble=3)
-    assert isinstance(build_head(ModelConfig(d_model=16, heads=2, text_dim=12, image_dim=10)), FusionModel)
-    model = build_head(cfg).eval()
-    assert isinstance(model, EnsembleModel) and len(model.members) == 3
-    inputs = _inputs()
-    with torch.no_grad():
-        members = torch.stack([m(*inputs).softmax(-1) for m in model.members])
-        assert not torch.allclose(members[0], members[1])  # each member starts from its own weights
-        assert torch.allclose(model(*inputs).softmax(-1), members.mean(0), atol=1e-6)
+def test_the_factory_builds_the_configured_family():
+    from mmsa.config import Config
+    cfg = Config(model=ModelConfig(d_model=16, heads=2, text_dim=12, image_dim=10))
+    assert isinstance(create_model(cfg), FusionModel)
+    cfg.model.head = "mlp"
+    assert isinstance(create_model(cfg), PooledHead)
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_pooled_heads_give_logits_and_ignore_padding(head, pooling):
     cfg = ModelConfig(head=head, pooling=pooling, d_model=16, heads=2, text_dim=12, image_dim=10, token_dropout=0.0)
-    model = build_head(cfg).eval()
+    model = create_head(cfg).eval()
     assert isinstance(model, PooledHead)
     text, mask, image = _inputs()
     assert model(text, mask, image).shape == (3, 3)
@@ -99,6 +95,6 @@ def test_pooled_heads_give_logits_and_ignore_padding(head, pooling):
 
 
 def test_pooled_head_on_one_modality():
-    model = build_head(ModelConfig(head="mlp", modalities="image", d_model=16, heads=2, text_dim=12, image_dim=10))
+    model = create_head(ModelConfig(head="mlp", modalities="image", d_model=16, heads=2, text_dim=12, image_dim=10))
     text, mask, image = _inputs()
     assert model(text, mask, image).shape == (3, 3) and not hasattr(model, "pool_text")

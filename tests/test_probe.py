@@ -35,13 +35,13 @@ def test_the_probe_as_a_head_gives_the_probe_s_probabilities(subset_prepared):
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from mmsa.config import ModelConfig
-    from mmsa.model import probe_head
+    from mmsa.config import Config
+    from mmsa.model import probe_config, probe_head
     from mmsa.probe import fit_probe, pooled_features
     from mmsa.train import predict_proba
-    _, data = subset_prepared
+    data_cfg, data = subset_prepared
     f = data.features
-    head = probe_head(ModelConfig(text_dim=f.text_dim, image_dim=f.image_dim), *fit_probe(f, data.train))
+    head = probe_head(probe_config(Config(data=data_cfg)).with_features(f), *fit_probe(f, data.train))
     ours = predict_proba(head, f, data.val.rows, torch.device("cpu"))
     sklearn = LogisticRegression(C=1.0, max_iter=2000).fit(pooled_features(f, data.train.rows), data.train.labels)
     assert np.allclose(ours, sklearn.predict_proba(pooled_features(f, data.val.rows)), atol=1e-5)

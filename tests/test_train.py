@@ -57,25 +57,17 @@ def test_ema_weights_are_evaluated_and_kept_as_a_plain_state_dict(subset_prepare
     assert any(not torch.allclose(states[0.0][k].float(), states[0.5][k].float()) for k in states[0.0])
 
 
-def test_ensemble_members_train_on_their_own_and_are_scored_together(subset_prepared):
+def test_fit_builds_its_model_with_the_one_factory_and_leaves_the_config_as_it_was(subset_prepared):
+    import copy
+
+    from mmsa.model import create_model
     data_cfg, p = subset_prepared
-    quiet = dict(max_epochs=2, batch_size=16, dropout=0.0, token_dropout=0.0)  # no random draws in training
-    single = fit(_cfg(data_cfg, **quiet), p.features, p.train, p.val).model
-    result = fit(_cfg(data_cfg, ensemble=3, **quiet), p.features, p.train, p.val)
-    members = result.model.members
-    # Member 0 trains exactly as the single model would; the others from their own start and order.
-    first, second = members[0].state_dict(), members[1].state_dict()
-    for key, value in single.state_dict().items():
-        assert torch.allclose(first[key], value), key
-    assert all(not torch.allclose(first[k], second[k]) for k in first if k.endswith("weight"))
-    probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
-    each = np.mean([predict_proba(m, p.features, p.val.rows, torch.device("cpu")) for m in members], 0)
-    assert np.allclose(probs, each, atol=1e-5)
-    assert result.metrics["val_acc"] == pytest.approx(classification_metrics(p.val.labels, each.argmax(1))["val_acc"])
-    state = result.model.state_dict()
-    from mmsa.train import build_model
-    rebuilt = build_model(_cfg(data_cfg, ensemble=3), p.features)
-    rebuilt.load_state_dict(state)  # a checkpoint's state_dict loads into the model the config builds
+    cfg = _cfg(data_cfg, max_epochs=1, batch_size=16)
+    before = copy.deepcopy(cfg)
+    result = fit(cfg, p.features, p.train, p.val)
+    assert cfg == before  # building a model never changes the config
+    assert (result.cfg.model.text_dim, result.cfg.model.image_dim) == (p.features.text_dim, p.features.image_dim)
+    create_model(result.cfg).load_state_dict(result.model.state_dict())  # a checkpoint rebuilds from its config
 
 
 def test_class_weights():
@@ -139,8 +131,9 @@ def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
                           max_text_len=32, finetune="last_k", text_finetune_layers=1)
     p = prepare(data_cfg)
     cfg = _cfg(data_cfg, max_epochs=1, batch_size=16)
-    from mmsa.train import build_model
-    before = {k: v.clone() for k, v in build_model(cfg, p.features).state_dict().items() if k.startswith("text_top")}
+    from mmsa.model import create_model
+    before = {k: v.clone() for k, v in create_model(cfg.with_features(p.features)).state_dict().items()
+              if k.startswith("text_top")}
     assert before, "the top text layer is part of the model"
     result = fit(cfg, p.features, p.train, p.val)
     after = result.model.state_dict()
@@ -161,8 +154,8 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     train = replace(p.train, rows=p.train.rows[:8], labels=p.train.labels[:8], guids=p.train.guids[:8])
     val = replace(p.val, rows=p.val.rows[:8], labels=p.val.labels[:8], guids=p.val.guids[:8])
     cfg = _cfg(data_cfg, max_epochs=1, batch_size=4, micro_batch=2)
-    from mmsa.train import build_model
-    start = build_model(cfg, p.features).state_dict()
+    from mmsa.model import create_model
+    start = create_model(cfg.with_features(p.features)).state_dict()
     result = fit(cfg, p.features, train, val)
     end = result.model.state_dict()
     changed = [k for k in start if k.startswith(("text_backbone", "image_backbone")) and start[k].is_floating_point()
@@ -174,12 +167,13 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
 def test_full_finetune_trains_the_backbones_at_a_scaled_learning_rate(subset_dir, tmp_path):
     from mmsa.config import DataConfig
     from mmsa.prepare import prepare
-    from mmsa.train import _new_member, build_model
+    from mmsa.model import create_model
+    from mmsa.train import _new_trainee
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), max_text_len=16,
                           finetune="full")
     cfg = _cfg(data_cfg, lr=1e-3, backbone_lr_scale=0.05)
-    model = build_model(cfg, prepare(data_cfg).features)
-    head, backbones = _new_member(model, cfg, np.random.default_rng(0), 10).optimizer.param_groups
+    model = create_model(cfg.with_features(prepare(data_cfg).features))
+    head, backbones = _new_trainee(model, cfg, np.random.default_rng(0), 10).optimizer.param_groups
     assert head["initial_lr"] == 1e-3 and backbones["initial_lr"] == pytest.approx(5e-5)
     assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
     n_backbone = sum(1 for _ in model.text_backbone.parameters()) + sum(1 for _ in model.image_backbone.parameters())
