@@ -75,9 +75,9 @@ def best_factors(probs: np.ndarray, labels: np.ndarray, metric: int, neutral: in
 
 def blend_rule(kind: str, probs: np.ndarray, labels: np.ndarray, fold: np.ndarray, k: int) -> np.ndarray:
     """Predictions for fold k's rows under the rule `kind` (mean | prior | prior-f1 | stack)."""
-    from mmsa.data import LABELS
+    from mmsa.data.dataset import LABELS
     neutral, negative = LABELS.index("neutral"), LABELS.index("negative")
-    from mmsa.predictor import average_probabilities
+    from mmsa.models.ensemble import average_probabilities
     held, rest = fold == k, fold != k
     mean = average_probabilities(probs)
     if kind == "mean":

@@ -120,7 +120,7 @@ def run_once(args, node_cache: Path | None) -> dict:
 def trials_by_node(work: Path, stdout: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from mmsa.run_tags import TAG_NODE
+    from mmsa.app.run_tags import TAG_NODE
     from search.tracking import child_runs
     parent_id = stdout.strip().splitlines()[-1].split("=", 1)[1]
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")

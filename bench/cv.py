@@ -4,7 +4,7 @@
         [--config NAME:key=value,key=value ...] [--out cv] [--save-oof DIR]
 
 Each config (`default:` is the defaults; `mlp:head=mlp,lr=1e-3` sets keys) is scored as a search
-trial is (mmsa.crossval: every fold trains the whole schedule, one epoch chosen on the mean over
+trial is (mmsa.training.crossval: every fold trains the whole schedule, one epoch chosen on the mean over
 folds), on `--repeats` K-fold partitions (split seeds 0, 1, ...); the probe runs on the same folds.
 Differences against the probe are paired: the same folds for both. `--save-oof DIR` writes each
 config's (and the probe's) out-of-fold class probabilities at its chosen epoch, one
@@ -31,8 +31,8 @@ def _job(args):
     import torch
     torch.set_num_threads(1)
     from mmsa.config import Config, parse_overrides
-    from mmsa.crossval import cross_validate
-    from mmsa.prepare import cv_splits, prepare
+    from mmsa.training.crossval import cross_validate
+    from mmsa.features.prepare import cv_splits, prepare
     cfg = Config.from_flat({**parse_overrides(overrides), "data_dir": data_dir, "split_seed": seed},
                            source=f"--config {name}")
     data = prepare(cfg.data, val_fraction=0.0)
@@ -65,8 +65,8 @@ def main() -> None:
     configs = [(c.partition(":")[0], [kv for kv in c.partition(":")[2].split(",") if kv]) for c in args.config or ["default:"]]
 
     from mmsa.config import DataConfig
-    from mmsa.prepare import cv_splits, prepare
-    from mmsa.probe import probe_cv
+    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.models.probe import probe_cv
     data = prepare(DataConfig(data_dir=args.data), val_fraction=0.0)  # builds the cache once, here
     keep = bool(args.save_oof)
     splits = {seed: cv_splits(data.train, args.folds, seed) for seed in range(args.repeats)}

@@ -120,7 +120,7 @@ def main() -> None:
     args = p.parse_args()
 
     from mmsa.config import Config
-    from mmsa.prepare import prepare
+    from mmsa.features.prepare import prepare
     cfg = Config()
     cfg.data.data_dir = args.data
     feats = prepare(cfg.data).features  # built once here, so both searches only read it

@@ -33,12 +33,12 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.common import ROOT, mean_std, table, write_result  # noqa: E402
-from mmsa.data import LABEL_TO_ID, LABELS, DataReport, parse_label_file  # noqa: E402
+from mmsa.data.dataset import LABEL_TO_ID, LABELS, DataReport, parse_label_file  # noqa: E402
 
 
 def outer_folders(data: Path, work: Path, k: int, seed: int) -> list[tuple[Path, dict[str, int]]]:
     """One course-layout folder per outer fold (links into `data`), and that fold's true labels."""
-    from mmsa.folds import cv_indices
+    from mmsa.data.folds import cv_indices
     rows = parse_label_file(data / "train.txt", labeled=True, report=DataReport())
     labels = np.array([label for _, label in rows])
     out = []
@@ -68,13 +68,13 @@ def score(pred_file: Path, truth: dict[str, int]) -> dict:
 
 
 def probe_on(folder: Path, truth: dict[str, int], cache_dir: str) -> dict:
-    """The linear probe trained on the folder's train.txt, scored on its test pairs (mmsa.probe,
+    """The linear probe trained on the folder's train.txt, scored on its test pairs (mmsa.models.probe,
     with the held-out labels as the one fold's validation part)."""
     from dataclasses import replace
 
     from mmsa.config import DataConfig
-    from mmsa.prepare import prepare
-    from mmsa.probe import probe_cv
+    from mmsa.features.prepare import prepare
+    from mmsa.models.probe import probe_cv
     data = prepare(DataConfig(data_dir=str(folder), cache_dir=cache_dir), val_fraction=0.0)
     held = replace(data.test, labels=np.array([truth[g] for g in data.test.guids], dtype=np.int64))
     out = probe_cv(data.features, [(data.train, held)])
@@ -107,10 +107,11 @@ def main() -> None:
     data, work = Path(args.data).resolve(), (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     folders = outer_folders(data, work, args.outer, args.seed)
-    cache_dir = str(ROOT / ".cache" / "mmsa-features")
+    from mmsa.config import DEFAULT_CACHE_DIR
+    cache_dir = DEFAULT_CACHE_DIR
     if args.prepare_only:
         from mmsa.config import DataConfig
-        from mmsa.prepare import prepare
+        from mmsa.features.prepare import prepare
         for folder, _ in folders:
             prepare(DataConfig(data_dir=str(folder), cache_dir=cache_dir), val_fraction=0.0)
             print(f"ready: {folder}", flush=True)

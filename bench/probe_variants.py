@@ -2,7 +2,7 @@
 
     python bench/probe_variants.py --data ../shared/mvsa [--repeats 2] [--save-oof DIR] [--out probe_variants]
 
-Every row is the probe (mmsa.probe: L2-normed pooled features, LogisticRegression(C=1)) on the
+Every row is the probe (mmsa.models.probe: L2-normed pooled features, LogisticRegression(C=1)) on the
 same stratified 5-fold partitions as bench/cv.py, paired against the plain probe:
 
 - layers: the mean-pooled output of other MiniLM layers beside the last one's (each L2-normed,
@@ -44,9 +44,9 @@ def layer_means(data_dir: str, guids: list[str]) -> dict[int, np.ndarray]:
     import torch
 
     from mmsa.config import DataConfig
-    from mmsa.encoders import build_text_encoder
-    from mmsa.model import _run_text_top
-    from mmsa.prepare import prepare
+    from mmsa.features.encoders import build_text_encoder
+    from mmsa.models.heads import _run_text_top
+    from mmsa.features.prepare import prepare
     data = prepare(DataConfig(data_dir=data_dir, finetune="last_k", text_finetune_layers=6), val_fraction=0.0)
     rows = data.features.rows(guids)
     layers = build_text_encoder("minilm").top_layers(6).eval()
@@ -68,9 +68,9 @@ def flipped_image_means(data_dir: str, guids: list[str]) -> np.ndarray:
     import torch
     from torchvision import transforms as T
 
-    from mmsa.data import load_dataset
-    from mmsa.encoders import build_image_encoder
-    from mmsa.images import ImageFiles
+    from mmsa.data.dataset import load_dataset
+    from mmsa.features.encoders import build_image_encoder
+    from mmsa.data.images import ImageFiles
     by_guid = {ex.guid: ex for ex in load_dataset(data_dir).all_examples}
     encoder = build_image_encoder("efficientnet_lite0").eval()
     pre = encoder.preprocess
@@ -97,8 +97,8 @@ def unlabeled_features(data: Path, guids: list[str], cache_dir: str):
     import os
 
     from mmsa.config import DataConfig
-    from mmsa.prepare import prepare
-    from mmsa.probe import pooled_features
+    from mmsa.features.prepare import prepare
+    from mmsa.models.probe import pooled_features
     first = (data / "train.txt").read_text().split()[1]  # the loader wants one labeled pair
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -131,8 +131,8 @@ def main() -> None:
     from sklearn.metrics import accuracy_score, f1_score
 
     from mmsa.config import DataConfig
-    from mmsa.prepare import cv_splits, prepare
-    from mmsa.probe import pooled_features
+    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.models.probe import pooled_features
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--repeats", type=int, default=2)

@@ -21,12 +21,12 @@ import torch  # noqa: E402
 
 from bench.common import table, write_result  # noqa: E402
 from mmsa.config import Config  # noqa: E402
-from mmsa.encoders import build_image_encoder, build_text_encoder  # noqa: E402
-from mmsa.images import ImageFiles  # noqa: E402
-from mmsa.data import normalize_tweet  # noqa: E402
-from mmsa.prepare import prepare  # noqa: E402
-from mmsa.model import create_model  # noqa: E402
-from mmsa.train import fit  # noqa: E402
+from mmsa.features.encoders import build_image_encoder, build_text_encoder  # noqa: E402
+from mmsa.data.images import ImageFiles  # noqa: E402
+from mmsa.data.dataset import normalize_tweet  # noqa: E402
+from mmsa.features.prepare import prepare  # noqa: E402
+from mmsa.models.factory import create_model  # noqa: E402
+from mmsa.training.fit import fit  # noqa: E402
 
 
 def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:

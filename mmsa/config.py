@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,10 +22,15 @@ MONITORS = ("val_acc", "val_macro_f1")
 FINETUNES = ("none", "last_k", "full")
 HEADS = ("fusion", "mlp", "linear")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-# The backbones mmsa.encoders registers (it checks that its registry matches): named here so that
+# The backbones mmsa.features.encoders registers (it checks that its registry matches): named here so that
 # validating a config never imports torch (the search driver validates every space file).
 TEXT_ENCODER_NAMES = ("minilm",)
 IMAGE_ENCODER_NAMES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50")
+CACHE_DIR_ENV = "MMSA_CACHE_DIR"  # a machine's (a Ray node's) own feature-cache folder
+# Where the feature cache lives unless a config says otherwise: $MMSA_CACHE_DIR, else under the
+# user's cache folder, as Hugging Face and torch keep theirs; shared by every checkout and job.
+DEFAULT_CACHE_DIR = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmsa-features")
 
 
 @dataclass
@@ -41,7 +47,7 @@ class DataConfig:
     # train both backbones per batch, no cache (for GPU machines).
     finetune: str = "none"
     text_finetune_layers: int = 2
-    cache_dir: str = ".cache/mmsa-features"
+    cache_dir: str = DEFAULT_CACHE_DIR
     # finetune=full: processes decoding images and tokenizing ahead of the model.
     # -1: up to 8 on a GPU, none on a CPU (where the model needs the cores).
     loader_workers: int = -1
@@ -142,7 +148,7 @@ class Config:
 
     def with_features(self, features) -> Config:
         """A copy whose model sizes follow from the features it will read (cached or raw): what
-        every model of this config is built with (mmsa.model.create_model)."""
+        every model of this config is built with (mmsa.models.factory.create_model)."""
         cfg = copy.deepcopy(self)
         cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
         cfg.model.text_backbone = self.data.text_encoder

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmsa.cache import write_folder_atomically
+from mmsa.features.cache import write_folder_atomically
 from mmsa.locks import exclusive
 
 
@@ -26,7 +26,7 @@ def offer(folders: list[str]) -> dict:
 
 def receive(files: dict, root: Path, names: list[str]) -> None:
     """Write the offered folders `names` under `root` where missing. Once per node: concurrent
-    trials (and a cache build, mmsa.cache) take turns on `root`'s lock, and each folder appears
+    trials (and a cache build, mmsa.features.cache) take turns on `root`'s lock, and each folder appears
     whole or not at all."""
     import ray
     root.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from mmsa.errors import UserError
-from mmsa.rawsource import RawSource
-from mmsa.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
+from mmsa.features.rawsource import RawSource
+from mmsa.app.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import cache_transfer
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
@@ -78,7 +78,7 @@ def start_ray(address: str | None) -> None:
 def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, parent_id: str, ray_path: str,
               address: str | None = None, resume: bool = False, datasets: dict[str, str] | None = None) -> bool:
     """Run (or continue) the search. Returns True when it was interrupted before the end.
-    `datasets`: {context: digest} that every trial run logs as its inputs (mmsa.records)."""
+    `datasets`: {context: digest} that every trial run logs as its inputs (mmsa.app.records)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray saves the search state (which trials finished, the searcher) every 10 s or more by
     # default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that had

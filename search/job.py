@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from mmsa.errors import UserError
-from mmsa.run_tags import sqlite_file
+from mmsa.app.run_tags import sqlite_file
 
 # Set by Ray's job supervisor for the entrypoint of a submitted job: {"runtime_env": ..., ...}.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mmsa.config import Config
-from mmsa.run_tags import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL
+from mmsa.app.run_tags import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL
 from search.tracking import child_runs, log_metrics
 
 

@@ -13,10 +13,10 @@ import os
 import time
 from pathlib import Path
 
-from mmsa.cli import quiet_libraries, run_main
+from mmsa.app.commands import quiet_libraries, run_main
 from mmsa.errors import UserError
 
-RAY_STORAGE = "ray_results"
+RAY_STORAGE = os.path.join(os.path.expanduser("~"), "ray_results")  # Ray Tune's own default
 
 
 def parse_args(argv):
@@ -35,7 +35,7 @@ def parse_args(argv):
     p.add_argument("--memory-budget", help="keep the whole search under this much memory, e.g. 12GB "
                    "(default: memory_budget of the space file, else no limit)")
     p.add_argument("--storage", default=RAY_STORAGE, help="folder or URI (s3://, gs://, file:///...) for Ray's "
-                   "search state")
+                   f"search state (default: {RAY_STORAGE}, as Ray Tune's)")
     p.add_argument("--cpus-per-trial", type=float,
                    help="CPUs each trial reserves (default: resources.cpu of the space)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves, e.g. 0.5 to share one between two "
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if unsearched:
         print(f"--set fixes {', '.join(unsearched)}: not searched in this run", flush=True)
     base = spec.base_config()
-    from mmsa.run_tags import tracking_uri as resolve_tracking_uri
+    from mmsa.app.run_tags import tracking_uri as resolve_tracking_uri
     if job_dir is not None:
         check_job_locations(job_dir, resolve_tracking_uri(args.tracking_uri), args.storage, base.data.data_dir)
         from search.trainable import NODE_CACHE_ENV
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from mmsa.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE, experiment_name
+    from mmsa.app.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE, experiment_name
     from search.tracking import (find_resumable_search, get_experiment_id, log_params, prepare_tracking_uri,
                                  unreachable)
     # A tracking server that stops answering mid-search is waited out (search/tracking.py): each
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
                             f"in experiment '{experiment}'")
 
-    from mmsa.prepare import prepare_in_subprocess
+    from mmsa.features.prepare import prepare_in_subprocess
     t0 = time.time()
     full = base.data.finetune == "full"
     print(f"data: {base.data.data_dir}; " + ("finetune=full: no feature cache, trials read the files" if full
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_in_subprocess(base.data, val_fraction=0.0)
     if spec.cv_folds == 1 and base.data.val_fraction <= 0:
         raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
-    from mmsa.prepare import cv_splits
+    from mmsa.features.prepare import cv_splits
     folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
     check_against_data(spec, min(len(tr) for tr, _ in folds))
     how = (f"{spec.cv_folds}-fold cross-validation" if spec.cv_folds > 1
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             base = spec.base_config()
         print(chosen.describe(budget), flush=True)
 
-    from mmsa.records import context_tags, fold_digests, log_datasets
+    from mmsa.app.records import context_tags, fold_digests, log_datasets
     datasets = fold_digests(data.features, folds)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=f"search-{Path(args.space).stem}", tags=context_tags(
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         client.log_artifact(parent_id, str(spec.path), artifact_path="space")
         client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
         if not full:  # the yardstick: the linear probe on the same folds
-            from mmsa.probe import probe_cv
+            from mmsa.models.probe import probe_cv
             from search.tracking import log_metrics
             probe = probe_cv(data.features, folds)
             log_metrics(client, parent_id, probe, step=0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mmsa.cli import read_yaml
+from mmsa.app.commands import read_yaml
 from mmsa.config import MONITORS, Config, refuse_derived
 from mmsa.errors import ConfigError
 

@@ -21,11 +21,11 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from mmsa.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
+from mmsa.app.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
                             TAG_NOT_RESUMED, TAG_PARENT, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
 from mmsa.errors import UserError
 from mmsa.locks import exclusive
-from mmsa.records import context_tags, log_confusion, log_datasets
+from mmsa.app.records import context_tags, log_confusion, log_datasets
 from search.trainable import FINAL_KEY, scalar_metrics
 
 MAX_TAG_CHARS = 5000
@@ -130,7 +130,7 @@ class MlflowTrialLogger(Callback):
                  datasets: dict[str, str] | None = None):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.base = parent_run_id, base
-        self.datasets = datasets or {}  # {context: digest} of what every trial uses (mmsa.records)
+        self.datasets = datasets or {}  # {context: digest} of what every trial uses (mmsa.app.records)
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] | None = None  # trial id -> run id of its live attempt
         self._attempts: dict[str, int] = {}

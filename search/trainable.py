@@ -16,10 +16,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmsa.config import CACHE_DIR_ENV as NODE_CACHE_ENV  # set on a node (before `ray start`)
 from mmsa.config import Config
-from mmsa.features import Features, FeatureSet
-from mmsa.rawsource import RawSource
-from mmsa.prepare import Split
+from mmsa.features.featureset import Features, FeatureSet
+from mmsa.features.rawsource import RawSource
+from mmsa.features.prepare import Split
 
 # Set on a trial's report of its last fold. A trial whose last result lacks it was stopped by the
 # scheduler.
@@ -47,7 +48,6 @@ class TrialData:
         return node_features(self)
 
 
-NODE_CACHE_ENV = "MMSA_CACHE_DIR"  # set on a node (before `ray start`): its own feature cache folder
 
 
 def node_features(data: TrialData) -> FeatureSet:
@@ -121,7 +121,7 @@ def fit_trial(emit, config: dict, data: TrialData) -> None:
     training_iteration = folds done and the score = the mean over those folds, so that ASHA
     halves trials over folds (emit may stop the trial by raising)."""
     release_freed_memory()  # what the previous trial in this process left behind
-    from mmsa.crossval import cross_validate  # torch: imported by trial processes, not by the driver
+    from mmsa.training.crossval import cross_validate  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
     cfg.train.num_threads = data.threads
 

@@ -51,7 +51,7 @@ def subset_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def subset_prepared(subset_dir, subset_cache):
     from mmsa.config import DataConfig
-    from mmsa.prepare import prepare
+    from mmsa.features.prepare import prepare
     cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(subset_cache), val_fraction=0.3, max_text_len=32)
     return cfg, prepare(cfg)
 

@@ -1,7 +1,7 @@
 """bench/nested_cv.py: the outer folds it hands to the pipeline, and how it scores predictions."""
 
 from bench.nested_cv import outer_folders, score
-from mmsa.data import LABELS, load_dataset
+from mmsa.data.dataset import LABELS, load_dataset
 
 
 def test_outer_folds_hold_out_every_pair_once_as_test_pairs(subset_dir, tmp_path):

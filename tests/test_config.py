@@ -32,7 +32,7 @@ def test_parse_overrides():
 
 
 def test_derived_sizes_are_refused_where_users_give_values(tmp_path):
-    from mmsa.cli import config_from_args
+    from mmsa.app.commands import config_from_args
     with pytest.raises(ConfigError, match="--set: key 'text_dim' follows from the data"):
         config_from_args(None, ["text_dim=7"])
     (tmp_path / "c.yaml").write_text("image_dim: 9\n")

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from mmsa.config import Config
-from mmsa.crossval import cross_validate, cv_summary
-from mmsa.prepare import cv_splits
-from mmsa.train import fit, predict_proba
+from mmsa.training.crossval import cross_validate, cv_summary
+from mmsa.features.prepare import cv_splits
+from mmsa.models.runtime import predict_proba
+from mmsa.training.fit import fit
 
 
 def _epoch(acc, f1=0.5, loss=1.0):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mmsa.errors import DiskFullError
-from mmsa.predictor import write_predictions
+from mmsa.data.files import write_predictions
 from tests.search_helpers import ROOT
 
 

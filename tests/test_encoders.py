@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mmsa.encoders import (IMAGE_ENCODERS, TEXT_ENCODERS, _torchvision_resnet, build_image_encoder,
+from mmsa.features.encoders import (IMAGE_ENCODERS, TEXT_ENCODERS, _torchvision_resnet, build_image_encoder,
                            build_text_encoder, check_encoder_names)
 from mmsa.errors import ConfigError
 

@@ -3,11 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mmsa.encoders
-import mmsa.cache
+import mmsa.features.encoders
+import mmsa.features.cache
 from mmsa.config import DataConfig
-from mmsa.data import load_dataset
-from mmsa.cache import load_features
+from mmsa.data.dataset import load_dataset
+from mmsa.features.cache import load_features
 from tests.conftest import make_synthetic
 
 
@@ -33,25 +33,25 @@ def test_second_load_uses_the_cache(tiny, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("features were recomputed although the cache was complete")
-    monkeypatch.setattr(mmsa.cache, "_build_atomically", refuse)
+    monkeypatch.setattr(mmsa.features.cache, "_build_atomically", refuse)
     second = load_features(tiny, load_dataset(tiny.data_dir))
     assert second.text_dir == first.text_dir and np.array_equal(second.image, first.image)
 
 
 def test_killed_build_leaves_nothing_trusted(tiny, monkeypatch):
-    real = mmsa.encoders.build_image_encoder
+    real = mmsa.features.encoders.build_image_encoder
 
     def dying(name):
         enc = real(name)
         enc._features = lambda x: (_ for _ in ()).throw(KeyboardInterrupt())
         return enc
-    monkeypatch.setattr(mmsa.encoders, "build_image_encoder", dying)
+    monkeypatch.setattr(mmsa.features.encoders, "build_image_encoder", dying)
     with pytest.raises(KeyboardInterrupt):
         load_features(tiny, load_dataset(tiny.data_dir))
     cache = [p.name for p in Path(tiny.cache_dir).iterdir()]
     assert not any(".tmp-" in name for name in cache)
     assert not any(name.startswith("image-") and not name.endswith(".json") for name in cache)
-    monkeypatch.setattr(mmsa.encoders, "build_image_encoder", real)
+    monkeypatch.setattr(mmsa.features.encoders, "build_image_encoder", real)
     assert load_features(tiny, load_dataset(tiny.data_dir)).has_image.all()
 
 
@@ -60,8 +60,8 @@ def test_a_subset_in_another_order_copies_rows_instead_of_running_the_backbones(
     # the same pairs, fewer of them and in another order (e.g. an outer fold of nested CV)
     root = make_synthetic(tmp_path / "part", {"c": "neutral", "a": "positive"}, test=["d"])
     part_cfg = DataConfig(data_dir=str(root), cache_dir=tiny.cache_dir, max_text_len=8)
-    monkeypatch.setattr(mmsa.encoders.TextEncoder, "forward", lambda *a, **k: pytest.fail("text backbone ran"))
-    monkeypatch.setattr(mmsa.encoders.ImageEncoder, "forward", lambda *a, **k: pytest.fail("image backbone ran"))
+    monkeypatch.setattr(mmsa.features.encoders.TextEncoder, "forward", lambda *a, **k: pytest.fail("text backbone ran"))
+    monkeypatch.setattr(mmsa.features.encoders.ImageEncoder, "forward", lambda *a, **k: pytest.fail("image backbone ran"))
     part = load_features(part_cfg, load_dataset(root))
     assert part.text_dir != full.text_dir and part.guids == ["c", "a", "d"]
     for guid in part.guids:
@@ -103,7 +103,7 @@ def test_unreadable_image_is_reported_and_gets_blank_features(tiny):
 def test_odd_image_modes_become_rgb(mode):
     from PIL import Image
 
-    from mmsa.images import to_rgb
+    from mmsa.data.images import to_rgb
     img = Image.new("RGB", (8, 6), (200, 10, 10)).convert(mode)
     out = to_rgb(img)
     assert out.mode == "RGB" and out.size == (8, 6)
@@ -112,7 +112,7 @@ def test_odd_image_modes_become_rgb(mode):
 def test_transparent_pixels_become_white():
     from PIL import Image
 
-    from mmsa.images import to_rgb
+    from mmsa.data.images import to_rgb
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
 
@@ -139,7 +139,7 @@ def test_image_files_that_load_or_are_reported(tiny, content):
     assert bool(feats.has_image[feats.rows(["a"])[0]]) == readable
     assert (ds.report.unreadable_image == ["a"]) == (not readable)
     if not readable:
-        from mmsa.prepare import prepare
+        from mmsa.features.prepare import prepare
         assert "a" in prepare(tiny, val_fraction=0.0).dataset.report.skipped_train  # not usable for training
 
 
@@ -150,7 +150,7 @@ def test_raw_source_prepares_batches_ahead_in_workers_exactly_as_one_at_a_time(s
 
     import torch
 
-    from mmsa.rawsource import RawSource
+    from mmsa.features.rawsource import RawSource
     cfg = DataConfig(data_dir=str(subset_dir), max_text_len=16, finetune="full", loader_workers=2)
     examples = load_dataset(subset_dir).all_examples
     source = pickle.loads(pickle.dumps(RawSource(examples, cfg)))  # as shipped to a trial
@@ -174,8 +174,8 @@ def test_two_processes_building_one_cache_take_turns_and_build_it_once(tiny):
 
     from mmsa.locks import exclusive
     from tests.search_helpers import ROOT
-    code = ("import sys; from mmsa.config import DataConfig; from mmsa.cache import load_features; "
-            "from mmsa.data import load_dataset; cfg = DataConfig(data_dir=sys.argv[1], cache_dir=sys.argv[2], "
+    code = ("import sys; from mmsa.config import DataConfig; from mmsa.features.cache import load_features; "
+            "from mmsa.data.dataset import load_dataset; cfg = DataConfig(data_dir=sys.argv[1], cache_dir=sys.argv[2], "
             "max_text_len=8); load_features(cfg, load_dataset(cfg.data_dir))")
     Path(tiny.cache_dir).mkdir(parents=True)
     with exclusive(Path(tiny.cache_dir)):  # both builders arrive while the cache folder is taken

@@ -5,7 +5,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_KIND
+from mmsa.app.run_tags import TAG_KIND
 from search.tracking import child_runs
 from tests.search_helpers import ROOT
 
@@ -49,7 +49,7 @@ def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
     run_id = finals[0].info.run_id
     ckpt = _checkpoint(uri, run_id, tmp_path)
     assert set(ckpt) == {"format", "members", "labels"}
-    from mmsa.final import DEFAULT_BLEND, DEFAULT_ENSEMBLE
+    from mmsa.app.final import DEFAULT_BLEND, DEFAULT_ENSEMBLE
     names = [m["name"] for m in ckpt["members"]]
     seeds = [f"chosen config, seed {s}" for s in range(DEFAULT_ENSEMBLE)]  # the default: 5 seeds
     assert names == seeds + ["linear probe", "fine-tuned minilm"] and len(DEFAULT_BLEND.split(",")) == 2
@@ -57,7 +57,7 @@ def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
     assert [m["weight"] for m in ckpt["members"]] == pytest.approx([1 / DEFAULT_ENSEMBLE] * DEFAULT_ENSEMBLE + [1, 1])
     assert "5 models (seeds 0..4)" in out.stdout and "blend: chosen config (5 models) + linear probe" in out.stdout
     from mmsa.config import Config
-    from mmsa.model import create_model
+    from mmsa.models.factory import create_model
     for member in ckpt["members"]:
         create_model(Config.from_flat(member["config"])).load_state_dict(member["model"])  # rebuilt from its config
     assert ckpt["members"][0]["config"]["d_model"] == 32
@@ -170,7 +170,7 @@ def test_final_can_bag_the_models_of_the_search_folds(smoke_search, subset_dir, 
 
 
 def test_a_config_below_the_linear_probe_gets_a_warning(tmp_path):
-    from mmsa.final import probe_warning
+    from mmsa.app.final import probe_warning
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.create_experiment("x")
     parent = client.create_run(exp).info.run_id

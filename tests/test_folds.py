@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mmsa.errors import DataError
-from mmsa.folds import cv_indices, holdout_indices
+from mmsa.data.folds import cv_indices, holdout_indices
 
 LABELS = np.array([0] * 60 + [1] * 12 + [2] * 28)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mmsa.config import COMBINES, MODALITIES, POOLINGS, ModelConfig
-from mmsa.model import FusionModel, PooledHead, _pool_grid, create_head, create_model
+from mmsa.models.factory import create_head, create_model
+from mmsa.models.heads import FusionModel, PooledHead, _pool_grid
 
 
 def _inputs(b=3, L=7, T=5, dt=12, di=10):

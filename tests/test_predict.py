@@ -61,7 +61,7 @@ def test_the_pyfunc_model_predicts_raw_pairs_even_without_an_image_or_text(regis
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/mmsa-test/1")
     guids = [ln.split(",")[0] for ln in final_file.read_text().split()[1:]]
-    from mmsa.pyfunc import input_example
+    from mmsa.app.pyfunc import input_example
     df = input_example(str(subset_dir), guids[:3])
     df.loc[1, "image"] = str(tmp_path / "missing.jpg")
     df.loc[2, "text"] = ""
@@ -93,7 +93,7 @@ def test_mlflow_serves_the_registered_model(registered, subset_dir, tmp_path):
                 if server.poll() is not None or time.time() > deadline:
                     raise AssertionError(server.stdout.read().decode()[-3000:]) from None
                 time.sleep(1)
-        from mmsa.pyfunc import input_example
+        from mmsa.app.pyfunc import input_example
         guids = [ln.split(",")[0] for ln in final_file.read_text().split()[1:]][:2]
         df = input_example(str(subset_dir), guids)
         body = json.dumps({"dataframe_split": {"columns": list(df.columns), "data": df.values.tolist()}}).encode()

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from mmsa.config import Config
-from mmsa.model import create_model
-from mmsa.predictor import Member, load_members, predict_members, save_members
-from mmsa.train import predict_proba
+from mmsa.models.factory import create_model
+from mmsa.models.ensemble import Member, load_members, predict_members, save_members
+from mmsa.models.runtime import predict_proba
 
 
 def _members(subset_prepared, n: int) -> list[Member]:

@@ -6,7 +6,7 @@ import pytest
 
 from mmsa.config import DataConfig
 from mmsa.errors import DataError
-from mmsa.prepare import _in_child, prepare_in_subprocess
+from mmsa.features.prepare import _in_child, prepare_in_subprocess
 
 
 def test_prepare_in_a_child_gives_the_same_splits_and_keeps_torch_out(subset_prepared):
@@ -14,7 +14,7 @@ def test_prepare_in_a_child_gives_the_same_splits_and_keeps_torch_out(subset_pre
     code = (
         "import json, sys\n"
         "from mmsa.config import DataConfig\n"
-        "from mmsa.prepare import prepare_in_subprocess\n"
+        "from mmsa.features.prepare import prepare_in_subprocess\n"
         f"d = prepare_in_subprocess(DataConfig(**{data_cfg.__dict__!r}))\n"
         "print(json.dumps({'train': d.train.guids, 'val': d.val.guids, 'rows': d.val.rows.tolist(),"
         " 'text_dir': str(d.features.text_dir), 'shape': list(d.features.image.shape),"

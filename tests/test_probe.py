@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mmsa.prepare import cv_splits
-from mmsa.probe import pooled_features, probe_cv
+from mmsa.features.prepare import cv_splits
+from mmsa.models.probe import pooled_features, probe_cv
 
 
 def test_pooled_features_are_normalised_per_modality_and_keep_the_callers_order(subset_prepared):
@@ -36,9 +36,9 @@ def test_the_probe_as_a_head_gives_the_probe_s_probabilities(subset_prepared):
     from sklearn.linear_model import LogisticRegression
 
     from mmsa.config import Config
-    from mmsa.model import probe_config, probe_head
-    from mmsa.probe import fit_probe, pooled_features
-    from mmsa.train import predict_proba
+    from mmsa.models.factory import probe_config, probe_head
+    from mmsa.models.probe import fit_probe, pooled_features
+    from mmsa.models.runtime import predict_proba
     data_cfg, data = subset_prepared
     f = data.features
     head = probe_head(probe_config(Config(data=data_cfg)).with_features(f), *fit_probe(f, data.train))

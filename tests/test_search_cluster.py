@@ -12,7 +12,7 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_NODE, TAG_SPACE, TAG_TRIAL
+from mmsa.app.run_tags import TAG_NODE, TAG_SPACE, TAG_TRIAL
 from search.tracking import child_runs
 from tests.search_helpers import ROOT, MlflowServer, free_port, run_search, write_space
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
+from mmsa.app.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
 from search.tracking import KILLED, child_runs
 from tests.search_helpers import ROOT, TrialHold, search_cmd, wait_until, write_space
 

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL
+from mmsa.app.run_tags import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL
 from search.tracking import child_runs
 from tests.search_helpers import ROOT, TrialHold, run_search, search_cmd, wait_until, write_space
 
@@ -234,7 +234,7 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
 
 def test_a_search_for_macro_f1_monitors_scores_and_picks_by_macro_f1(subset_dir, subset_cache, subset_prepared,
                                                                       tmp_path):
-    from mmsa.run_tags import TAG_BEST_RUN
+    from mmsa.app.run_tags import TAG_BEST_RUN
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=3, max_epochs=2,
                         cv_folds=2, metric="val_macro_f1", scheduler={"type": "fifo", "max_epochs": 2})
     out = run_search(space, tmp_path)

@@ -17,7 +17,7 @@ def test_runs_left_open_by_a_killed_driver_are_closed_and_said_to_be_lost(tmp_pa
     """After a complete resumed search, a run still open belongs to a trial Ray never saved."""
     from mlflow.tracking import MlflowClient
 
-    from mmsa.run_tags import TAG_ENDED, TAG_KIND, TAG_NOT_RESUMED, TAG_PARENT, TAG_TRIAL
+    from mmsa.app.run_tags import TAG_ENDED, TAG_KIND, TAG_NOT_RESUMED, TAG_PARENT, TAG_TRIAL
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("x")

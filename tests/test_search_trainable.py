@@ -44,7 +44,7 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     from optuna.trial import TrialState
 
     from mmsa.config import Config
-    from mmsa.prepare import cv_splits
+    from mmsa.features.prepare import cv_splits
     from search.searcher import make_searcher
     from search.space import Param, SearchSpec
     from search.trainable import TrialData, fit_trial
@@ -133,9 +133,9 @@ def test_full_finetuning_on_a_node_without_the_images_says_so_rather_than_train_
     import socket
 
     from mmsa.config import DataConfig
-    from mmsa.data import Example
+    from mmsa.data.dataset import Example
     from mmsa.errors import DataError
-    from mmsa.rawsource import RawSource
+    from mmsa.features.rawsource import RawSource
     from search.trainable import TrialData
     raw = RawSource([Example("1", "a tweet", tmp_path / "not-here" / "1.jpg", 0)], DataConfig(finetune="full"))
     data = TrialData(guids=["1"], text_dir="", image_dir="", folds=[], base={}, threads=1, raw=raw)

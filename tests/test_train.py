@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmsa.config import Config
-from mmsa.train import TrainingError, class_weights, classification_metrics, fit, predict_proba
+from mmsa.models.runtime import predict_proba
+from mmsa.training.fit import TrainingError, class_weights, classification_metrics, fit
 
 
 def _cfg(data_cfg, **train):
@@ -60,7 +61,7 @@ def test_ema_weights_are_evaluated_and_kept_as_a_plain_state_dict(subset_prepare
 def test_fit_builds_its_model_with_the_one_factory_and_leaves_the_config_as_it_was(subset_prepared):
     import copy
 
-    from mmsa.model import create_model
+    from mmsa.models.factory import create_model
     data_cfg, p = subset_prepared
     cfg = _cfg(data_cfg, max_epochs=1, batch_size=16)
     before = copy.deepcopy(cfg)
@@ -126,12 +127,12 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
     from mmsa.config import DataConfig
-    from mmsa.prepare import prepare
+    from mmsa.features.prepare import prepare
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(subset_cache), val_fraction=0.3,
                           max_text_len=32, finetune="last_k", text_finetune_layers=1)
     p = prepare(data_cfg)
     cfg = _cfg(data_cfg, max_epochs=1, batch_size=16)
-    from mmsa.model import create_model
+    from mmsa.models.factory import create_model
     before = {k: v.clone() for k, v in create_model(cfg.with_features(p.features)).state_dict().items()
               if k.startswith("text_top")}
     assert before, "the top text layer is part of the model"
@@ -145,8 +146,8 @@ def test_last_k_text_layers_train_with_the_head(subset_dir, subset_cache):
 
 def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     from mmsa.config import DataConfig
-    from mmsa.rawsource import RawSource
-    from mmsa.prepare import prepare
+    from mmsa.features.rawsource import RawSource
+    from mmsa.features.prepare import prepare
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), val_fraction=0.3,
                           max_text_len=16, finetune="full")
     p = prepare(data_cfg)
@@ -154,7 +155,7 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     train = replace(p.train, rows=p.train.rows[:8], labels=p.train.labels[:8], guids=p.train.guids[:8])
     val = replace(p.val, rows=p.val.rows[:8], labels=p.val.labels[:8], guids=p.val.guids[:8])
     cfg = _cfg(data_cfg, max_epochs=1, batch_size=4, micro_batch=2)
-    from mmsa.model import create_model
+    from mmsa.models.factory import create_model
     start = create_model(cfg.with_features(p.features)).state_dict()
     result = fit(cfg, p.features, train, val)
     end = result.model.state_dict()
@@ -166,9 +167,9 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
 
 def test_full_finetune_trains_the_backbones_at_a_scaled_learning_rate(subset_dir, tmp_path):
     from mmsa.config import DataConfig
-    from mmsa.prepare import prepare
-    from mmsa.model import create_model
-    from mmsa.train import _new_trainee
+    from mmsa.features.prepare import prepare
+    from mmsa.models.factory import create_model
+    from mmsa.training.fit import _new_trainee
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), max_text_len=16,
                           finetune="full")
     cfg = _cfg(data_cfg, lr=1e-3, backbone_lr_scale=0.05)
@@ -192,7 +193,7 @@ def test_progress_bar_over_the_steps_only_when_asked(subset_prepared, capsys):
 def test_schedule_matches_transformers():
     from transformers import get_cosine_schedule_with_warmup
 
-    from mmsa.train import warmup_cosine
+    from mmsa.training.fit import warmup_cosine
     ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
     a, b = warmup_cosine(ours, 7, 50), get_cosine_schedule_with_warmup(theirs, 7, 50)
     for _ in range(50):
@@ -203,7 +204,7 @@ def test_schedule_matches_transformers():
 @pytest.mark.parametrize("native, emulated, expected", [(True, True, "bfloat16"), (False, True, "float16"),
                                                         (False, False, "float16")])
 def test_mixed_precision_uses_bf16_only_where_the_card_has_it(monkeypatch, native, emulated, expected):
-    from mmsa.train import amp_dtype
+    from mmsa.models.runtime import amp_dtype
     # a T4 (Colab) reports bf16 only through emulation: fp16 there, with a gradient scaler
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: emulated if including_emulation else native)
@@ -212,7 +213,7 @@ def test_mixed_precision_uses_bf16_only_where_the_card_has_it(monkeypatch, nativ
 
 
 def test_precision_can_be_forced(monkeypatch):
-    from mmsa.train import amp_dtype
+    from mmsa.models.runtime import amp_dtype
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     cuda = torch.device("cuda")
     assert amp_dtype(cuda, "fp16") == torch.float16 and amp_dtype(cuda, "bf16") == torch.bfloat16

@@ -1,8 +1,8 @@
 """Full fine-tuning (finetune=full): both backbones run on every batch and train with the head.
 
-No feature cache: `mmsa.rawsource.RawSource` reads and preprocesses the files of each batch, and
+No feature cache: `mmsa.features.rawsource.RawSource` reads and preprocesses the files of each batch, and
 `FullFusion` is backbones + FusionModel. Meant for GPU machines (AMP is on under CUDA, see
-mmsa.train); on a CPU it works, slowly.
+mmsa.models.runtime); on a CPU it works, slowly.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from mmsa.config import Config
 
 
 class FullFusion(nn.Module):
-    """Text backbone + image backbone + a head (mmsa.model.create_model builds it), trained end to end."""
+    """Text backbone + image backbone + a head (mmsa.models.factory.create_model builds it), trained end to end."""
 
     def __init__(self, cfg: Config, head: nn.Module):
         super().__init__()
-        from mmsa.encoders import build_image_encoder, build_text_encoder
+        from mmsa.features.encoders import build_image_encoder, build_text_encoder
         text_enc, image_enc = build_text_encoder(cfg.data.text_encoder), build_image_encoder(cfg.data.image_encoder)
         self.text_backbone = text_enc.model
         self.image_backbone = image_enc.backbone

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from mmsa.prepare import Split
+from mmsa.features.prepare import Split
 
 
 def context_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -64,8 +64,8 @@ def log_confusion(client: MlflowClient, run_id: str, matrix, title: str) -> None
     columns: predicted), confusion_matrix.json."""
     import matplotlib.pyplot as plt
 
-    from mmsa.data import LABELS
-    from mmsa.plots import confusion_figure
+    from mmsa.data.dataset import LABELS
+    from mmsa.app.plots import confusion_figure
     fig = confusion_figure(matrix, title)
     client.log_figure(run_id, fig, "confusion_matrix.png")
     plt.close(fig)

@@ -38,7 +38,7 @@ def cv_indices(labels: np.ndarray, k: int, seed: int, val_fraction: float = 0.2
     counts = Counter(labels.tolist())
     rarest, count = min(counts.items(), key=lambda kv: kv[1])
     if count < k:
-        from mmsa.data import LABELS
+        from mmsa.data.dataset import LABELS
         name = LABELS[rarest] if 0 <= rarest < len(LABELS) else rarest
         raise DataError(f"cv_folds={k} needs at least {k} labeled pairs of every class; '{name}' has {count}")
     from sklearn.model_selection import StratifiedKFold

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmsa.prepare import Split
+from mmsa.features.prepare import Split
 
 CHUNK = 256  # rows pooled at a time: float32 copies of a chunk stay small
 
@@ -58,7 +58,7 @@ def probe_cv(features, folds: list[tuple[Split, Split]], c: float = 1.0, keep_pr
 
 def fit_probe(features, train: Split, c: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The probe trained on `train`: (coef (classes, Dt + Di), intercept (classes,)) of the
-    logistic regression on pooled_features; mmsa.model.probe_head turns them into a head."""
+    logistic regression on pooled_features; mmsa.models.factory.probe_head turns them into a head."""
     from sklearn.linear_model import LogisticRegression
     model = LogisticRegression(C=c, max_iter=2000).fit(pooled_features(features, train.rows), train.labels)
     return model.coef_.astype(np.float32), model.intercept_.astype(np.float32)

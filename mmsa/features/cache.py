@@ -1,7 +1,7 @@
 """Frozen-feature cache, built: run each backbone once over the dataset, keep its token features.
 
 Each modality is cached in its own folder `<cache_dir>/<kind>-<name>-<key>/` (read by
-mmsa.features.FeatureSet). The key hashes the backbone's fingerprint (name, weights,
+mmsa.features.featureset.FeatureSet). The key hashes the backbone's fingerprint (name, weights,
 preprocessing), the settings (text length, layer) and the data content (guids, decoded texts,
 image bytes): change any of them and a new cache is built. A folder is built under a temporary
 name and renamed into place only once complete, with `meta.json` written last; a folder without
@@ -23,10 +23,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmsa.config import DataConfig
-from mmsa.data import Dataset, Example, normalize_tweet
+from mmsa.data.dataset import Dataset, Example, normalize_tweet
 from mmsa.errors import DISK_FULL, DiskFullError
-from mmsa.features import FeatureSet, digest
-from mmsa.images import ImageFiles, loader_workers
+from mmsa.features.featureset import FeatureSet, digest
+from mmsa.data.images import ImageFiles, loader_workers
 from mmsa.locks import exclusive
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
 
 
 def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
-    from mmsa.encoders import build_text_encoder
+    from mmsa.features.encoders import build_text_encoder
     layers = cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
     n, L = len(examples), cfg.max_text_len
     texts = [normalize_tweet(ex.text) if cfg.text_clean else ex.text for ex in examples]
@@ -211,7 +211,7 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
 
 def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 32,
                       workers: int | None = None) -> tuple[dict, Path]:
-    from mmsa.encoders import build_image_encoder
+    from mmsa.features.encoders import build_image_encoder
     n = len(examples)
     content, items = image_content_hash(examples)
 

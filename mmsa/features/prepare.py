@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmsa.config import DataConfig
-from mmsa.data import Dataset, Example, load_dataset, split_train_val
-from mmsa.features import Features, FeatureSet
-from mmsa.rawsource import RawSource
+from mmsa.data.dataset import Dataset, Example, load_dataset, split_train_val
+from mmsa.features.featureset import Features, FeatureSet
+from mmsa.features.rawsource import RawSource
 
 
 @dataclass
@@ -37,8 +37,8 @@ class Split:
 
 def cv_splits(labeled: Split, k: int, seed: int, val_fraction: float = 0.2) -> list[tuple[Split, Split]]:
     """(train, val) Splits of `labeled` for K stratified folds (k = 1: one held-out split),
-    the same for every caller with the same labels, k and seed (mmsa.folds)."""
-    from mmsa.folds import cv_indices
+    the same for every caller with the same labels, k and seed (mmsa.data.folds)."""
+    from mmsa.data.folds import cv_indices
     return [(labeled.take(tr), labeled.take(va)) for tr, va in cv_indices(labeled.labels, k, seed, val_fraction)]
 
 
@@ -56,8 +56,8 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
 
     Training pairs whose image turned out unreadable are dropped here and counted in the report.
     """
-    from mmsa.encoders import check_encoder_names
-    from mmsa.cache import load_features
+    from mmsa.features.encoders import check_encoder_names
+    from mmsa.features.cache import load_features
     check_encoder_names(cfg.text_encoder, cfg.image_encoder)
     dataset = load_dataset(cfg.data_dir)
     if cfg.finetune == "full":  # backbones run per batch: no cache to build

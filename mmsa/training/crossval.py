@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mmsa.config import Config
-from mmsa.prepare import Split
+from mmsa.features.prepare import Split
 
 FoldCallback = Callable[[int, dict], None]
 CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")  # those present
@@ -55,7 +55,7 @@ def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]],
     Returns the summary over all folds. `on_epoch` is passed to every fold's `fit`.
     `keep_probs`: the summary's `fold_probs` holds each fold's validation class probabilities at
     the chosen epoch (out-of-fold predictions, in the order of each fold's `val.rows`)."""
-    from mmsa.train import fit
+    from mmsa.training.fit import fit
     cfg = copy.deepcopy(cfg)
     cfg.train.patience, cfg.train.stop_epoch = 0, 0  # whole schedules: curves are averaged epoch by epoch
     histories: list[list[dict]] = []

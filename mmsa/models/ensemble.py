@@ -11,7 +11,6 @@ they load from their packages (or the hub) by the names in each member's config.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 
 from mmsa.config import Config, DataConfig
-from mmsa.data import LABELS, Example
-from mmsa.errors import DISK_FULL, DiskFullError, UserError
+from mmsa.data.dataset import LABELS, Example
+from mmsa.data.files import write_atomically
+from mmsa.errors import UserError
 
 FORMAT = 3
 
@@ -56,7 +56,7 @@ def load_members(path: str | Path, device: torch.device | None = None) -> list[M
     if list(ckpt.get("labels", LABELS)) != list(LABELS):
         raise UserError(f"{path}: labels {ckpt['labels']} differ from this version's {list(LABELS)}")
     entries = ckpt.get("members") or [{"name": "chosen config", "config": ckpt["config"], "model": ckpt["model"]}]
-    from mmsa.model import create_model
+    from mmsa.models.factory import create_model
     members = []
     for entry in entries:
         cfg = Config.from_stored(entry["config"], source=f"{path}: member '{entry['name']}'")
@@ -96,7 +96,7 @@ FeaturesFor = Callable[[DataConfig], tuple]  # data config -> (features, rows to
 def predict_members(members: list[Member], features_for: FeaturesFor, device: torch.device) -> np.ndarray:
     """(rows, classes): the members' class probabilities averaged with their weights.
     `features_for` is called once per distinct feature key."""
-    from mmsa.train import predict_proba
+    from mmsa.models.runtime import predict_proba
     loaded: dict[tuple, tuple] = {}
     probs = []
     for m in members:
@@ -127,34 +127,11 @@ def predict_examples(members: list[Member], examples: list[Example], cache_dir: 
     `cache_dir`, reused where the same pairs were seen)."""
     from dataclasses import replace
 
-    from mmsa.cache import features_of
-    from mmsa.rawsource import RawSource
+    from mmsa.features.cache import features_of
+    from mmsa.features.rawsource import RawSource
 
     def features_for(cfg: DataConfig):
         cfg = replace(cfg, cache_dir=cache_dir)
         features = RawSource(examples, cfg) if cfg.finetune == "full" else features_of(cfg, examples)
         return features, np.arange(len(examples))
     return predict_members(members, features_for, device)
-
-
-def write_predictions(path: Path, guids: list[str], tags: list[str]) -> None:
-    """`guid,tag` then one line per guid."""
-    write_atomically(path, ("guid,tag\n" + "".join(f"{g},{t}\n" for g, t in zip(guids, tags))).encode("utf-8"))
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Via a temporary file and a rename: a reader never sees half a file, and a failed write
-    (a full disk: one-line DiskFullError) leaves what was at `path` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        raise DiskFullError(f"{path}: no space left on the device ({len(data) / 2**20:.1f} MiB to write); "
-                            + ("the earlier file is unchanged" if path.exists() else "nothing was written")) from None
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsa.config import DataConfig
-from mmsa.data import Example, normalize_tweet
-from mmsa.features import digest, row_index
-from mmsa.images import ImageFiles, loader_workers
+from mmsa.data.dataset import Example, normalize_tweet
+from mmsa.features.featureset import digest, row_index
+from mmsa.data.images import ImageFiles, loader_workers
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ class RawSource:
 
     def _load(self) -> dict:
         if self._loaded is None:
-            from mmsa.encoders import build_image_encoder, build_text_encoder
+            from mmsa.features.encoders import build_image_encoder, build_text_encoder
             # Fast tokenizers warn (and turn their threads off) in forked DataLoader workers.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             text_enc, image_enc = build_text_encoder(self.cfg.text_encoder), build_image_encoder(self.cfg.image_encoder)

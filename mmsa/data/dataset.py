@@ -211,6 +211,6 @@ def split_train_val(examples: list[Example], val_fraction: float, seed: int
     """Seeded stratified split (mmsa.folds.holdout_indices). `val_fraction=0` returns (all, [])."""
     if val_fraction <= 0:
         return list(examples), []
-    from mmsa.folds import holdout_indices
+    from mmsa.data.folds import holdout_indices
     train, val = holdout_indices([ex.label for ex in examples], val_fraction, seed)
     return [examples[i] for i in train], [examples[i] for i in val]

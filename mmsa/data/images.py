@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from mmsa.data import Example
+from mmsa.data.dataset import Example
 
 if TYPE_CHECKING:
     import torch

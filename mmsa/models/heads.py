@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsa.config import Config, ModelConfig
+from mmsa.config import ModelConfig
 
 
 def _self_attention(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
@@ -204,7 +204,7 @@ def _unit_rms(x: torch.Tensor) -> torch.Tensor:
 def _text_top(cfg: ModelConfig) -> nn.ModuleList:
     """The top `text_layers` text-encoder layers (finetune=last_k), initialised from the pretrained
     backbone; the cache holds what enters them."""
-    from mmsa.encoders import build_text_encoder
+    from mmsa.features.encoders import build_text_encoder
     return build_text_encoder(cfg.text_backbone).top_layers(cfg.text_layers)
 
 
@@ -247,43 +247,3 @@ def _run_text_top(layers: nn.ModuleList, hidden: torch.Tensor, mask: torch.Tenso
         out = layer(hidden, attention_mask=additive)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
-
-
-def create_model(cfg: Config) -> nn.Module:
-    """The one model factory (training, final, the predictor): the configured `head` on cached
-    features, or with finetune=full both backbones and the head. The config is read, never
-    changed; its feature sizes come from `Config.with_features`."""
-    if cfg.data.finetune == "full":
-        from mmsa.finetune import FullFusion
-        return FullFusion(cfg, create_head(cfg.model))
-    return create_head(cfg.model)
-
-
-def create_head(cfg: ModelConfig) -> Head:
-    return FusionModel(cfg) if cfg.head == "fusion" else PooledHead(cfg)
-
-
-PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
-              "image_grid": 0, "text_layers": 0}
-
-
-def probe_config(cfg: Config) -> Config:
-    """`cfg` (its data and feature sizes) with the linear probe's head: see probe_head."""
-    import dataclasses
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, finetune="none"),
-                               model=dataclasses.replace(cfg.model, **PROBE_HEAD))
-
-
-def probe_head(cfg: Config, coef, intercept) -> PooledHead:
-    """The linear probe (mmsa.probe) as a model of `probe_config(cfg)`: mean pooling, each
-    modality scaled to unit RMS (= its L2 norm times sqrt(dim)), one linear layer whose weights
-    are the probe's divided by sqrt(dim), so that it computes the probe's logits."""
-    head = create_model(cfg)
-    cfg = cfg.model
-    scale = torch.cat([torch.full((cfg.text_dim,), cfg.text_dim ** -0.5),
-                       torch.full((cfg.image_dim,), cfg.image_dim ** -0.5)])
-    linear = head.classify[-1]
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32) * scale)
-        linear.bias.copy_(torch.as_tensor(intercept, dtype=torch.float32))
-    return head.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmsa.data import LABELS
+from mmsa.data.dataset import LABELS
 
 
 def confusion_figure(matrix, title: str):

@@ -1,7 +1,7 @@
 """The feature cache, read: memory-mapped token features of a dataset's pairs, batch by batch.
 
-`Features` is what training reads from: the cache (`FeatureSet`, built by mmsa.cache) or, for
-finetune=full, the dataset files themselves (mmsa.rawsource.RawSource). The cache's float16
+`Features` is what training reads from: the cache (`FeatureSet`, built by mmsa.features.cache) or, for
+finetune=full, the dataset files themselves (mmsa.features.rawsource.RawSource). The cache's float16
 `.npy` arrays are opened memory-mapped, so concurrent trials share one copy through the page
 cache. torch is imported only where batches are made, so a process that just opens the cache
 (the search driver) does not pay for torch's memory.

@@ -2,7 +2,7 @@
 
 Input: a pandas DataFrame with a `text` column (str) and an `image` column (path to an image file).
 Output: a DataFrame with `label` and one probability column per class (`p_positive`, ...).
-What it bundles: the checkpoint (every member's head weights and config, mmsa.predictor) and
+What it bundles: the checkpoint (every member's head weights and config, mmsa.models.ensemble) and
 this package's source; the backbones load from their packages by name, never pickled.
 An MLflow edge: imported by mmsa.final and mmsa.predict only.
 """
@@ -14,23 +14,22 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from mmsa.data import LABELS
+from mmsa.config import CACHE_DIR_ENV as CACHE_ENV  # a served model caches its pairs' features there
+from mmsa.data.dataset import LABELS
 
 CHECKPOINT = "checkpoint"
 PROB_COLUMNS = [f"p_{name}" for name in LABELS]
-# Features of the pairs a served model sees are cached here (the pairs' content keys them).
-CACHE_ENV = "MMSA_CACHE_DIR"
 
 
 class SentimentModel(mlflow.pyfunc.PythonModel):
     """Loads the checkpoint's members once; predicts raw (text, image path) pairs."""
 
     def load_context(self, context) -> None:
-        from mmsa.predictor import load_members
+        from mmsa.models.ensemble import load_members
         self.members = load_members(context.artifacts[CHECKPOINT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from mmsa.predictor import examples_from
+        from mmsa.models.ensemble import examples_from
         missing = {"text", "image"} - set(model_input.columns)
         if missing:
             raise ValueError(f"input DataFrame lacks column(s) {sorted(missing)}: needs 'text' (str) and "
@@ -43,8 +42,8 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         import os
         import tempfile
 
-        from mmsa.predictor import predict_examples
-        from mmsa.train import resolve_device
+        from mmsa.models.ensemble import predict_examples
+        from mmsa.models.runtime import resolve_device
         device = resolve_device("auto")
         cache = cache_dir or os.environ.get(CACHE_ENV)
         if cache:
@@ -58,7 +57,7 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
 
 
 def input_example(data_dir: str, guids: list[str]) -> pd.DataFrame:
-    from mmsa.data import DATA_SUBDIR, decode_text
+    from mmsa.data.dataset import DATA_SUBDIR, decode_text
     root = Path(data_dir) / DATA_SUBDIR
     rows = []
     for g in guids:
@@ -80,11 +79,12 @@ def log_model(checkpoint: Path, members, example: pd.DataFrame, registered_name:
     signature = infer_signature(example, in_memory.predict(None, example))
     import shutil
     import tempfile
-    with tempfile.TemporaryDirectory() as tmp:  # this package's source, without bytecode
-        package = shutil.copytree(Path(__file__).resolve().parent, Path(tmp) / "mmsa",
+    with tempfile.TemporaryDirectory() as tmp:  # the whole mmsa package's source, without bytecode
+        package = shutil.copytree(Path(__file__).resolve().parents[1], Path(tmp) / "mmsa",
                                   ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(package / "pyfunc_model.py"), artifacts={CHECKPOINT: str(checkpoint)},
+            name="model", python_model=str(package / "app" / "pyfunc_model.py"),
+            artifacts={CHECKPOINT: str(checkpoint)},
             code_paths=[str(package)], signature=signature, input_example=example,
             registered_model_name=registered_name, pip_requirements=_requirements())
 

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from mmsa.pyfunc import SentimentModel
+from mmsa.app.pyfunc import SentimentModel
 
 set_model(SentimentModel())

@@ -1,0 +1,50 @@
+"""The one model factory, as timm has `create_model`: every model of this project is built here
+from its config, which is read and never changed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmsa.config import Config, ModelConfig
+from mmsa.models.heads import FusionModel, Head, PooledHead
+
+
+def create_model(cfg: Config) -> nn.Module:
+    """The one model factory (training, final, the predictor): the configured `head` on cached
+    features, or with finetune=full both backbones and the head. The config is read, never
+    changed; its feature sizes come from `Config.with_features`."""
+    if cfg.data.finetune == "full":
+        from mmsa.models.finetune import FullFusion
+        return FullFusion(cfg, create_head(cfg.model))
+    return create_head(cfg.model)
+
+
+def create_head(cfg: ModelConfig) -> Head:
+    return FusionModel(cfg) if cfg.head == "fusion" else PooledHead(cfg)
+
+
+PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
+              "image_grid": 0, "text_layers": 0}
+
+
+def probe_config(cfg: Config) -> Config:
+    """`cfg` (its data and feature sizes) with the linear probe's head: see probe_head."""
+    import dataclasses
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, finetune="none"),
+                               model=dataclasses.replace(cfg.model, **PROBE_HEAD))
+
+
+def probe_head(cfg: Config, coef, intercept) -> PooledHead:
+    """The linear probe (mmsa.models.probe) as a model of `probe_config(cfg)`: mean pooling, each
+    modality scaled to unit RMS (= its L2 norm times sqrt(dim)), one linear layer whose weights
+    are the probe's divided by sqrt(dim), so that it computes the probe's logits."""
+    head = create_model(cfg)
+    cfg = cfg.model
+    scale = torch.cat([torch.full((cfg.text_dim,), cfg.text_dim ** -0.5),
+                       torch.full((cfg.image_dim,), cfg.image_dim ** -0.5)])
+    linear = head.classify[-1]
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32) * scale)
+        linear.bias.copy_(torch.as_tensor(intercept, dtype=torch.float32))
+    return head.eval()

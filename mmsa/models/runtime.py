@@ -1,0 +1,52 @@
+"""Where and how models run: the device, CUDA mixed precision, and class probabilities of rows
+of features in small batches (what validation, the final model and the predictor all use)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from mmsa.data.dataset import LABELS
+from mmsa.features.featureset import Features
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype, None for float32. auto: on CUDA, bf16 where the card has it natively
+    (Ampere and later), else fp16 (trained with a gradient scaler: fp16 gradients underflow); a
+    T4 reports bf16 as supported only through emulation, slower than fp16. float32 on a CPU."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    dtype = amp_dtype(device, precision)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, features: Features, rows: np.ndarray, device: torch.device,
+                  batch_size: int = 64, precision: str = "auto") -> np.ndarray:
+    """Class probabilities for `rows`, in small batches: larger ones raise a trial's peak memory
+    (float32 text tokens and the image grid per example) and are no faster on a CPU."""
+    model.eval()
+    out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
+    order = np.argsort(rows)
+    chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
+        with autocast(device, precision):
+            logits = model(*inputs)
+        out[idx] = logits.float().softmax(-1).cpu().numpy()
+    return out
+
+

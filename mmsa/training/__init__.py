@@ -1,0 +1,1 @@
+"""Training: fit one model; cross-validate a config."""

@@ -1,0 +1,224 @@
+"""Train one model on features: `fit(cfg, features, train, val, on_epoch)`.
+
+Pure: no Ray, no MLflow. Results leave through the return value and the `on_epoch` callback.
+The command line around it is mmsa/app/train.py (`python -m mmsa.train`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from mmsa.config import Config
+from mmsa.data.dataset import LABELS
+from mmsa.features.featureset import Features
+from mmsa.features.prepare import Split
+from mmsa.models.factory import create_model
+from mmsa.models.runtime import amp_dtype, autocast, predict_proba, resolve_device
+
+EpochCallback = Callable[[int, dict], None]
+
+
+class TrainingError(RuntimeError):
+    """Training diverged (NaN/inf loss) or cannot proceed."""
+
+
+@dataclass
+class FitResult:
+    metrics: dict  # of the best epoch (or the last, without validation)
+    model: torch.nn.Module  # with the best epoch's weights
+    cfg: Config  # what the model was built from: the config with its feature sizes
+    history: list[dict] = field(default_factory=list)
+
+
+def class_weights(kind: str, labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """none | balanced (n / (k * count)) | sqrt (its square root); normalised to mean 1."""
+    if kind == "none":
+        return torch.ones(num_classes)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = len(labels) / (num_classes * np.maximum(counts, 1))
+    if kind == "sqrt":
+        w = np.sqrt(w)
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, prefix: str = "val_") -> dict:
+    ids = list(range(len(LABELS)))
+    per_class = f1_score(labels, preds, labels=ids, average=None, zero_division=0)
+    out = {f"{prefix}acc": float(accuracy_score(labels, preds)),
+           f"{prefix}macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0))}
+    out.update({f"{prefix}f1_{name}": float(v) for name, v in zip(LABELS, per_class)})
+    out[f"{prefix}confusion"] = confusion_matrix(labels, preds, labels=ids).tolist()
+    return out
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0, then cosine decay to 0: the same factors as transformers'
+    get_cosine_schedule_with_warmup, without importing transformers into every trial process
+    (about 0.2 GB each)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class _Trainee:
+    """The model being trained, with its optimizer, schedule, weight average and batch order."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: torch.nn.Module | None
+    rng: np.random.Generator
+    scaler: torch.amp.GradScaler | None = None  # fp16 training only
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _new_trainee(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Trainee:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    t = cfg.train
+    pretrained, scale = model.pretrained_parameters()
+    slow = set(pretrained)
+    groups = [{"params": [p for p in model.parameters() if p not in slow], "lr": t.lr}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr": t.lr * scale})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True) if t.ema > 0 else None
+    scheduler = warmup_cosine(optimizer, int(t.warmup_frac * total_steps), total_steps)
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, t.precision) == torch.float16 else None
+    return _Trainee(model, optimizer, scheduler, ema, rng, scaler)
+
+
+def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
+                 label_smoothing: float, device: torch.device, epoch: int, progress: bool = False,
+                 precision: str = "auto"
+                 ) -> tuple[float, int]:
+    """One pass over `train` in the member's own order; returns (summed loss, examples seen).
+    `progress`: a progress bar over the steps on stderr (for epochs of minutes, finetune=full)."""
+    model = member.model
+    model.train()
+    order = member.rng.permutation(len(train))
+    steps = [order[s:s + batch] for s in range(0, len(order), batch)]
+    # Each step's micro-batches (sorted rows: locality in the cache); inputs arrive in this order.
+    plan = [[np.sort(step[m:m + micro]) for m in range(0, len(step), micro)] for step in steps]
+    inputs = features.iter_batches([train.rows[idx] for micros in plan for idx in micros], device)
+    loss_sum, seen = 0.0, 0
+    planned = zip(steps, plan)
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+        planned = tqdm(planned, total=len(steps), desc=f"epoch {epoch}", unit="step", file=sys.stderr,
+                       leave=False, mininterval=2.0)
+    for step, (step_idx, micros) in enumerate(planned):
+        weight_total = weights[torch.from_numpy(train.labels[step_idx]).to(device)].sum()
+        member.optimizer.zero_grad(set_to_none=True)
+        for idx in micros:
+            y = torch.from_numpy(train.labels[idx]).to(device)
+            with autocast(device, precision):
+                logits = model(*next(inputs))
+            per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
+            # Weighted mean over the whole effective batch, however it is split.
+            loss = (per_example * weights[y]).sum() / weight_total
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
+            (member.scaler.scale(loss) if member.scaler is not None else loss).backward()
+            loss_sum += per_example.detach().sum().item()
+            seen += len(idx)
+        if member.scaler is not None:  # skips the step where fp16 gradients overflowed
+            member.scaler.step(member.optimizer)
+            member.scaler.update()
+        else:
+            member.optimizer.step()
+        member.scheduler.step()
+        if member.ema is not None:
+            member.ema.update_parameters(model)
+    return loss_sum, seen
+
+
+def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
+        on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False) -> FitResult:
+    """Train one model of `cfg` for up to `max_epochs` (fewer with early stopping on `monitor`);
+    keep the best epoch. `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on
+    for finetune=full). `keep_probs`: every epoch's history entry keeps `probs`, the validation
+    rows' class probabilities (for out-of-fold blends). The result's config is `cfg` with the
+    feature sizes its model was built with."""
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+    cfg = cfg.with_features(features)
+    weights = class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device)
+    batch = min(t.batch_size, len(train))
+    micro = min(t.micro_batch or batch, batch)
+    total_steps = math.ceil(len(train) / batch) * t.max_epochs
+    trainee = _new_trainee(create_model(cfg).to(device), cfg, np.random.default_rng(t.seed), total_steps)
+
+    history: list[dict] = []
+    best: dict | None = None
+    best_state: dict = {}
+    stale = 0
+    last_epoch = t.stop_epoch or t.max_epochs
+    for epoch in range(1, last_epoch + 1):
+        start = time.perf_counter()
+        loss_sum, seen = _train_epoch(trainee, features, train, weights, batch, micro, t.label_smoothing, device,
+                                      epoch, progress, t.precision)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                   "lr": trainee.scheduler.get_last_lr()[0]}
+        if val is not None and len(val):
+            probs = predict_proba(trainee.evaluated, features, val.rows, device, precision=t.precision)
+            metrics.update(classification_metrics(val.labels, probs.argmax(1)))
+            if keep_probs:
+                metrics["probs"] = probs
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        if device.type == "cuda":
+            metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            metrics["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+        history.append(metrics)
+        improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
+        if improved:
+            best, stale = metrics, 0
+            best_state = copy.deepcopy(trainee.evaluated.state_dict())
+        else:
+            stale += 1
+        stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
+        if on_epoch is not None:
+            report = {**{k: v for k, v in metrics.items() if k != "probs"}, "final": int(stop)}
+            if val is not None:
+                report[f"best_{t.monitor}"] = best[t.monitor]
+                other = "val_macro_f1" if t.monitor == "val_acc" else "val_acc"
+                report[f"{other}_at_best"] = best[other]  # the other metric at the monitored best epoch
+            on_epoch(epoch, report)
+        if stop:
+            break
+    trainee.model.load_state_dict(best_state)
+    final = dict(best)
+    final.update(best_epoch=best["epoch"], epochs_run=len(history),
+                 mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))
+    return FitResult(metrics=final, model=trainee.model, cfg=cfg, history=history)
+
+
+def format_epoch(epoch: int, m: dict) -> str:
+    parts = [f"epoch {epoch:3d}", f"loss {m['train_loss']:.4f}"]
+    if "val_acc" in m:
+        parts += [f"val_acc {m['val_acc']:.4f}", f"val_macro_f1 {m['val_macro_f1']:.4f}"]
+    parts.append(f"{m['epoch_seconds']:.1f}s")
+    if "gpu_peak_mb" in m:
+        parts.append(f"gpu peak {m['gpu_peak_mb']:.0f} MiB (reserved {m['gpu_reserved_mb']:.0f})")
+    return "  ".join(parts)
