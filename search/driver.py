@@ -75,10 +75,12 @@ def start_ray(address: str | None) -> None:
         ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
 
 
-def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, parent_id: str, ray_path: str,
-              address: str | None = None, resume: bool = False, datasets: dict[str, str] | None = None) -> bool:
-    """Run (or continue) the search. Returns True when it was interrupted before the end.
-    `datasets`: {context: digest} that every trial run logs as its inputs (mmsa.app.records)."""
+def run_tuner(search, data, folds, parent_id: str, ray_path: str, datasets: dict[str, str]) -> bool:
+    """Run (or continue) `search` (search.run.Search) under its parent run. Returns True when it was
+    interrupted before the end. `datasets`: {context: digest} that every trial run logs as its
+    inputs (mmsa.app.records)."""
+    spec, base, address = search.spec, search.base, search.args.address
+    tracking_uri, experiment_id = search.tracking_uri, search.experiment_id
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray saves the search state (which trials finished, the searcher) every 10 s or more by
     # default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that had
@@ -93,7 +95,7 @@ def run_tuner(spec, base, data, folds, tracking_uri: str, experiment_id: str, pa
     try:
         start_ray(address)
         trainable = make_trainable(spec, base, data, folds, offer_cache=address is not None)
-        if resume and tune.Tuner.can_restore(ray_path):
+        if search.resumed is not None and tune.Tuner.can_restore(ray_path):
             tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmsa.app.commands import quiet_libraries, run_main
@@ -48,55 +49,65 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@dataclass
+class Search:
+    """A search resolved once, before any heavy work: flags over the space file, the job folder of
+    a submitted search, the tracking store, and the search to resume if any. The base config
+    (what every trial starts from) follows from `spec`, which the memory plan may still adjust."""
+
+    args: argparse.Namespace
+    spec: object  # search.space.SearchSpec
+    job_dir: Path | None
+    tracking_uri: str
+    client: object  # MlflowClient
+    experiment: str
+    experiment_id: str
+    space_key: str  # what --resume matches a search by
+    resumed: object | None  # the parent run to continue
+    how: str = ""  # how trials are scored, once the folds are cut
+
+    @property
+    def base(self):
+        return self.spec.base_config()
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    args = parse_args(argv)
+    search = resolve(parse_args(argv))
+    t0 = time.time()
+    data, folds = prepare_data(search)
+    plan_memory(search, data)
+    from mmsa.app.records import fold_digests
+    datasets = fold_digests(data.features, folds)
+    parent_id, ray_path = open_parent_run(search, data, folds, datasets)
+    from search.driver import run_tuner
+    interrupted = run_tuner(search, data, folds, parent_id, ray_path, datasets)
+    return report(search, parent_id, interrupted, time.time() - t0)
+
+
+def resolve(args: argparse.Namespace) -> Search:
+    """Every flag, the space file and the tracking store checked, each error one line."""
     if args.address and args.address.startswith("ray://"):
         # Under Ray Client the Tuner, the MLflow callback and the sqlite store would run on the head
         # node, not here: untested, so refused.
         raise UserError(f"--address {args.address}: Ray Client (ray://) is not supported; run the search on a "
                         "cluster node with --address auto")
-    from search.job import check_job_locations, inside, job_cache_dir, job_working_dir
+    from search.job import job_working_dir
     job_dir = job_working_dir()
     if job_dir is not None and not args.address:
         args.address = "auto"  # submitted with `ray job submit`: the search runs on that cluster
-    from search.space import check_against_data, load_space
-    spec = load_space(args.space)  # every config error surfaces here, before any heavy work
-    if args.data:
-        spec.data_dir = args.data
-    if args.num_samples is not None:
-        if args.num_samples <= 0:
-            raise UserError("--num-samples: must be > 0")
-        spec.num_samples = args.num_samples
-    if args.max_epochs is not None:
-        if args.max_epochs <= 0:
-            raise UserError("--max-epochs: must be > 0")
-        spec.max_epochs = args.max_epochs
-    from mmsa.config import parse_overrides
-    from search.space import apply_flags
-    unsearched = apply_flags(spec, args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent, args.seed,
-                             parse_overrides(args.overrides))
-    if unsearched:
-        print(f"--set fixes {', '.join(unsearched)}: not searched in this run", flush=True)
-    base = spec.base_config()
+    spec = _space_with_flags(args)
     from mmsa.app.run_tags import tracking_uri as resolve_tracking_uri
     if job_dir is not None:
-        check_job_locations(job_dir, resolve_tracking_uri(args.tracking_uri), args.storage, base.data.data_dir)
-        from search.trainable import NODE_CACHE_ENV
-        node_cache = job_cache_dir(job_dir, base.data.cache_dir, os.environ.get(NODE_CACHE_ENV))
-        if node_cache:
-            print(f"cache: {node_cache} (${NODE_CACHE_ENV} of this node), not the job's temporary copy", flush=True)
-            apply_flags(spec, sets={"cache_dir": node_cache})
-            base = spec.base_config()
+        _keep_out_of_the_job_copy(job_dir, spec, resolve_tracking_uri(args.tracking_uri), args.storage)
     if args.address:
         from search.driver import check_cluster
         check_cluster(args.address)
-
     from mlflow.tracking import MlflowClient
 
-    from mmsa.app.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE, experiment_name
-    from search.tracking import (find_resumable_search, get_experiment_id, log_params, prepare_tracking_uri,
-                                 unreachable)
+    from mmsa.app.run_tags import experiment_name
+    from search.job import inside
+    from search.tracking import find_resumable_search, get_experiment_id, prepare_tracking_uri, unreachable
     # A tracking server that stops answering mid-search is waited out (search/tracking.py): each
     # attempt gives up after seconds, not MLflow's default minutes, so the search does not stall.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -113,82 +124,135 @@ def main(argv: list[str] | None = None) -> int:
     space_key = str(Path(args.space).resolve())
     if job_dir is not None and inside(Path(space_key), job_dir):  # the copy's folder differs from job to job
         space_key = f"ray-job:{Path(space_key).relative_to(job_dir)}"
-    parent = None
+    resumed = None
     if args.resume:
-        parent = find_resumable_search(client, experiment_id, space_key)
-        if parent is None:
+        resumed = find_resumable_search(client, experiment_id, space_key)
+        if resumed is None:
             raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
                             f"in experiment '{experiment}'")
+    return Search(args, spec, job_dir, tracking_uri, client, experiment, experiment_id, space_key, resumed)
 
-    from mmsa.features.prepare import prepare_in_subprocess
-    t0 = time.time()
+
+def _space_with_flags(args: argparse.Namespace):
+    """The space file, every config error surfacing here, with the command line's flags over it."""
+    from mmsa.config import parse_overrides
+    from search.space import apply_flags, load_space
+    spec = load_space(args.space)
+    if args.data:
+        spec.data_dir = args.data
+    for flag, attr in (("--num-samples", "num_samples"), ("--max-epochs", "max_epochs")):
+        value = getattr(args, attr)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"{flag}: must be > 0")
+            setattr(spec, attr, value)
+    unsearched = apply_flags(spec, args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent, args.seed,
+                             parse_overrides(args.overrides))
+    if unsearched:
+        print(f"--set fixes {', '.join(unsearched)}: not searched in this run", flush=True)
+    return spec
+
+
+def _keep_out_of_the_job_copy(job_dir: Path, spec, tracking_uri: str, storage: str) -> None:
+    """A submitted search: refuse records inside the job's temporary copy of its working dir, and
+    keep a cache_dir that would land there in the node's own folder instead."""
+    from search.job import check_job_locations, job_cache_dir
+    from search.space import apply_flags
+    from search.trainable import NODE_CACHE_ENV
+    base = spec.base_config()
+    check_job_locations(job_dir, tracking_uri, storage, base.data.data_dir)
+    node_cache = job_cache_dir(job_dir, base.data.cache_dir, os.environ.get(NODE_CACHE_ENV))
+    if node_cache:
+        print(f"cache: {node_cache} (${NODE_CACHE_ENV} of this node), not the job's temporary copy", flush=True)
+        apply_flags(spec, sets={"cache_dir": node_cache})
+
+
+def prepare_data(search: Search):
+    """The labeled pairs and their features (built or checked in a child process, so this driver
+    never holds torch), and the folds every trial and the probe share."""
+    from mmsa.features.prepare import cv_splits, prepare_in_subprocess
+    from search.space import check_against_data
+    spec, base, t0 = search.spec, search.base, time.time()
     full = base.data.finetune == "full"
     print(f"data: {base.data.data_dir}; " + ("finetune=full: no feature cache, trials read the files" if full
                                              else "preparing features (built once, then cached)"), flush=True)
-    # Cached features: built or checked in a child process, so this driver never holds torch.
-    # Every labeled pair comes back as `train`; the folds cut it here, the same for every trial.
-    data = prepare_in_subprocess(base.data, val_fraction=0.0)
+    data = prepare_in_subprocess(base.data, val_fraction=0.0)  # every labeled pair comes back as `train`
     if spec.cv_folds == 1 and base.data.val_fraction <= 0:
         raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
-    from mmsa.features.prepare import cv_splits
     folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
     check_against_data(spec, min(len(tr) for tr, _ in folds))
-    how = (f"{spec.cv_folds}-fold cross-validation" if spec.cv_folds > 1
-           else f"one held-out split of {len(folds[0][1])}")
-    print(f"data: {len(data.train)} labeled pairs, trials scored by {how} (seed {base.data.split_seed}); "
+    search.how = (f"{spec.cv_folds}-fold cross-validation" if spec.cv_folds > 1
+                  else f"one held-out split of {len(folds[0][1])}")
+    print(f"data: {len(data.train)} labeled pairs, trials scored by {search.how} (seed {base.data.split_seed}); "
           f"{'read' if full else 'features ready'} in {time.time() - t0:.1f}s; {data.dataset.report.summary()}",
           flush=True)
-    budget_text = args.memory_budget or spec.memory_budget
-    if budget_text:
-        from search.budget import parse_size, plan_for_space
-        if full:
-            raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
-        budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
-        chosen = plan_for_space(spec, budget, data.features, base.data.max_text_len)
-        spec.max_concurrent = chosen.concurrent
-        if chosen.micro_batch:  # as if given as --set micro_batch=N
-            apply_flags(spec, sets={"micro_batch": chosen.micro_batch})
-            base = spec.base_config()
-        print(chosen.describe(budget), flush=True)
+    return data, folds
 
-    from mmsa.app.records import context_tags, fold_digests, log_datasets
-    datasets = fold_digests(data.features, folds)
-    if parent is None:
-        parent = client.create_run(experiment_id, run_name=f"search-{Path(args.space).stem}", tags=context_tags(
-            {TAG_KIND: "search", TAG_SPACE: space_key, TAG_STATE: "running"}))
-        parent_id = parent.info.run_id
-        log_datasets(client, parent_id, base.data.data_dir, datasets)
-        ray_path = os.path.join(os.path.abspath(args.storage) if "://" not in args.storage else args.storage,
-                                f"search-{parent_id[:12]}")
-        client.set_tag(parent_id, TAG_RAY_PATH, ray_path)
-        log_params(client, parent_id, {
-            "space_file": args.space, "num_samples": spec.num_samples, "max_epochs": spec.max_epochs,
-            "seed": spec.seed, "searcher": spec.searcher, "scheduler": spec.scheduler,
-            "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
-            "cv_folds": spec.cv_folds, "split_seed": base.data.split_seed,
-            "n_labeled": len(data.train), "n_test": len(data.test),
-            "ray_results_path": ray_path, "address": args.address or "local"})
-        client.log_artifact(parent_id, str(spec.path), artifact_path="space")
-        client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
-        if not full:  # the yardstick: the linear probe on the same folds
-            from mmsa.models.probe import probe_cv
-            from search.tracking import log_metrics
-            probe = probe_cv(data.features, folds)
-            log_metrics(client, parent_id, probe, step=0)
-            print(f"baseline: linear probe, {how}: val_acc {probe['probe_val_acc']:.4f}, "
-                  f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
-    else:
-        parent_id = parent.info.run_id
-        ray_path = parent.data.tags[TAG_RAY_PATH]
+
+def plan_memory(search: Search, data) -> None:
+    """--memory-budget: concurrency and micro-batch chosen to fit, set on the space."""
+    args, spec = search.args, search.spec
+    budget_text = args.memory_budget or spec.memory_budget
+    if not budget_text:
+        return
+    from search.budget import parse_size, plan_for_space
+    from search.space import apply_flags
+    if search.base.data.finetune == "full":
+        raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
+    budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
+    chosen = plan_for_space(spec, budget, data.features, search.base.data.max_text_len)
+    spec.max_concurrent = chosen.concurrent
+    if chosen.micro_batch:  # as if given as --set micro_batch=N
+        apply_flags(spec, sets={"micro_batch": chosen.micro_batch})
+    print(chosen.describe(budget), flush=True)
+
+
+def open_parent_run(search: Search, data, folds, datasets: dict) -> tuple[str, str]:
+    """The search's MLflow run, new (with its params, data report and the probe's score on the
+    folds) or the one --resume continues: (its id, Ray's state path)."""
+    from mmsa.app.records import context_tags, log_datasets
+    from mmsa.app.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE
+    from search.tracking import log_params
+    args, spec, base, client = search.args, search.spec, search.base, search.client
+    if search.resumed is not None:
+        parent_id = search.resumed.info.run_id
+        ray_path = search.resumed.data.tags[TAG_RAY_PATH]
         client.set_tag(parent_id, TAG_STATE, "running")
         client.update_run(parent_id, status="RUNNING")
         print(f"resuming search {parent_id} from {ray_path}", flush=True)
+        return parent_id, ray_path
+    parent = client.create_run(search.experiment_id, run_name=f"search-{Path(args.space).stem}", tags=context_tags(
+        {TAG_KIND: "search", TAG_SPACE: search.space_key, TAG_STATE: "running"}))
+    parent_id = parent.info.run_id
+    log_datasets(client, parent_id, base.data.data_dir, datasets)
+    ray_path = os.path.join(os.path.abspath(args.storage) if "://" not in args.storage else args.storage,
+                            f"search-{parent_id[:12]}")
+    client.set_tag(parent_id, TAG_RAY_PATH, ray_path)
+    log_params(client, parent_id, {
+        "space_file": args.space, "num_samples": spec.num_samples, "max_epochs": spec.max_epochs,
+        "seed": spec.seed, "searcher": spec.searcher, "scheduler": spec.scheduler,
+        "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
+        "cv_folds": spec.cv_folds, "split_seed": base.data.split_seed,
+        "n_labeled": len(data.train), "n_test": len(data.test),
+        "ray_results_path": ray_path, "address": args.address or "local"})
+    client.log_artifact(parent_id, str(spec.path), artifact_path="space")
+    client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
+    if base.data.finetune != "full":  # the yardstick: the linear probe on the same folds
+        from mmsa.models.probe import probe_cv
+        from search.tracking import log_metrics
+        probe = probe_cv(data.features, folds)
+        log_metrics(client, parent_id, probe, step=0)
+        print(f"baseline: linear probe, {search.how}: val_acc {probe['probe_val_acc']:.4f}, "
+              f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
+    return parent_id, ray_path
 
-    from search.driver import run_tuner
-    interrupted = run_tuner(spec, base, data, folds, tracking_uri, experiment_id, parent_id, ray_path,
-                            address=args.address, resume=args.resume, datasets=datasets)
 
+def report(search: Search, parent_id: str, interrupted: bool, seconds: float) -> int:
+    """The end: how to continue an interrupted search, or the chosen trial, the top trials, the
+    probe and the cost; last line `parent_run_id=<id>`."""
+    from mmsa.app.run_tags import TAG_STATE
     from search.report import baseline_line, cost_line, finalize_parent, top_table
+    args, spec, client = search.args, search.spec, search.client
     if interrupted:
         client.set_tag(parent_id, TAG_STATE, "interrupted")
         client.set_terminated(parent_id, status="KILLED")
@@ -196,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
               f"--resume" + (f" --data {args.data}" if args.data else ""), flush=True)
         print(f"parent_run_id={parent_id}", flush=True)
         return 130
-    best, trials = finalize_parent(client, experiment_id, parent_id, spec)
+    best, trials = finalize_parent(client, search.experiment_id, parent_id, spec)
     client.set_tag(parent_id, TAG_STATE, "finished")
     client.set_terminated(parent_id, status="FINISHED")
-    print(f"\ntop trials ({len(trials)} recorded, {time.time() - t0:.0f}s):", flush=True)
+    print(f"\ntop trials ({len(trials)} recorded, {seconds:.0f}s):", flush=True)
     print(top_table(trials, spec.metric, list(spec.params)), flush=True)
     print(baseline_line(client, parent_id, spec.metric), flush=True)
     print(cost_line(client, parent_id), flush=True)
