@@ -26,7 +26,10 @@ def test_probe_cv_scores_each_fold(subset_prepared):
     _, p = subset_prepared
     folds = cv_splits(p.train, 3, seed=0)
     out = probe_cv(p.features, folds)
-    assert len(out["probe_fold_val_acc"]) == 3 and 0 <= out["probe_val_acc"] <= 1
+    from sklearn.linear_model import LogisticRegression
+    for (train, val), acc in zip(folds, out["probe_fold_val_acc"]):  # each fold: sklearn's own score
+        model = LogisticRegression(C=1.0, max_iter=2000).fit(pooled_features(p.features, train.rows), train.labels)
+        assert acc == pytest.approx(model.score(pooled_features(p.features, val.rows), val.labels))
     assert out["probe_val_acc"] == pytest.approx(np.mean(out["probe_fold_val_acc"]))
     assert out == probe_cv(p.features, folds)  # deterministic
 

@@ -12,13 +12,21 @@ from tests.search_helpers import ROOT, TrialHold, run_search, search_cmd, wait_u
 pytestmark = pytest.mark.slow  # real searches in subprocesses
 
 
-def test_smoke_search_is_recorded_in_mlflow(smoke_search):
+def _probe_on_the_search_folds(subset_prepared, cv_folds: int) -> dict:
+    """The linear probe on the folds a search of the subset cuts (all labeled pairs, split seed 0)."""
+    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.models.probe import probe_cv
+    cfg, _ = subset_prepared
+    data = prepare(cfg, val_fraction=0.0)
+    return probe_cv(data.features, cv_splits(data.train, cv_folds, cfg.split_seed, cfg.val_fraction))
+
+
+def test_smoke_search_is_recorded_in_mlflow(smoke_search, subset_prepared):
     tmp, uri, parent_id, out = smoke_search
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     assert parent.data.tags[TAG_KIND] == "search" and parent.data.tags[TAG_STATE] == "finished"
     assert parent.info.status == "FINISHED"
-    assert 0 <= parent.data.metrics["best_val_acc"] <= 1
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"best_config.yaml", "space", "plots", "data_report.json"} <= artifacts
     assert any(a.path.endswith(".png") for a in client.list_artifacts(parent_id, "plots"))
@@ -45,7 +53,9 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search):
     assert completed and parent.data.metrics["best_val_acc"] == max(c.data.metrics["best_val_acc"] for c in completed)
     assert "top trials" in out.stdout and "rank" in out.stdout
     # the yardstick: the linear probe on the same folds
-    assert 0 < parent.data.metrics["probe_val_acc"] <= 1 and 0 < parent.data.metrics["probe_val_macro_f1"] <= 1
+    probe = _probe_on_the_search_folds(subset_prepared, cv_folds=3)
+    assert parent.data.metrics["probe_val_acc"] == pytest.approx(probe["probe_val_acc"])
+    assert parent.data.metrics["probe_val_macro_f1"] == pytest.approx(probe["probe_val_macro_f1"])
     assert "baseline: linear probe on the same folds: val_acc" in out.stdout
     assert parent.data.params["cv_folds"] == "3"
     # what the search cost: folds and epochs against running every trial to the end, and trial time summed
@@ -228,7 +238,9 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
     assert len(children) == 2
     for child in children:
         assert child.data.tags[TAG_ENDED] == "completed" and child.data.params["finetune"] == "full"
-        assert 0 <= child.data.metrics["val_acc"] <= 1 and child.data.metrics["mean_epoch_seconds"] > 0
+        m = child.data.metrics
+        at_best = client.get_metric_history(child.info.run_id, "fold1_val_acc")[int(m["best_epoch"]) - 1].value
+        assert m["val_acc"] == m["best_val_acc"] == pytest.approx(at_best) and m["mean_epoch_seconds"] > 0
 
 
 
