@@ -143,11 +143,8 @@ def test_a_search_submitted_with_ray_job_submit(subset_dir, subset_prepared, tmp
     try:
         with _cluster({"MMSA_CACHE_DIR": str(worker_cache)}, {"MMSA_CACHE_DIR": str(head_cache)},
                       dashboard_port=dashboard):
-            out = subprocess.run(
-                [shutil.which("ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-                 f"--working-dir={ROOT}", "--", "python", "-m", "search.run", "--space", str(space),
-                 "--tracking-uri", server.uri, "--storage", f"file://{tmp_path}/state"],
-                capture_output=True, text=True, timeout=600, env=ENV)
+            out = _job(dashboard, "submit", f"--working-dir={ROOT}", "--", "python", "-m", "search.run",
+                       "--space", str(space), "--tracking-uri", server.uri, "--storage", f"file://{tmp_path}/state")
     finally:
         server.stop()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -169,8 +166,16 @@ def test_a_search_submitted_with_ray_job_submit(subset_dir, subset_prepared, tmp
 
 
 def _job(dashboard: int, command: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([shutil.which("ray"), "job", command, f"--address=http://127.0.0.1:{dashboard}", *args],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    """`ray job COMMAND`. A head that has just started answers a submission with "please try again
+    later" until its job agent is up (seconds, longer on a loaded machine): asked again, for 3 min."""
+    import time
+    deadline = time.monotonic() + 180
+    while True:
+        out = subprocess.run([shutil.which("ray"), "job", command, f"--address=http://127.0.0.1:{dashboard}", *args],
+                             capture_output=True, text=True, timeout=timeout, env=ENV)
+        if out.returncode == 0 or "try again later" not in out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
 
 
 def test_a_submitted_search_stopped_with_ray_job_stop_resumes_from_an_edited_checkout(subset_dir, tmp_path):
