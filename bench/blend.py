@@ -37,8 +37,8 @@ def load(folder: Path, name: str, repeat: int) -> dict:
     path = folder / f"{name}-r{repeat}.npz"
     if not path.exists():
         sys.exit(f"bench/blend.py: {path} is missing (run bench/cv.py --save-oof {folder} with config {name})")
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    from mmsa.training import oof
+    return oof.load(path)
 
 
 def aligned(folder: Path, names: list[str], repeat: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

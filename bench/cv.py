@@ -42,14 +42,9 @@ def _job(args):
 
 
 def save_oof(folder: str, name: str, seed: int, folds, fold_probs) -> None:
-    """One repeat's out-of-fold predictions: rows, labels, fold index and class probabilities of
-    every labeled pair, each scored by the model that did not train on it."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    np.savez(Path(folder) / f"{name}-r{seed}.npz",
-             rows=np.concatenate([val.rows for _, val in folds]),
-             labels=np.concatenate([val.labels for _, val in folds]),
-             fold=np.concatenate([np.full(len(val), k) for k, (_, val) in enumerate(folds)]),
-             probs=np.concatenate(fold_probs).astype(np.float32))
+    """One repeat's out-of-fold predictions (mmsa.training.oof) as FOLDER/NAME-r<seed>.npz."""
+    from mmsa.training import oof
+    oof.save(Path(folder) / f"{name}-r{seed}.npz", oof.oof_arrays(folds, fold_probs))
 
 
 def main() -> None:

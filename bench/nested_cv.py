@@ -5,11 +5,11 @@ whose train.txt holds the outer training part and whose test_without_label.txt h
 fold (files linked, never copied); then the pipeline runs on it as a user runs it:
 `search.run` with the space (cross-validation inside) and `mmsa.final`, whose predictions are
 scored against the outer fold's labels. Beside it, the linear probe is trained on the same
-outer training part. `--final seeds seeds+probe folds+probe+finetune ...` scores several of
-mmsa.final's variants (`--bag`, then the `--blend` members) on the same searches.
+outer training part. `--final ensemble best+probe+finetune ...` scores several of mmsa.final's
+variants (its `--members`, joined by +) on the same searches.
 
     python bench/nested_cv.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--outer 5]
-        [--only 0,1] [--final seeds+probe seeds ...]
+        [--only 0,1] [--final ensemble best+probe+finetune ...]
 
 Each outer fold's search and every final variant's score are kept in WORK/results.json as soon
 as they are measured: a run that is stopped continues where it was, and a later run with a new
@@ -96,10 +96,11 @@ def main() -> None:
     p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="outer folds' seed (default 0)")
     p.add_argument("--only", help="comma-separated outer folds to run now (default: all not yet measured)")
-    p.add_argument("--final", nargs="+", default=["seeds+probe"], metavar="BAG[+MEMBER...]",
-                   help="mmsa.final variants to score, each --bag BAG --blend MEMBER,... (seeds: the ensemble of "
-                        "seeds alone; seeds+probe: blended with the probe; folds+probe+finetune, ...); the first is "
-                        "the pipeline's. Searches are kept and reused by later variants")
+    p.add_argument("--final", nargs="+", default=["ensemble"], metavar="MEMBER[+MEMBER...]",
+                   help="mmsa.final variants to score, each its --members joined by + (ensemble: what the search "
+                        "selected; best+probe+finetune: the best trial, the probe and the fixed fine-tuning recipe); "
+                        "the first is the pipeline's. Searches are kept and reused by later variants")
+    p.add_argument("--time-budget", help="the searches' --time-budget (default: the space's)")
     p.add_argument("--work", default=".cache/nested-cv", help="folders, MLflow store, results (git-ignored)")
     p.add_argument("--prepare-only", action="store_true", help="make the folders and their feature caches, then stop")
     p.add_argument("--out", default="nested_cv")
@@ -128,8 +129,9 @@ def main() -> None:
             continue
         if row is None:  # the search; kept, so that other final variants reuse it later
             print(f"outer fold {i}: {len(truth)} held-out pairs; searching ...", flush=True)
+            budget = ["--time-budget", args.time_budget] if args.time_budget else []
             out, search_s = run([sys.executable, "-m", "search.run", "--space", args.space, "--data", str(folder),
-                                 "--tracking-uri", uri, "--storage", str(work / "ray_results")])
+                                 "--tracking-uri", uri, "--storage", str(work / "ray_results"), *budget])
             parent = out.strip().splitlines()[-1].split("=", 1)[1]
             from mlflow.tracking import MlflowClient
             m = MlflowClient(uri).get_run(parent).data.metrics
@@ -137,17 +139,16 @@ def main() -> None:
                 parent, "best_config.yaml", str(work / f"outer{i}"))).read_text())
             row = {"search_seconds": search_s, "parent": parent, "head": best_cfg.get("head", "fusion"),
                    "inner_cv_acc": m.get("best_val_acc"), "inner_probe_acc": m.get("probe_val_acc"),
+                   "inner_ensemble_acc": m.get("ensemble_val_acc"),
                    "folds_trained": m.get("folds_trained"),
                    "folds_without_early_stopping": m.get("folds_without_early_stopping"),
                    "epochs_trained": m.get("epochs_trained"),
                    "epochs_without_early_stopping": m.get("epochs_without_early_stopping"),
                    "probe": probe_on(folder, truth, cache_dir)}
         for variant in missing:
-            bag, *members = variant.split("+")
             pred = work / f"outer{i}" / f"pred-{variant}.txt"
             _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", row["parent"], "--data", str(folder),
-                              "--tracking-uri", uri, "--out", str(pred), "--bag", bag,
-                              "--blend", ",".join(members) or "none"])
+                              "--tracking-uri", uri, "--out", str(pred), "--members", variant.replace("+", ",")])
             row[f"final_{variant}"] = {**score(pred, truth), "seconds": final_s}
             print(f"outer fold {i}: final {variant}: {row[f'final_{variant}']}, probe {row['probe']}", flush=True)
         results[str(i)] = row
@@ -179,11 +180,13 @@ def report(results: dict, args) -> None:
     summary.append(["linear probe", mean_std(pacc), mean_std([results[i]["probe"]["macro_f1"] for i in done])])
     body += "\n\n" + table(["", "accuracy (mean ± std over outer folds)", "macro-F1"], summary)
     first = modes[0]
-    diff = np.array([results[i][f"final_{first}"]["acc"] - results[i]["probe"]["acc"] for i in done])
-    body += (f"\n\nPipeline ({first}) minus probe, accuracy: {diff.mean() * 100:+.2f} points "
-             f"(std {diff.std(ddof=1) * 100 if len(diff) > 1 else 0:.2f}, standard error "
-             f"{diff.std(ddof=1) / np.sqrt(len(diff)) * 100 if len(diff) > 1 else 0:.2f}); below the probe in "
-             f"{int((diff < 0).sum())} of {len(diff)} outer folds.")
+    for other in [*modes[1:], "probe"]:
+        diff = np.array([results[i][f"final_{first}"]["acc"] - (results[i]["probe"] if other == "probe" else
+                                                                 results[i][f"final_{other}"])["acc"] for i in done])
+        body += (f"\n\nPipeline ({first}) minus {other}, accuracy, paired by outer fold: {diff.mean() * 100:+.2f} "
+                 f"points (std {diff.std(ddof=1) * 100 if len(diff) > 1 else 0:.2f}, standard error "
+                 f"{diff.std(ddof=1) / np.sqrt(len(diff)) * 100 if len(diff) > 1 else 0:.2f}); below it in "
+                 f"{int((diff < 0).sum())} of {len(diff)} outer folds.")
     write_result(args.out, "Nested cross-validation: search + final against the linear probe", body,
                  "python bench/nested_cv.py " + " ".join(sys.argv[1:]))
 

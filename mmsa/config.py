@@ -211,7 +211,7 @@ DERIVED_KEYS = ("text_backbone", "text_layers", "text_dim", "image_dim", "num_cl
 
 
 # Keys of earlier versions: refused where users give them, dropped from stored configs.
-RETIRED_KEYS = {"ensemble": "removed: a final model's seeds are members of its ensemble (mmsa.final --ensemble K)"}
+RETIRED_KEYS = {"ensemble": "removed: a final model's seeds are members of it (mmsa.final --seeds K)"}
 
 
 def refuse_derived(values: dict[str, Any], source: str) -> dict[str, Any]:

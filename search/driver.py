@@ -19,6 +19,7 @@ from mmsa.app.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import cache_transfer
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
+from search.time_budget import FoldBoundaryStopper, TimeBudget, parse_duration
 from search.tracking import MlflowTrialLogger, child_runs
 from search.trainable import TrialData, train_trial
 
@@ -92,6 +93,7 @@ def run_tuner(search, data, folds, parent_id: str, ray_path: str, datasets: dict
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     metric = f"best_{spec.metric}"
     logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat(), datasets)
+    budget = TimeBudget(parse_duration(spec.time_budget, "time_budget"), parent_id) if spec.time_budget else None
     try:
         start_ray(address)
         trainable = make_trainable(spec, base, data, folds, offer_cache=address is not None)
@@ -103,13 +105,14 @@ def run_tuner(search, data, folds, parent_id: str, ray_path: str, datasets: dict
                 trainable,
                 tune_config=tune.TuneConfig(
                     metric=metric, mode="max", num_samples=spec.num_samples,
-                    search_alg=ConcurrencyLimiter(make_searcher(spec), max_concurrent=spec.max_concurrent),
+                    search_alg=ConcurrencyLimiter(make_searcher(spec, budget), max_concurrent=spec.max_concurrent),
                     scheduler=make_scheduler(spec), reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
                     callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds),
                                CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    stop=FoldBoundaryStopper(parent_id) if budget is not None else None,
                     verbose=0))
         previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         try:
@@ -125,7 +128,9 @@ def run_tuner(search, data, folds, parent_id: str, ray_path: str, datasets: dict
     runs = child_runs(client, experiment_id, parent_id)
     ended = {r.data.tags.get(TAG_TRIAL) for r in runs
              if r.info.status in ("FINISHED", "FAILED")}
-    interrupted = len(ended) < spec.num_samples
+    # The live budget: on a resume, the copy Ray restored with the searcher.
+    budget = TimeBudget.live.get(parent_id)
+    interrupted = len(ended) < spec.num_samples and not (budget is not None and budget.left <= 0)
     # Runs still open now belong to trials cut off by this interruption, or left open by an
     # earlier driver that was killed outright and not restarted by Ray: close them as interrupted.
     lost = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted(complete=not interrupted)

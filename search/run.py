@@ -3,7 +3,9 @@
 Flow: validate the space file (before Ray) -> load the dataset and build the feature cache once
 -> cut the cross-validation folds -> MLflow parent run, with the linear probe's score on those
 folds -> Ray Tune (Optuna TPE + ASHA over folds) over the trainable -> pick the best trial, log
-best_config.yaml, metrics and plots on the parent. Last line: `parent_run_id=<id>`.
+best_config.yaml, metrics and plots on the parent -> ensemble selection over the out-of-fold
+predictions of the trials and the probe (ensemble.json, what mmsa.final retrains). Last line:
+`parent_run_id=<id>`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def parse_args(argv):
                    "else sqlite:///mlruns/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, "
                    "else mmsa-search)")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="train for this long at most, e.g. 20m or 1h30m: no trial starts after it, trials in flight "
+                        "end at their next fold, scored on the folds they finished (default: time_budget of the "
+                        "space file, else no limit; a resumed search keeps what its budget had left)")
     p.add_argument("--memory-budget", help="keep the whole search under this much memory, e.g. 12GB "
                    "(default: memory_budget of the space file, else no limit)")
     p.add_argument("--storage", default=RAY_STORAGE, help="folder or URI (s3://, gs://, file:///...) for Ray's "
@@ -146,6 +152,10 @@ def _space_with_flags(args: argparse.Namespace):
             if value <= 0:
                 raise UserError(f"{flag}: must be > 0")
             setattr(spec, attr, value)
+    if args.time_budget is not None:
+        from search.time_budget import parse_duration
+        parse_duration(args.time_budget, "--time-budget")
+        spec.time_budget = args.time_budget
     unsearched = apply_flags(spec, args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent, args.seed,
                              parse_overrides(args.overrides))
     if unsearched:
@@ -234,13 +244,18 @@ def open_parent_run(search: Search, data, folds, datasets: dict) -> tuple[str, s
         "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
         "cv_folds": spec.cv_folds, "split_seed": base.data.split_seed,
         "n_labeled": len(data.train), "n_test": len(data.test),
-        "ray_results_path": ray_path, "address": args.address or "local"})
+        "ray_results_path": ray_path, "address": args.address or "local", "time_budget": spec.time_budget})
     client.log_artifact(parent_id, str(spec.path), artifact_path="space")
     client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
     if base.data.finetune != "full":  # the yardstick: the linear probe on the same folds
         from mmsa.models.probe import probe_cv
         from search.tracking import log_metrics
-        probe = probe_cv(data.features, folds)
+        from mmsa.training import oof
+        from search.ensemble import PROBE_OOF_ARTIFACT
+        from search.tracking import log_bytes
+        probe = probe_cv(data.features, folds, keep_probs=True)
+        log_bytes(client, parent_id, oof.to_bytes(oof.oof_arrays(folds, probe.pop("probe_fold_probs"))),
+                  PROBE_OOF_ARTIFACT)
         log_metrics(client, parent_id, probe, step=0)
         print(f"baseline: linear probe, {search.how}: val_acc {probe['probe_val_acc']:.4f}, "
               f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
@@ -267,6 +282,15 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
     print(top_table(trials, spec.metric, list(spec.params)), flush=True)
     print(baseline_line(client, parent_id, spec.metric), flush=True)
     print(cost_line(client, parent_id), flush=True)
+    if spec.time_budget:
+        print(budget_line(client, parent_id), flush=True)
+    from search.ensemble import select_ensemble
+    ensemble = select_ensemble(client, parent_id, trials, spec.metric)
+    if ensemble is not None:
+        print(ensemble.line(), flush=True)
+        if ensemble.skipped:
+            print(f"note: trial(s) {', '.join(ensemble.skipped)} ran every fold but left no out-of-fold predictions "
+                  f"on these folds (recorded by an earlier version?): not candidates", flush=True)
     if best is None:
         print("no trial produced a score; see the failed runs in MLflow", flush=True)
     else:
@@ -274,9 +298,27 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
               f"{best.best_epoch} (run {best.run_id}); best_config.yaml logged on the parent run", flush=True)
         store = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
         print(f"next: python -m mmsa.final --run-id {parent_id}" + (f" --data {args.data}" if args.data else "")
-              + store + "   (retrain on all labeled pairs, predict the test set)", flush=True)
+              + store + "   (retrain the ensemble on all labeled pairs, predict the test set)", flush=True)
     print(f"parent_run_id={parent_id}", flush=True)
     return 0 if best is not None else 1
+
+
+def budget_line(client, parent_id: str) -> str:
+    """What the time budget covered: the trials it let start, and how they ended."""
+    from search.report import collect_trials
+    from search.time_budget import TimeBudget, describe
+    from search.tracking import log_metrics
+    budget = TimeBudget.live.get(parent_id)
+    if budget is None:
+        return "time budget: not used (the search ran no trial)"
+    log_metrics(client, parent_id, {"time_budget_s": budget.seconds, "time_budget_left_s": max(budget.left, 0.0)}, 0)
+    if budget.left > 0:
+        return (f"time budget {describe(budget.seconds)}: {describe(budget.left)} left when the last of num_samples "
+                f"trials ended")
+    trials = collect_trials(client, client.get_run(parent_id).info.experiment_id, parent_id, "val_acc")
+    return (f"time budget {describe(budget.seconds)}: spent; {len(trials)} trials started within it, "
+            f"{sum(t.ended == 'completed' for t in trials)} ran every fold (trials in flight when it ran out ended "
+            f"at their next fold, scored on the folds they finished)")
 
 
 def cli() -> None:

@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
+    """Also proposes no more trials once its time budget (search.time_budget) is spent."""
+
+    budget = None  # a TimeBudget, or None
+
+    def suggest(self, trial_id: str):
+        if self.budget is not None and self.budget.spent():
+            return self.FINISHED
+        return super().suggest(trial_id)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped_early = bool(result) and not error and not result.get(FINAL_KEY)
         if not stopped_early or trial_id in self._completed_trials:
@@ -33,15 +42,17 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-def make_searcher(spec) -> PruneAwareOptunaSearch:
+def make_searcher(spec, budget=None) -> PruneAwareOptunaSearch:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.searcher == "tpe":
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
-    return PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}",
-                                  mode="max", sampler=sampler, points_to_evaluate=default_point(spec))
+    searcher = PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}",
+                                      mode="max", sampler=sampler, points_to_evaluate=default_point(spec))
+    searcher.budget = budget
+    return searcher
 
 
 def default_point(spec) -> list[dict] | None:

@@ -39,6 +39,7 @@ KEYS = (
     Key("seed", "seed"),
     Key("cv_folds", "cv_folds", lambda v, s: v >= 1, ">= 1 (1: one held-out split)"),
     Key("memory_budget", "memory_budget"),
+    Key("time_budget", "time_budget"),
     Key("scheduler.type", "scheduler", lambda v, s: v in ("asha", "fifo"), "asha or fifo"),
     Key("scheduler.max_epochs", "max_epochs", lambda v, s: v > 0, "> 0"),
     Key("scheduler.grace_period", "grace_period", lambda v, s: 0 < v <= max(s.cv_folds, 1),
@@ -110,6 +111,7 @@ class SearchSpec:
     n_startup_trials: int = 8
     start_from_defaults: bool = True  # the first trial is the default config, where the space holds it
     memory_budget: str | None = None
+    time_budget: str | None = None  # e.g. 20m: no trial starts after it, trials in flight end at a fold
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
 
@@ -246,6 +248,9 @@ def load_space(path: str | Path) -> SearchSpec:
     for key in KEYS:
         if not key.check(getattr(spec, key.attr), spec):
             raise ConfigError(f"{path}: key '{key.path}' must be {key.expected}")
+    if spec.time_budget is not None:
+        from search.time_budget import parse_duration
+        parse_duration(spec.time_budget, f"{path}: time_budget")
     spec.base_config()  # the fixed values plus data_dir and max_epochs must make a valid config
     return spec
 

@@ -26,7 +26,7 @@ from mmsa.app.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG
 from mmsa.errors import UserError
 from mmsa.locks import exclusive
 from mmsa.app.records import context_tags, log_confusion, log_datasets
-from search.trainable import FINAL_KEY, scalar_metrics
+from search.trainable import FINAL_KEY, OOF_ARTIFACT, OOF_KEY, scalar_metrics
 
 MAX_TAG_CHARS = 5000
 # How Ray says that a trial's process vanished without a word: SIGKILL from
@@ -36,7 +36,7 @@ KILLED = "trial process killed (signal 9, possibly out of memory) or crashed"
 NOT_RESUMED = "Ray had not saved this trial when the search was killed; it was not trained again"
 # What Ray adds to every reported result (and the trainable's own bookkeeping): not results.
 NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint",
-                                             "node_id", FINAL_KEY}
+                                             "node_id", FINAL_KEY, OOF_KEY}
 
 
 def prepare_tracking_uri(uri: str) -> str:
@@ -79,6 +79,15 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for s in range(0, len(items), 100):
         client.log_batch(run_id, params=items[s:s + 100])
+
+
+def log_bytes(client: MlflowClient, run_id: str, data: bytes, name: str) -> None:
+    """A file of these bytes as an artifact of the run, under `name`."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        client.log_artifact(run_id, str(path))
 
 
 def metric_items(metrics: dict, step: int) -> list[Metric]:
@@ -222,8 +231,10 @@ class MlflowTrialLogger(Callback):
         self._write("start", trial.trial_id, dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        keep = {k: v for k, v in result.items() if k not in ("config",)}
+        keep = {k: v for k, v in result.items() if k not in ("config", OOF_KEY)}
         self._write("result", trial.trial_id, keep)
+        if result.get(OOF_KEY):
+            self._write("oof", trial.trial_id, result[OOF_KEY])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -282,6 +293,12 @@ class MlflowTrialLogger(Callback):
             items += metric_items({f"fold{fold}_{k}": v for k, v in point.items()}, epoch)
         if items:
             self.client.log_batch(run_id, metrics=items)
+
+    def _op_oof(self, trial_id: str, text: str) -> None:
+        run_id = self._run_map().get(trial_id)
+        if run_id:
+            from mmsa.training import oof
+            log_bytes(self.client, run_id, oof.to_bytes(oof.from_text(text)), OOF_ARTIFACT)
 
     def _op_confusion(self, trial_id: str, confusion: list, caption: str) -> None:
         run_id = self._run_map().get(trial_id)

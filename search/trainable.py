@@ -25,6 +25,10 @@ from mmsa.features.prepare import Split
 # Set on a trial's report of its last fold. A trial whose last result lacks it was stopped by the
 # scheduler.
 FINAL_KEY = "final"
+# On the report of the last fold: the trial's out-of-fold predictions at its best epoch
+# (mmsa.training.oof as text), which the driver keeps as the trial run's OOF_ARTIFACT.
+OOF_KEY = "oof"
+OOF_ARTIFACT = "oof.npz"
 
 
 @dataclass
@@ -119,7 +123,8 @@ def train_trial(config: dict, data: TrialData) -> None:
 def fit_trial(emit, config: dict, data: TrialData) -> None:
     """One trial: cross-validation over `data.folds`; emit(metrics) after every fold, with
     training_iteration = folds done and the score = the mean over those folds, so that ASHA
-    halves trials over folds (emit may stop the trial by raising)."""
+    halves trials over folds (emit may stop the trial by raising). The last fold's report carries
+    the out-of-fold predictions (OOF_KEY)."""
     release_freed_memory()  # what the previous trial in this process left behind
     from mmsa.training.crossval import cross_validate  # torch: imported by trial processes, not by the driver
     cfg = Config.from_flat({**data.base, **config}, source="trial config")
@@ -131,7 +136,10 @@ def fit_trial(emit, config: dict, data: TrialData) -> None:
         # list of dicts in a result, and skips text quietly.
         out.update(val_confusion=summary["val_confusion"], fold_curve=json.dumps(summary["fold_curve"]))
         if k == len(data.folds):
+            from mmsa.training import oof
             out[FINAL_KEY] = 1
+            out[OOF_KEY] = oof.to_text(oof.oof_arrays(data.folds, summary["fold_probs"]))
         emit(out)
 
-    cross_validate(cfg, data.features(), data.folds, on_fold=on_fold, on_epoch=lambda *_: release_freed_memory())
+    cross_validate(cfg, data.features(), data.folds, on_fold=on_fold, on_epoch=lambda *_: release_freed_memory(),
+                   keep_probs=True)

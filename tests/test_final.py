@@ -35,58 +35,69 @@ def _check_predictions(path, subset_dir):
     assert {t for _, t in rows} <= {"positive", "neutral", "negative"}
 
 
-def test_final_from_the_search_parent(smoke_search, subset_dir, tmp_path):
+def test_final_from_the_search_parent_retrains_the_selected_ensemble(smoke_search, subset_dir, tmp_path):
+    import json
+    from pathlib import Path
     tmp, uri, parent_id, _ = smoke_search
+    client = MlflowClient(uri)
+    ensemble = json.loads(Path(client.download_artifacts(parent_id, "ensemble.json", str(tmp_path))).read_text())
     out = _final(uri, parent_id, tmp_path / "pred.txt")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"predictions={tmp_path / 'pred.txt'}"
     assert "class balance" in out.stdout
     _check_predictions(tmp_path / "pred.txt", subset_dir)
-    client = MlflowClient(uri)
-    exp = client.get_run(parent_id).info.experiment_id
-    finals = child_runs(client, exp, parent_id, kind="final")
+    finals = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final")
     assert len(finals) == 1
     run_id = finals[0].info.run_id
     ckpt = _checkpoint(uri, run_id, tmp_path)
     assert set(ckpt) == {"format", "members", "labels"}
-    from mmsa.app.final import DEFAULT_BLEND, DEFAULT_ENSEMBLE
-    names = [m["name"] for m in ckpt["members"]]
-    seeds = [f"chosen config, seed {s}" for s in range(DEFAULT_ENSEMBLE)]  # the default: 5 seeds
-    assert names == seeds + ["linear probe", "fine-tuned minilm"] and len(DEFAULT_BLEND.split(",")) == 2
-    # the chosen config's models together weigh as much as each blended member
-    assert [m["weight"] for m in ckpt["members"]] == pytest.approx([1 / DEFAULT_ENSEMBLE] * DEFAULT_ENSEMBLE + [1, 1])
-    assert "5 models (seeds 0..4)" in out.stdout and "blend: chosen config (5 models) + linear probe" in out.stdout
+    from mmsa.app.final import DEFAULT_SEEDS
+    # every selected member, a trial's as DEFAULT_SEEDS models sharing its weight, the probe as one
+    expected = []
+    for m in ensemble["members"]:
+        if m["run_id"] is None:
+            expected.append(("linear probe", m["weight"]))
+        else:
+            expected += [(f"trial {m['name']}, seed {s}", m["weight"] / DEFAULT_SEEDS) for s in range(DEFAULT_SEEDS)]
+    assert [m["name"] for m in ckpt["members"]] == [name for name, _ in expected]
+    assert [m["weight"] for m in ckpt["members"]] == pytest.approx([w for _, w in expected])
+    assert sum(m["weight"] for m in ckpt["members"]) == pytest.approx(1.0)
     from mmsa.config import Config
     from mmsa.models.factory import create_model
     for member in ckpt["members"]:
         create_model(Config.from_flat(member["config"])).load_state_dict(member["model"])  # rebuilt from its config
-    assert ckpt["members"][0]["config"]["d_model"] == 32
     assert {a.path for a in client.list_artifacts(run_id, "predictions")} == {"predictions/pred.txt"}
 
 
-def test_blend_members_are_named_and_checked(smoke_search, subset_dir, tmp_path):
+def test_members_are_chosen_merged_and_checked(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
-    out = _final(uri, parent_id, tmp_path / "pred.txt", "--ensemble", "1", "--blend", "none")
-    assert out.returncode == 0 and "blend:" not in out.stdout, out.stderr[-3000:]
+    out = _final(uri, parent_id, tmp_path / "pred.txt", "--members", "best,probe", "--seeds", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(uri)
     final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
                 key=lambda r: r.info.start_time)
-    assert [m["name"] for m in _checkpoint(uri, final.info.run_id, tmp_path)["members"]] == ["chosen config"]
-    bad = _final(uri, parent_id, tmp_path / "q.txt", "--blend", "probe,knn")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--blend probe,knn" in bad.stderr
-    assert not (tmp_path / "q.txt").exists()
+    members = _checkpoint(uri, final.info.run_id, tmp_path)["members"]
+    assert [(m["name"], m["weight"]) for m in members] == \
+        [("chosen config, seed 0", 0.25), ("chosen config, seed 1", 0.25), ("linear probe", 0.5)]
+    assert members[0]["config"]["d_model"] == 32
+    for bad, said in ((["--members", "probe,knn"], "--members probe,knn"), (["--seeds", "0"], "--seeds 0"),
+                      (["--blend", "probe"], "--blend: renamed; use --members"),
+                      (["--ensemble", "2"], "--ensemble: renamed; use --seeds")):
+        refused = _final(uri, parent_id, tmp_path / "q.txt", *bad)
+        assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and said in refused.stderr
+        assert not (tmp_path / "q.txt").exists()
 
 
 def test_final_from_one_trial(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
     client = MlflowClient(uri)
     trial = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)[0]
-    out = _final(uri, trial.info.run_id, tmp_path / "p.txt", "--ensemble", "1")
+    out = _final(uri, trial.info.run_id, tmp_path / "p.txt", "--seeds", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "retraining 1 model on all labeled pairs" in out.stdout
+    assert f"final model of trial {trial.info.run_id}: chosen config (1.00)" in out.stdout
     _check_predictions(tmp_path / "p.txt", subset_dir)
-    bad = _final(uri, trial.info.run_id, tmp_path / "q.txt", "--ensemble", "0")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--ensemble 0" in bad.stderr
+    bad = _final(uri, trial.info.run_id, tmp_path / "q.txt", "--members", "ensemble")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "has no selected ensemble" in bad.stderr
 
 
 @pytest.mark.parametrize("case", ["unknown", "no-config", "deleted"])
@@ -139,35 +150,34 @@ def _fully_fine_tuned_trial(smoke_search) -> tuple[str, str]:
 
 def test_a_fully_fine_tuned_config_retrains_and_predicts(smoke_search, subset_dir, tmp_path):
     uri, run_id = _fully_fine_tuned_trial(smoke_search)
-    # no blend members: what is checked is the backbones' retrain (minutes on a busy 2-core CPU)
-    out = _final(uri, run_id, tmp_path / "p.txt", "--data", str(subset_dir), "--blend", "none")
+    out = _final(uri, run_id, tmp_path / "p.txt", "--data", str(subset_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     _check_predictions(tmp_path / "p.txt", subset_dir)
 
 
 def test_an_ensemble_of_fully_fine_tuned_backbones_is_refused(smoke_search, tmp_path):
     uri, run_id = _fully_fine_tuned_trial(smoke_search)
-    out = _final(uri, run_id, tmp_path / "p.txt", "--ensemble", "3")
+    out = _final(uri, run_id, tmp_path / "p.txt", "--seeds", "3")
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().count("\n") == 0 and "--ensemble 3" in out.stderr and "finetune=full" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "--seeds 3" in out.stderr and "finetune=full" in out.stderr
 
 
 def test_final_can_bag_the_models_of_the_search_folds(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
-    out = _final(uri, parent_id, tmp_path / "pred.txt", "--bag", "folds")
+    out = _final(uri, parent_id, tmp_path / "pred.txt", "--bag", "folds", "--members", "best,probe")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "one model on each of the search's 3 folds' training parts" in out.stdout
-    assert [ln.split(":")[0] for ln in out.stdout.splitlines() if ln.startswith("fold ")] == \
-        ["fold 1 of 3", "fold 2 of 3", "fold 3 of 3"]
+    assert "member: chosen config, 3 model(s)" in out.stdout
+    assert [ln for ln in out.stdout.splitlines() if ln.startswith("chosen config: fold")] == \
+        ["chosen config: fold 1", "chosen config: fold 2", "chosen config: fold 3"]
     _check_predictions(tmp_path / "pred.txt", subset_dir)
     client = MlflowClient(uri)
     final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
                 key=lambda r: r.info.start_time)
     members = _checkpoint(uri, final.info.run_id, tmp_path)["members"]
     assert [m["name"] for m in members[:3]] == [f"chosen config, fold {k}" for k in (1, 2, 3)]
-    assert [m["weight"] for m in members[:3]] == pytest.approx([1 / 3] * 3)
-    both = _final(uri, parent_id, tmp_path / "q.txt", "--bag", "folds", "--ensemble", "2")
-    assert both.returncode == 2 and "--ensemble" in both.stderr and both.stderr.strip().count("\n") == 0
+    assert [m["weight"] for m in members] == pytest.approx([1 / 6] * 3 + [1 / 2])
+    both = _final(uri, parent_id, tmp_path / "q.txt", "--bag", "folds", "--seeds", "2")
+    assert both.returncode == 2 and "--seeds 2" in both.stderr and both.stderr.strip().count("\n") == 0
 
 
 def test_a_config_below_the_linear_probe_gets_a_warning(tmp_path):

@@ -20,7 +20,7 @@ def registered(smoke_search, subset_dir, subset_cache, tmp_path_factory):
     _, uri, parent_id, _ = smoke_search
     out_file = tmp_path_factory.mktemp("final") / "pred.txt"
     out = subprocess.run([sys.executable, "-m", "mmsa.final", "--run-id", parent_id, "--tracking-uri", uri,
-                          "--out", str(out_file), "--ensemble", "2", "--register", "mmsa-test"],
+                          "--out", str(out_file), "--seeds", "2", "--register", "mmsa-test"],
                          capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return uri, out_file, out.stdout

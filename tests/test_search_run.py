@@ -68,6 +68,46 @@ def test_smoke_search_is_recorded_in_mlflow(smoke_search, subset_prepared):
     assert f"cost: {folds_trained} folds ({2 * folds_trained} epochs) trained, of 12 (24)" in out.stdout
 
 
+def test_the_search_keeps_out_of_fold_predictions_and_selects_an_ensemble(smoke_search, tmp_path):
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from mmsa.training import oof
+    from mmsa.training.selection import blend, score
+    tmp, uri, parent_id, out = smoke_search
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+
+    def fold_mean_acc(arrays):  # what a trial's score is: the mean over folds of each fold's accuracy
+        return np.mean([score("val_acc", arrays["labels"][arrays["fold"] == k], arrays["probs"][arrays["fold"] == k])
+                        for k in np.unique(arrays["fold"])])
+    probe = oof.load(client.download_artifacts(parent_id, "probe_oof.npz", str(tmp_path)))
+    assert str(len(probe["rows"])) == parent.data.params["n_labeled"]
+    assert sorted(probe["rows"]) == list(probe["rows"]) and np.unique(probe["fold"]).tolist() == [0, 1, 2]
+    assert fold_mean_acc(probe) == pytest.approx(parent.data.metrics["probe_val_acc"])
+    candidates = {"probe": probe["probs"]}
+    for child in child_runs(client, parent.info.experiment_id, parent_id):
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        if child.data.tags[TAG_ENDED] != "completed":
+            assert "oof.npz" not in names  # a trial stopped early has no prediction for every pair
+            continue
+        got = oof.load(client.download_artifacts(child.info.run_id, "oof.npz", str(tmp_path / child.info.run_id)))
+        assert oof.same_rows(got, probe) and np.array_equal(got["fold"], probe["fold"])
+        # its predictions at its best epoch are what its score was measured on
+        assert fold_mean_acc(got) == pytest.approx(child.data.metrics["best_val_acc"])
+        candidates[child.data.tags[TAG_TRIAL]] = got["probs"]
+    ensemble = json.loads(Path(client.download_artifacts(parent_id, "ensemble.json", str(tmp_path))).read_text())
+    weights = {m["name"]: m["weight"] for m in ensemble["members"]}
+    assert sum(weights.values()) == pytest.approx(1.0) and set(weights) <= set(candidates)
+    assert ensemble["candidates"] == len(candidates)
+    assert ensemble["score"] == pytest.approx(score("val_acc", probe["labels"], blend(candidates, weights)))
+    assert parent.data.metrics["ensemble_val_acc"] == pytest.approx(ensemble["score"])
+    assert ensemble["score"] >= max(score("val_acc", probe["labels"], p) for p in candidates.values())
+    assert "ensemble: " in out.stdout and "chosen without each fold in turn" in out.stdout
+
+
 def test_the_search_driver_holds_no_torch(smoke_search):
     # the driver runs for the whole search: torch there costs memory, and torch loaded late (Ray's
     # TensorBoard logger imports it) once died loading its MKL in a submitted job

@@ -115,6 +115,15 @@ def test_cli_refuses_bad_space_before_ray(tmp_path):
     assert "ray" not in out.stdout.lower() and time.time() - start < 60
 
 
+@pytest.mark.parametrize("budget, said", [("soon", "not a duration"), ("20s", "shorter than 60 s, too short for one fold")])
+def test_cli_refuses_a_bad_time_budget_before_anything_is_recorded(tmp_path, budget, said):
+    out = subprocess.run([sys.executable, "-m", "search.run", "--space", str(ROOT / "spaces" / "smoke.yaml"),
+                          "--time-budget", budget, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"--time-budget {budget}: {said}" in out.stderr and not (tmp_path / "mlflow.db").exists()
+
+
 def test_command_line_flags_override_the_space_file():
     from search.space import apply_flags
     spec = load_space(ROOT / "spaces" / "fusion.yaml")

@@ -1,18 +1,17 @@
-"""`python -m mmsa.final --run-id ID`: retrain the chosen config on all labeled pairs, predict the test set.
+"""`python -m mmsa.final --run-id ID`: retrain what the search selected on all labeled pairs, predict the test set.
 
-ID is a search's parent run (its chosen config, best_config.yaml) or one trial's run (that
-trial's params). The number of epochs comes from the search: the retrain replays the trial's
-learning-rate schedule (warm-up + cosine over its max_epochs) and stops at the trial's
-`best_epoch`, where its mean over the cross-validation folds peaked. A chosen config that scored
-below the linear probe on the same folds gets a one-line warning.
+ID is a search's parent run or one trial's run. By default the final model is the ensemble the
+search selected (search/ensemble.py: trials and the linear probe, with weights, chosen on their
+out-of-fold predictions); for one trial's run, or a search recorded before ensembles, the best
+trial's config. `--members` picks instead, e.g. `best,probe,finetune`.
 
-The final model is a list of weighted members (mmsa.models.ensemble): by default the chosen config
-trained from 5 seeds (`--ensemble`; `--bag folds`: one model per fold of the search), together
-weighing as one member, plus the `--blend` members (the linear probe, a fine-tuned MiniLM) at
-the same weight each. The predictions file is written atomically; the config, metrics,
-datasets, the cross-validated confusion matrix of the chosen trial, the predictions and the model
-(an MLflow pyfunc model holding every member, mmsa.app.pyfunc; registered with `--register`) are
-logged as a child run of the search.
+Each trial member retrains with its own config on all labeled pairs and stops at its
+`best_epoch` (replaying its warm-up + cosine schedule), from 5 seeds on cached frozen features
+(`--seeds`; `--bag folds`: one model per fold of the search), 1 when it fine-tunes. The final
+model is a list of weighted members (mmsa.models.ensemble). The predictions file is written
+atomically; the config, members, metrics, datasets, the cross-validated confusion matrix of the
+best trial, the predictions and the model (an MLflow pyfunc model holding every member,
+mmsa.app.pyfunc; registered with `--register`) are logged as a child run of the search.
 """
 
 from __future__ import annotations
@@ -33,19 +32,31 @@ from mmsa.data.dataset import LABELS
 from mmsa.errors import UserError
 from mmsa.app.run_tags import TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE, sqlite_file, tracking_uri
 
-DEFAULT_ENSEMBLE = 5
-BLENDS = ("probe", "finetune")
-DEFAULT_BLEND = "probe,finetune"
-# The fine-tuned text member (--blend finetune): the whole MiniLM trains at lr * text_lr_scale
-# = 3e-5 on the cached embedding output, an mlp head on it and the cached image tokens at 1e-3,
-# on a 3-epoch warm-up + cosine schedule stopped after epoch 2, the epoch cross-validation chose
-# (bench/results/cv_finetune.md).
+DEFAULT_SEEDS = 5  # models of a member on cached frozen features; one of a fine-tuned member
+MEMBER_KINDS = ("ensemble", "best", "probe", "finetune")
+# The fine-tuned text member (--members ...,finetune): a fixed recipe, kept for comparison with what
+# the search selects. The whole MiniLM trains at lr * text_lr_scale = 3e-5 on the cached embedding
+# output, an mlp head on it and the cached image tokens at 1e-3, on a 3-epoch warm-up + cosine
+# schedule stopped after epoch 2, the epoch cross-validation chose (bench/results/cv_finetune.md).
 FINETUNE_EPOCHS = 2
 FINETUNE_MEMBER = {"finetune": "last_k", "head": "mlp", "pooling": "mean", "lr": 1e-3, "text_lr_scale": 0.03,
                    "max_epochs": 3, "stop_epoch": FINETUNE_EPOCHS}  # + every text layer
 DEFAULT_MODEL_NAME = "mmsa-sentiment"  # what --register names the model when given no name
 BAGS = ("seeds", "folds")
 DEFAULT_BAG = "seeds"
+RENAMED_FLAGS = {"--blend": "--members (e.g. --members best,probe,finetune)", "--ensemble": "--seeds"}
+
+
+@dataclass
+class MemberPlan:
+    """One member of the final model, before it trains."""
+
+    name: str  # "trial 3f2a_00004", "linear probe", "fine-tuned minilm"
+    kind: str  # trial | probe | finetune
+    cfg: Config  # a trial's config stopping at its best epoch, the recipe, or the config whose data the probe reads
+    weight: float  # its share of the final model
+    source: str  # what it is made from: a trial's run id, or its kind: members with the same are merged
+    models: int = 1  # a trial's: seeds, or folds of the search (--bag folds), sharing its weight
 
 
 @dataclass
@@ -54,13 +65,12 @@ class Plan:
 
     client: object  # MlflowClient
     uri: str
-    cfg: Config  # the chosen config, stopping at its best epoch
+    cfg: Config  # the chosen (best) config, stopping at its best epoch: the data every member reads
     what: str  # where the config came from, for the user
     trial: object  # the trial run that scored it
     parent_id: str | None
     bag: str
-    models: int  # of the chosen config: seeds, or folds of the search
-    blend: list[str]
+    members: list[MemberPlan]
     out: Path
     register: str | None
 
@@ -122,73 +132,151 @@ def probe_warning(client, trial, parent_id: str | None, monitor: str) -> str | N
 
 
 def parse_args(argv):
+    import sys
+    for arg in argv if argv is not None else sys.argv[1:]:
+        flag = arg.split("=", 1)[0]
+        if flag in RENAMED_FLAGS:
+            raise UserError(f"{flag}: renamed; use {RENAMED_FLAGS[flag]}")
     p = argparse.ArgumentParser(prog="python -m mmsa.final", description=__doc__.splitlines()[0])
     p.add_argument("--run-id", required=True, help="a search's parent run id, or one trial's run id")
     p.add_argument("--data", help="dataset folder (default: the one the search used)")
     p.add_argument("--out", default="predictions.txt", help="predictions file (default: predictions.txt)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlruns/mlflow.db)")
-    p.add_argument("--ensemble", type=int, metavar="K",
-                   help=f"models of the chosen config trained from K seeds, together one member of the final "
-                        f"model (default {DEFAULT_ENSEMBLE}, or 1 with finetune=full; 1: one model, as a trial trains)")
+    p.add_argument("--members", metavar="LIST",
+                   help="what the final model averages, comma-separated, each listed item the same share: "
+                        "ensemble (the members and weights the search selected), best (the best trial's config), "
+                        "probe (the linear probe), finetune (a fixed MiniLM fine-tuning recipe, "
+                        f"{FINETUNE_EPOCHS} epochs of a 3-epoch schedule). Default: ensemble for a search that "
+                        "selected one, else best")
+    p.add_argument("--seeds", type=int, metavar="K",
+                   help=f"models of each trial member trained from K seeds, sharing its weight (default "
+                        f"{DEFAULT_SEEDS} on cached frozen features, 1 for a fine-tuned member)")
     p.add_argument("--register", nargs="?", const=DEFAULT_MODEL_NAME, metavar="NAME",
                    help="register the logged model in the MLflow model registry as NAME (a new version "
                         f"each time; bare --register: {DEFAULT_MODEL_NAME}). Without it the model is "
                         "still logged on the final run, as an MLflow model")
-    p.add_argument("--blend", default=DEFAULT_BLEND, metavar="MEMBERS",
-                   help="members whose class probabilities are averaged with the chosen config's, comma-separated: "
-                        "probe (the linear probe on all labeled pairs), finetune (MiniLM fine-tuned with an mlp "
-                        f"head on cached image features, {FINETUNE_EPOCHS} epochs of a 3-epoch schedule), or none. "
-                        f"Default {DEFAULT_BLEND} (docs/results.md measures each)")
     p.add_argument("--bag", choices=BAGS, default=DEFAULT_BAG,
-                   help="seeds: the chosen config's models train on all labeled pairs from different seeds; folds: "
-                        "one model per cross-validation fold of the search, each on that fold's training part "
-                        f"(as many models as folds; --ensemble does not apply). Default {DEFAULT_BAG}")
+                   help="seeds: each trial member's models train on all labeled pairs from different seeds; "
+                        "folds: one model per cross-validation fold of the search, each on that fold's training "
+                        f"part (--seeds does not apply). Default {DEFAULT_BAG}")
     return p.parse_args(argv)
+
+
+def parse_members(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MEMBER_KINDS]
+    if unknown or not names or len(set(names)) < len(names):
+        raise UserError(f"--members {text}: expected distinct names among {', '.join(MEMBER_KINDS)}, "
+                        f"comma-separated")
+    return names
+
+
+def read_ensemble(client, parent_id: str | None) -> dict | None:
+    """The ensemble the search selected (its parent run's ENSEMBLE_ARTIFACT), or None."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mmsa.app.run_tags import ENSEMBLE_ARTIFACT
+    if not parent_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(client.download_artifacts(parent_id, ENSEMBLE_ARTIFACT, tmp)).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
 
 
 def resolve(args) -> Plan:
     """Every flag and the run's records checked and combined, before anything trains."""
-    blend = parse_blend(args.blend)
     from mlflow.tracking import MlflowClient
     uri = tracking_uri(args.tracking_uri)
     if sqlite_file(uri) is not None and not sqlite_file(uri).exists():
         raise UserError(f"tracking URI {uri}: no MLflow store there (run a search first)")
     client = MlflowClient(uri)
     flat, epochs, parent_id, what, trial = resolve_run(client, args.run_id)
-    cfg = Config.from_stored(flat, source=f"config of {what}")
-    if args.data:
-        cfg.data.data_dir = args.data
-    cfg.train.stop_epoch = epochs
-    cv_folds = int(client.get_run(parent_id).data.params.get("cv_folds", 1)) if parent_id else 1
-    if args.bag == "folds":
-        if args.ensemble is not None:
-            raise UserError("--ensemble: does not apply with --bag folds (one model per fold)")
-        if cv_folds < 2:
-            raise UserError(f"--bag folds: {what} was not cross-validated (cv_folds {cv_folds}); use --bag seeds")
-        models = cv_folds
+    cfg = _stopping(Config.from_stored(flat, source=f"config of {what}"), epochs, args.data)
+    is_search = what.startswith("search")
+    ensemble = read_ensemble(client, parent_id) if is_search else None
+    if args.members is None:
+        kinds = ["ensemble"] if ensemble else ["best"]
     else:
-        models = args.ensemble if args.ensemble is not None else (1 if cfg.data.finetune == "full" else DEFAULT_ENSEMBLE)
-        if models < 1:
-            raise UserError(f"--ensemble {args.ensemble}: must be >= 1")
-    if models > 1 and cfg.data.finetune == "full":
-        raise UserError(f"--{'bag folds' if args.bag == 'folds' else f'ensemble {models}'}: several models of "
-                        f"{what} would each fine-tune both backbones (finetune=full); use --ensemble 1")
-    return Plan(client, uri, cfg, what, trial, parent_id, args.bag, models, blend, Path(args.out), args.register)
+        kinds = parse_members(args.members)
+    if "ensemble" in kinds and not ensemble:
+        raise UserError(f"--members ensemble: {what if is_search else f'--run-id {args.run_id} is one trial, and'} "
+                        f"has no selected ensemble (a search logs ensemble.json once a trial ran every fold); "
+                        f"use --members best")
+    if args.seeds is not None and (args.seeds < 1 or args.bag == "folds"):
+        raise UserError(f"--seeds {args.seeds}: " + ("does not apply with --bag folds (one model per fold)"
+                                                     if args.bag == "folds" else "must be >= 1"))
+    cv_folds = int(client.get_run(parent_id).data.params.get("cv_folds", 1)) if parent_id else 1
+    if args.bag == "folds" and cv_folds < 2:
+        raise UserError(f"--bag folds: {what} was not cross-validated (cv_folds {cv_folds}); use --bag seeds")
+    share = 1 / len(kinds)
+    planned: dict[str, MemberPlan] = {}
+
+    def add(m: MemberPlan) -> None:
+        if m.source in planned:  # e.g. the probe listed and also in the ensemble: one member, both shares
+            planned[m.source].weight += m.weight
+        else:
+            planned[m.source] = m
+    for kind in kinds:
+        if kind == "best":
+            add(MemberPlan("chosen config", "trial", cfg, share, trial.info.run_id))
+        elif kind == "probe":
+            add(MemberPlan("linear probe", "probe", cfg, share, "probe"))
+        elif kind == "finetune":
+            add(MemberPlan(f"fine-tuned {cfg.data.text_encoder}", "finetune", finetune_recipe(cfg), share, "finetune"))
+        else:
+            for m in ensemble["members"]:
+                if m["run_id"] is None:
+                    add(MemberPlan("linear probe", "probe", cfg, share * m["weight"], "probe"))
+                    continue
+                trial_flat, trial_epochs, _, _, _ = resolve_run(client, m["run_id"])
+                trial_cfg = _stopping(Config.from_stored(trial_flat, source=f"config of trial {m['name']}"),
+                                      trial_epochs, args.data)
+                add(MemberPlan(f"trial {m['name']}", "trial", trial_cfg, share * m["weight"], m["run_id"]))
+    members = list(planned.values())
+    for m in members:
+        if m.kind != "trial":
+            continue
+        fine_tuned = m.cfg.data.finetune != "none"
+        m.models = cv_folds if args.bag == "folds" else (args.seeds or (1 if fine_tuned else DEFAULT_SEEDS))
+        if m.models > 1 and m.cfg.data.finetune == "full":
+            raise UserError(f"--{'bag folds' if args.bag == 'folds' else f'seeds {m.models}'}: several models of "
+                            f"{m.name} would each fine-tune both backbones (finetune=full); use --seeds 1")
+    return Plan(client, uri, cfg, what, trial, parent_id, args.bag, members, Path(args.out), args.register)
+
+
+def _stopping(cfg: Config, epochs: int, data_dir: str | None) -> Config:
+    """`cfg` stopping at `epochs` of its schedule, reading `data_dir` where given."""
+    if data_dir:
+        cfg.data.data_dir = data_dir
+    cfg.train.stop_epoch = epochs
+    return cfg
+
+
+def finetune_recipe(cfg: Config) -> Config:
+    """The fixed fine-tuning recipe (FINETUNE_MEMBER) on `cfg`'s data."""
+    keep = {k: getattr(cfg.data, k) for k in ("data_dir", "cache_dir", "text_encoder", "image_encoder",
+                                               "max_text_len", "text_clean", "split_seed")}
+    from mmsa.features.encoders import build_text_encoder
+    layers = build_text_encoder(cfg.data.text_encoder).num_layers  # the whole text model trains
+    return Config.from_flat({**keep, **FINETUNE_MEMBER, "text_finetune_layers": layers, "seed": cfg.train.seed,
+                             "device": cfg.train.device, "num_threads": cfg.train.num_threads},
+                            source="--members finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     plan = resolve(parse_args(argv))
-    warning = probe_warning(plan.client, plan.trial, plan.parent_id, plan.cfg.train.monitor)
-    if warning:
-        print(warning, flush=True)
+    if any(m.name == "chosen config" for m in plan.members):
+        warning = probe_warning(plan.client, plan.trial, plan.parent_id, plan.cfg.train.monitor)
+        if warning:
+            print(warning, flush=True)
     cfg = plan.cfg
-    models = (f"one model on each of the search's {plan.models} folds' training parts" if plan.bag == "folds" else
-              (f"{plan.models} models (seeds {cfg.train.seed}..{cfg.train.seed + plan.models - 1})"
-               if plan.models > 1 else "1 model") + " on all labeled pairs")
-    print(f"config of {plan.what}; retraining {models} for {cfg.train.stop_epoch} of {cfg.train.max_epochs} "
-          f"scheduled epochs", flush=True)
+    print(f"final model of {plan.what}: " + " + ".join(f"{m.name} ({m.weight:.2f})" for m in plan.members),
+          flush=True)
 
     from mmsa.features.prepare import prepare
     from mmsa.data.files import write_predictions
@@ -205,13 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         if key not in prepared:
             prepared[key] = prepare(data_cfg, val_fraction=0.0)
         return prepared[key]
-    members, train_loss = chosen_members(plan, data)
-    blended = blend_members(cfg, plan.blend, prepared_for, _show)
-    if blended:
-        chosen = "chosen config" + (f" ({plan.models} models)" if plan.models > 1 else "")
-        print(f"blend: {' + '.join([chosen] + [m.name for m in blended])}, class probabilities averaged, "
-              f"each of the {1 + len(blended)} with the same weight", flush=True)
-    members += blended
+    members, losses = [], []
+    for m in plan.members:
+        trained, loss = train_member(m, plan.bag, prepared_for)
+        members += trained
+        losses += loss
     probs = predict_members(members, lambda c: (prepared_for(c).features, prepared_for(c).test.rows),
                             resolve_device(cfg.train.device))
     tags = [LABELS[i] for i in probs.argmax(1)]
@@ -226,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     train_share = Counter(LABELS[i] for i in data.train.labels)
     print("class balance   " + "  ".join(f"{name}: pred {pred_share[name] / len(tags):.1%} / train "
                                          f"{train_share[name] / len(data.train):.1%}" for name in LABELS), flush=True)
-    _log_final_run(plan, members, data, tags, {"train_loss": train_loss, "epochs": cfg.train.stop_epoch,
-                                               "seconds": time.time() - t0, "n_single_modality": len(partial)})
+    metrics = {"seconds": time.time() - t0, "n_single_modality": len(partial)}
+    if losses:
+        metrics["train_loss"] = sum(losses) / len(losses)
+    _log_final_run(plan, members, data, tags, metrics)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     print(f"predictions={plan.out}", flush=True)
     return 0
@@ -238,72 +326,42 @@ def _show(epoch: int, metrics: dict) -> None:
     print(format_epoch(epoch, metrics), flush=True)
 
 
-def chosen_members(plan: Plan, data) -> tuple[list, float]:
-    """The chosen config's models, together one member's weight: one per seed on all labeled
-    pairs, or (--bag folds) one per fold of the search on that fold's training part. Returns
-    them and their mean last training loss."""
+def train_member(m: MemberPlan, bag: str, prepared_for) -> tuple[list, list[float]]:
+    """The models of one planned member, trained on all labeled pairs (a trial's, with --bag folds,
+    on each fold's training part), sharing its weight; and their last training losses.
+    prepared_for(data config) -> Prepared (features built once per kind)."""
     from mmsa.models.ensemble import Member
-    from mmsa.features.prepare import cv_splits
     from mmsa.training.fit import fit
-    cfg, k = plan.cfg, plan.models
-    if plan.bag == "folds":
+    data = prepared_for(m.cfg.data)
+    if m.kind == "probe":
+        from mmsa.models.factory import probe_config, probe_head
+        from mmsa.models.probe import fit_probe
+        probe_cfg = probe_config(m.cfg)
+        data = prepared_for(probe_cfg.data)
+        probe_cfg = probe_cfg.with_features(data.features)
+        print(f"member: {m.name}", flush=True)
+        return [Member(m.name, probe_cfg, probe_head(probe_cfg, *fit_probe(data.features, data.train)), m.weight)], []
+    cfg, k = m.cfg, m.models
+    if bag == "folds" and m.kind == "trial":
+        from mmsa.features.prepare import cv_splits
         parts = cv_splits(data.train, k, cfg.data.split_seed, cfg.data.val_fraction)
-        runs = [(f"fold {i + 1}", cfg, train, f"fold {i + 1} of {k}: {len(train)} pairs")
-                for i, (train, _) in enumerate(parts)]
+        runs = [(f"fold {i + 1}", cfg, train) for i, (train, _) in enumerate(parts)]
     else:
         runs = []
         for i in range(k):
             seeded = copy.deepcopy(cfg)
             seeded.train.seed = cfg.train.seed + i
-            runs.append((f"seed {seeded.train.seed}", seeded, data.train, f"seed {seeded.train.seed}" if k > 1 else ""))
+            runs.append((f"seed {seeded.train.seed}", seeded, data.train))
+    print(f"member: {m.name}, {k} model(s) for {cfg.train.stop_epoch} of {cfg.train.max_epochs} scheduled epochs",
+          flush=True)
     members, losses = [], []
-    for name, run_cfg, train, say in runs:
-        if say:
-            print(say, flush=True)
+    for name, run_cfg, train in runs:
+        if k > 1:
+            print(f"{m.name}: {name}", flush=True)
         result = fit(run_cfg, data.features, train, None, on_epoch=_show, progress=cfg.data.finetune == "full")
-        members.append(Member(f"chosen config, {name}" if k > 1 else "chosen config", result.cfg, result.model,
-                              weight=1 / k))
+        members.append(Member(f"{m.name}, {name}" if k > 1 else m.name, result.cfg, result.model, weight=m.weight / k))
         losses.append(result.metrics["train_loss"])
-    return members, sum(losses) / len(losses)
-
-
-def parse_blend(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    unknown = [n for n in names if n not in BLENDS]
-    if unknown or not names:
-        raise UserError(f"--blend {text}: expected a comma-separated subset of {', '.join(BLENDS)}, or none")
-    return names
-
-
-def blend_members(cfg: Config, blend: list[str], prepared_for, on_epoch=None) -> list:
-    """The members `blend` names, trained on all labeled pairs. prepared_for(data config) ->
-    Prepared (features built once per kind)."""
-    from mmsa.models.ensemble import Member
-    from mmsa.training.fit import fit
-    out = []
-    if "probe" in blend:
-        from mmsa.models.factory import probe_config, probe_head
-        from mmsa.models.probe import fit_probe
-        probe_cfg = probe_config(cfg)
-        data = prepared_for(probe_cfg.data)
-        probe_cfg = probe_cfg.with_features(data.features)
-        out.append(Member("linear probe", probe_cfg, probe_head(probe_cfg, *fit_probe(data.features, data.train))))
-    if "finetune" in blend:
-        keep = {k: getattr(cfg.data, k) for k in ("data_dir", "cache_dir", "text_encoder", "image_encoder",
-                                                   "max_text_len", "text_clean", "split_seed")}
-        from mmsa.features.encoders import build_text_encoder
-        layers = build_text_encoder(cfg.data.text_encoder).num_layers  # the whole text model trains
-        ft_cfg = Config.from_flat({**keep, **FINETUNE_MEMBER, "text_finetune_layers": layers, "seed": cfg.train.seed,
-                                   "device": cfg.train.device, "num_threads": cfg.train.num_threads},
-                                  source="--blend finetune")
-        data = prepared_for(ft_cfg.data)
-        print(f"blend member: fine-tuned {cfg.data.text_encoder}, {ft_cfg.train.stop_epoch} of "
-              f"{ft_cfg.train.max_epochs} scheduled epochs", flush=True)
-        result = fit(ft_cfg, data.features, data.train, None, on_epoch=on_epoch)
-        out.append(Member(f"fine-tuned {cfg.data.text_encoder}", result.cfg, result.model))
-    return out
+    return members, losses
 
 
 def _log_final_run(plan: Plan, members: list, data, tags: list[str], metrics: dict) -> None:

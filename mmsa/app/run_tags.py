@@ -38,3 +38,8 @@ def tracking_uri(flag: str | None) -> str:
 def experiment_name(flag: str | None) -> str:
     """--experiment, else MLFLOW_EXPERIMENT_NAME, else mmsa-search."""
     return flag or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+# A search's parent-run artifact: the members mmsa.final retrains, with their weights
+# (search/ensemble.py writes it).
+ENSEMBLE_ARTIFACT = "ensemble.json"

@@ -53,8 +53,8 @@ def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]],
                    on_fold: FoldCallback | None = None, on_epoch=None, keep_probs: bool = False) -> dict:
     """Train `cfg` on each (train, val) fold in turn; after each, on_fold(folds done, cv_summary).
     Returns the summary over all folds. `on_epoch` is passed to every fold's `fit`.
-    `keep_probs`: the summary's `fold_probs` holds each fold's validation class probabilities at
-    the chosen epoch (out-of-fold predictions, in the order of each fold's `val.rows`)."""
+    `keep_probs`: the last summary's `fold_probs` holds each fold's validation class probabilities
+    at the chosen epoch (out-of-fold predictions, in the order of each fold's `val.rows`)."""
     from mmsa.training.fit import fit
     cfg = copy.deepcopy(cfg)
     cfg.train.patience, cfg.train.stop_epoch = 0, 0  # whole schedules: curves are averaged epoch by epoch
@@ -63,8 +63,8 @@ def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]],
     for k, (train, val) in enumerate(folds, 1):
         histories.append(fit(cfg, features, train, val, on_epoch=on_epoch, keep_probs=keep_probs).history)
         summary = cv_summary(histories, cfg.train.monitor, len(folds))
+        if keep_probs and k == len(folds):
+            summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
         if on_fold is not None:
             on_fold(k, summary)
-    if keep_probs:
-        summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
     return summary

@@ -1,0 +1,77 @@
+"""Ensemble selection (Caruana et al., 2004) over out-of-fold predictions, as auto-sklearn and
+AutoGluon build their final models: start from nothing, add with replacement the candidate whose
+addition most improves the blend's score, stop when no addition improves it. A candidate added
+n times weighs n / (additions). numpy and scikit-learn only.
+
+The blend's score is measured on the same predictions it was chosen on, and so is optimistic;
+`selection_cv` chooses on all folds but one and scores on the one left out, for every fold, which
+says how much of the gain survives new pairs (nested CV over the whole pipeline is the honest
+number).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+MAX_ROUNDS = 25  # additions at most; the blend's weights are multiples of 1/25 at the finest
+
+
+def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    pred = probs.argmax(1)
+    if metric == "val_acc":
+        return float(accuracy_score(labels, pred))
+    return float(f1_score(labels, pred, labels=list(range(probs.shape[1])), average="macro", zero_division=0))
+
+
+def _log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+@dataclass
+class Selection:
+    weights: dict[str, float]  # candidate -> share of the blend (summing to 1), those chosen only
+    score: float  # the blend's score on the predictions it was chosen on
+    rounds: int  # additions made
+
+
+def select(candidates: dict[str, np.ndarray], labels: np.ndarray, metric: str,
+           max_rounds: int = MAX_ROUNDS) -> Selection:
+    """Greedy forward selection with replacement. `candidates`: name -> (rows, classes) class
+    probabilities of the same rows, `labels` their classes. Ties on the metric (frequent: accuracy
+    moves in steps of one pair) go to the lower log-loss, then to the earlier candidate."""
+    if not candidates:
+        raise ValueError("ensemble selection needs at least one candidate")
+    names = list(candidates)
+    stack = np.stack([np.asarray(candidates[n], dtype=np.float64) for n in names])
+    counts = np.zeros(len(names), dtype=np.int64)
+    total = np.zeros_like(stack[0])
+    best_key: tuple[float, float] | None = None
+    for _ in range(max_rounds):
+        n = counts.sum() + 1
+        keys = [(score(metric, labels, (total + p) / n), -_log_loss(labels, (total + p) / n)) for p in stack]
+        pick = max(range(len(names)), key=lambda i: (keys[i], -i))
+        if best_key is not None and keys[pick] <= best_key:
+            break
+        best_key = keys[pick]
+        counts[pick] += 1
+        total += stack[pick]
+    weights = {names[i]: counts[i] / counts.sum() for i in np.flatnonzero(counts)}
+    return Selection(weights, best_key[0], int(counts.sum()))
+
+
+def blend(candidates: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    return sum(w * np.asarray(candidates[n], dtype=np.float64) for n, w in weights.items())
+
+
+def selection_cv(candidates: dict[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, metric: str) -> float:
+    """The mean over groups (the search's folds) of the score of a selection made on the other
+    groups' rows, measured on this group's rows."""
+    scores = []
+    for g in np.unique(groups):
+        held = groups == g
+        chosen = select({n: p[~held] for n, p in candidates.items()}, labels[~held], metric)
+        scores.append(score(metric, labels[held], blend({n: p[held] for n, p in candidates.items()}, chosen.weights)))
+    return float(np.mean(scores))
