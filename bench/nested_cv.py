@@ -165,10 +165,13 @@ def report(results: dict, args) -> None:
         r = results[i]
         rows.append([i, r["head"], *[f"{r['final_' + m]['acc']:.4f} / {r['final_' + m]['macro_f1']:.4f}" for m in modes],
                      f"{r['probe']['acc']:.4f} / {r['probe']['macro_f1']:.4f}",
-                     f"{r['inner_cv_acc']:.4f}", f"{r['inner_probe_acc']:.4f}", f"{r['search_seconds'] / 60:.1f}",
+                     f"{r['inner_cv_acc']:.4f}", f"{r.get('inner_ensemble_acc') or float('nan'):.4f}",
+                     f"{r['inner_probe_acc']:.4f}", f"{r['search_seconds'] / 60:.1f}",
+                     f"{r['final_' + modes[0]]['seconds'] / 60:.1f}",
                      f"{r['folds_trained']:.0f} / {r['folds_without_early_stopping']:.0f}"])
     header = ["outer fold", "chosen head", *[f"pipeline ({m}) acc / macro-F1" for m in modes],
-              "probe acc / macro-F1", "inner CV acc (best trial)", "inner probe acc", "search min",
+              "probe acc / macro-F1", "inner CV acc (best trial)", "inner OOF acc (ensemble)", "inner probe acc",
+              "search min (cache built in it)", "final min",
               "folds trained / without ASHA"]
     body = table(header, rows)
     summary = []

@@ -31,6 +31,11 @@ class Footprint:
 # Drivers re-measured once the driver no longer imported torch (Ray's TensorBoard logger had).
 FOOTPRINT = Footprint(driver=int(0.80 * GIB), trial=int(0.66 * GIB))
 BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (bench/memory.py)
+# A fine-tuning trial (finetune=last_k): transformers imported and the text layers' weights, gradients
+# and AdamW moments; each layer's activations (attention scores, a 4x-wide feed-forward) as several
+# head layers'. Estimates, checked against a search's measured peak (bench/results/memory_finetune.md).
+FINETUNE_TRIAL = int(0.30 * GIB)
+FINETUNE_LAYER = 6
 
 
 def parse_size(text: str, where: str = "--memory-budget") -> int:
@@ -56,25 +61,43 @@ def activation_bytes(batch: int, tokens: int, d_model: int, layers: int) -> int:
     return batch * tokens * d_model * max(layers, 1) * BYTES_PER_TOKEN_DIM
 
 
+@dataclass(frozen=True)
+class FineTuning:
+    """What a trial that trains cached text-encoder layers (finetune=last_k) holds beyond a head."""
+    layers: int  # text-encoder layers it trains, at most
+    text_len: int  # tokens per text, at most
+    text_dim: int
+
+
+def activation_bytes_of(micro: int, tokens: int, d_model: int, layers: int, finetune: FineTuning | None) -> int:
+    out = activation_bytes(micro, tokens, d_model, layers)
+    if finetune is not None:  # a transformer layer's activations per token are about FINETUNE_LAYER head layers'
+        out += activation_bytes(micro, finetune.text_len, finetune.text_dim, finetune.layers * FINETUNE_LAYER)
+    return out
+
+
 def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, tokens: int,
-         d_model: int, layers: int, input_dims: int, footprint: Footprint = FOOTPRINT) -> Plan:
+         d_model: int, layers: int, input_dims: int, footprint: Footprint = FOOTPRINT,
+         finetune: FineTuning | None = None) -> Plan:
     """The most concurrent trials (up to max_concurrent) that fit, then the largest micro-batch."""
     fixed = footprint.driver + cache_bytes
+    trial = footprint.trial + (FINETUNE_TRIAL if finetune is not None else 0)
     for concurrent in range(max_concurrent, 0, -1):
         micro = batch_size
         while micro >= 1:
-            per_trial = footprint.trial + activation_bytes(micro, tokens, d_model, layers) + micro * input_dims * 4
+            per_trial = trial + activation_bytes_of(micro, tokens, d_model, layers, finetune) + micro * input_dims * 4
             total = fixed + concurrent * per_trial
             if total <= budget:
                 return Plan(concurrent, 0 if micro == batch_size else micro, total)
             micro //= 2
-    need = fixed + footprint.trial + activation_bytes(1, tokens, d_model, layers)
+    need = fixed + trial + activation_bytes_of(1, tokens, d_model, layers, finetune)
     raise ConfigError(f"--memory-budget {budget / GIB:.1f} GiB is too small: one trial alone needs about "
                       f"{need / GIB:.1f} GiB (driver, cache {cache_bytes / GIB:.2f} GiB, one trial)")
 
 
-def plan_for_space(spec, budget: int, features, max_text_len: int) -> Plan:
-    """Plan for the most demanding trial the space can sample (largest batch, width, depth)."""
+def plan_for_space(spec, budget: int, features, max_text_len: int, more_cache_bytes: int = 0) -> Plan:
+    """Plan for the most demanding trial the space can sample (largest batch, width, depth, text
+    layers fine-tuned). `more_cache_bytes`: the other text caches of a space that searches fine-tuning."""
     base = spec.base_config()
 
     def largest(name: str, default):
@@ -85,6 +108,11 @@ def plan_for_space(spec, budget: int, features, max_text_len: int) -> Plan:
 
     tokens = max_text_len + features.image.shape[1]
     depth = int(largest("fusion_depth", base.model.fusion_depth))
-    return plan(budget, features.nbytes, spec.max_concurrent, int(largest("batch_size", base.train.batch_size)),
-                tokens, int(largest("d_model", base.model.d_model)), 1 + 4 * depth,
-                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim)
+    finetune = None
+    if base.data.finetune == "last_k" or "last_k" in (getattr(spec.params.get("finetune"), "values", None) or []):
+        finetune = FineTuning(int(largest("text_finetune_layers", base.data.text_finetune_layers)), max_text_len,
+                              features.text_dim)
+    return plan(budget, features.nbytes + more_cache_bytes, spec.max_concurrent,
+                int(largest("batch_size", base.train.batch_size)), tokens, int(largest("d_model", base.model.d_model)),
+                1 + 4 * depth, max_text_len * features.text_dim + features.image.shape[1] * features.image_dim,
+                finetune=finetune)

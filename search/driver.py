@@ -32,16 +32,17 @@ def make_scheduler(spec):
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
-def make_trainable(spec, base, data, folds, offer_cache: bool = False):
+def make_trainable(spec, base, data, folds, offer_cache: bool = False, text_dirs: dict | None = None):
     """`offer_cache` (on a cluster): the cache's files go into Ray's object store once, for the
-    nodes that do not share the driver's disk."""
+    nodes that do not share the driver's disk. `text_dirs`: the other text caches of a space that
+    searches fine-tuning (TrialData.text_dirs)."""
     f = data.features
     common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)))
     if isinstance(f, RawSource):  # finetune=full
         trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
     else:
-        folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve())]
-        trial_data = TrialData(text_dir=folders[0], image_dir=folders[1],
+        folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve()), *(text_dirs or {}).values()]
+        trial_data = TrialData(text_dir=folders[0], image_dir=folders[1], text_dirs=dict(text_dirs or {}),
                                cache_files=cache_transfer.offer(folders) if offer_cache else None, **common)
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
@@ -96,7 +97,8 @@ def run_tuner(search, data, folds, parent_id: str, ray_path: str, datasets: dict
     budget = TimeBudget(parse_duration(spec.time_budget, "time_budget"), parent_id) if spec.time_budget else None
     try:
         start_ray(address)
-        trainable = make_trainable(spec, base, data, folds, offer_cache=address is not None)
+        trainable = make_trainable(spec, base, data, folds, offer_cache=address is not None,
+                                   text_dirs=search.text_dirs)
         if search.resumed is not None and tune.Tuner.can_restore(ray_path):
             tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)

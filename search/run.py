@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsa.app.commands import quiet_libraries, run_main
@@ -71,6 +71,7 @@ class Search:
     space_key: str  # what --resume matches a search by
     resumed: object | None  # the parent run to continue
     how: str = ""  # how trials are scored, once the folds are cut
+    text_dirs: dict = field(default_factory=dict)  # the other text caches trials read (TrialData.text_dirs)
 
     @property
     def base(self):
@@ -187,6 +188,13 @@ def prepare_data(search: Search):
     print(f"data: {base.data.data_dir}; " + ("finetune=full: no feature cache, trials read the files" if full
                                              else "preparing features (built once, then cached)"), flush=True)
     data = prepare_in_subprocess(base.data, val_fraction=0.0)  # every labeled pair comes back as `train`
+    if not full:  # a space that searches fine-tuning: the hidden states entering the layers that train
+        from search.trainable import text_variant
+        for variant in spec.feature_configs()[1:]:
+            print(f"data: caching the text features of finetune={variant.finetune} "
+                  f"({variant.text_finetune_layers} text layers train)", flush=True)
+            search.text_dirs[text_variant(variant)] = str(
+                prepare_in_subprocess(variant, val_fraction=0.0).features.text_dir.resolve())
     if spec.cv_folds == 1 and base.data.val_fraction <= 0:
         raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
     folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
@@ -210,7 +218,8 @@ def plan_memory(search: Search, data) -> None:
     if search.base.data.finetune == "full":
         raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
     budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
-    chosen = plan_for_space(spec, budget, data.features, search.base.data.max_text_len)
+    more = sum(f.stat().st_size for d in search.text_dirs.values() for f in Path(d).iterdir())
+    chosen = plan_for_space(spec, budget, data.features, search.base.data.max_text_len, more)
     spec.max_concurrent = chosen.concurrent
     if chosen.micro_batch:  # as if given as --set micro_batch=N
         apply_flags(spec, sets={"micro_batch": chosen.micro_batch})

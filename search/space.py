@@ -7,6 +7,7 @@ per-trial resources. See spaces/fusion.yaml for every key.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -62,6 +63,15 @@ SEARCH_DECIDES = {
     "max_epochs": "the epoch schedule of a search is `scheduler.max_epochs` (or --max-epochs)",
     "patience": "trials train whole schedules, and the search picks the epoch on the folds' mean curve",
     "stop_epoch": "trials train whole schedules, and the search picks the epoch on the folds' mean curve",
+}
+
+
+# Data keys a space may search, as a choice: each value's features are cached before the trials
+# start (the hidden states entering the text layers that train), and every trial reads its own.
+FEATURE_CHOICES = {
+    "finetune": ({"none", "last_k"}, "a choice among none and last_k (finetune=full reads the files, no cache: "
+                                     "fix it under 'fixed' for a search of its own)"),
+    "text_finetune_layers": ({str(k) for k in range(1, 49)}, "a choice of whole numbers of layers, e.g. [2, 6]"),
 }
 
 
@@ -129,6 +139,20 @@ class SearchSpec:
         cfg.update(sampled, source=f"{self.path}: params")
         return cfg
 
+    def feature_configs(self) -> list:
+        """The data configs of every kind of features a trial may read (the base one first)."""
+        from itertools import product
+        base = self.base_config().data
+        choices = {k: self.params[k].values for k in FEATURE_CHOICES if k in self.params}
+        out = [base]
+        for values in product(*choices.values()):
+            data = dataclasses.replace(base, **dict(zip(choices, values)))
+            if data.finetune != "last_k":
+                data = dataclasses.replace(data, text_finetune_layers=base.text_finetune_layers)
+            if data not in out:
+                out.append(data)
+        return out
+
     def optuna_space(self) -> dict:
         return {name: p.to_optuna() for name, p in self.params.items()}
 
@@ -176,7 +200,7 @@ def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
     known = Config.known_keys()
     if name not in known:
         raise ConfigError(f"{path}: unknown key '{where}' (not a config key; known: {', '.join(sorted(known))})")
-    if known[name][0] == "data":
+    if known[name][0] == "data" and name not in FEATURE_CHOICES:
         # The driver prepares the data once per search (features, split): a trial cannot change it.
         raise ConfigError(f"{path}: '{where}': '{name}' decides the features and the split, prepared once "
                           f"per search: set it under 'fixed' (one search per value)")
@@ -205,6 +229,8 @@ def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
             param.to_optuna()
         except ValueError as e:
             raise ConfigError(f"{path}: '{where}': {e}") from None
+    if name in FEATURE_CHOICES and (kind != "choice" or not set(map(str, param.values)) <= FEATURE_CHOICES[name][0]):
+        raise ConfigError(f"{path}: '{where}': {FEATURE_CHOICES[name][1]}")
     for value in candidates:  # every value must make a valid config (names, ranges, types)
         try:
             Config.from_flat({**fixed, name: value})

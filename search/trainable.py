@@ -13,11 +13,11 @@ import ctypes.util
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsa.config import CACHE_DIR_ENV as NODE_CACHE_ENV  # set on a node (before `ray start`)
-from mmsa.config import Config
+from mmsa.config import Config, DataConfig
 from mmsa.features.featureset import Features, FeatureSet
 from mmsa.features.rawsource import RawSource
 from mmsa.features.prepare import Split
@@ -45,27 +45,39 @@ class TrialData:
     # On a cluster: the driver's cache files in Ray's object store, for nodes that lack them
     # (search/cache_transfer.py); {"folder/file": ObjectRef}
     cache_files: dict | None = None
+    # A space that searches fine-tuning (search.space.FEATURE_CHOICES): the text cache of each
+    # other kind of features, by text_variant()
+    text_dirs: dict[str, str] = field(default_factory=dict)
 
-    def features(self) -> Features:
+    def features(self, cfg: DataConfig | None = None) -> Features:
+        """The features a trial of data config `cfg` reads (default: the base config's)."""
         if self.raw is not None:
             return node_raw(self.raw)
-        return node_features(self)
+        text_dir = self.text_dirs.get(text_variant(cfg), self.text_dir) if cfg is not None else self.text_dir
+        return node_features(self, text_dir)
+
+
+def text_variant(cfg: DataConfig) -> str:
+    """Which text cache a data config reads: the last hidden states (k0), or those entering the
+    top k layers that train (finetune=last_k)."""
+    return f"k{cfg.text_finetune_layers}" if cfg.finetune == "last_k" else "k0"
 
 
 
 
-def node_features(data: TrialData) -> FeatureSet:
-    """The driver's feature cache as this node sees it: the driver's folders where the node shares
-    its disk; under $MMSA_CACHE_DIR where the node sets one (a cluster without a shared disk).
-    Absent there, the node receives the driver's copy through Ray's object store, once."""
+def node_features(data: TrialData, text_dir: str) -> FeatureSet:
+    """The driver's feature cache (`text_dir` with the image cache) as this node sees it: the
+    driver's folders where the node shares its disk; under $MMSA_CACHE_DIR where the node sets one
+    (a cluster without a shared disk). Absent there, the node receives the driver's copy through
+    Ray's object store, once."""
     import socket
 
     from mmsa.errors import DataError
     from search.cache_transfer import receive
     root = os.environ.get(NODE_CACHE_ENV)
-    text_dir, image_dir = data.text_dir, data.image_dir
+    image_dir = data.image_dir
     if root:
-        text_dir, image_dir = (os.path.join(root, os.path.basename(d)) for d in (data.text_dir, data.image_dir))
+        text_dir, image_dir = (os.path.join(root, os.path.basename(d)) for d in (text_dir, image_dir))
     if not all(os.path.exists(os.path.join(d, "meta.json")) for d in (text_dir, image_dir)):
         if not data.cache_files:
             raise DataError(f"node {socket.gethostname()}: {os.path.dirname(text_dir)}: the search's feature "
@@ -141,5 +153,5 @@ def fit_trial(emit, config: dict, data: TrialData) -> None:
             out[OOF_KEY] = oof.to_text(oof.oof_arrays(data.folds, summary["fold_probs"]))
         emit(out)
 
-    cross_validate(cfg, data.features(), data.folds, on_fold=on_fold, on_epoch=lambda *_: release_freed_memory(),
+    cross_validate(cfg, data.features(cfg.data), data.folds, on_fold=on_fold, on_epoch=lambda *_: release_freed_memory(),
                    keep_probs=True)

@@ -28,3 +28,26 @@ def test_tight_budget_shrinks_the_micro_batch_before_failing():
     assert loose.concurrent == 1 and 0 < loose.micro_batch < 256 and loose.estimate <= 3.4 * GIB
     with pytest.raises(ConfigError, match="too small"):
         _plan(2.0)
+
+
+def test_a_space_that_searches_fine_tuning_plans_for_a_fine_tuning_trial(tmp_path):
+    import numpy as np
+
+    from search.budget import FINETUNE_TRIAL, plan_for_space
+    from search.space import load_space
+
+    class Cache:  # what the planner reads of a feature cache
+        nbytes, text_dim, image_dim = int(0.75 * GIB), 384, 1280
+        image = np.zeros((1, 49, 1280))
+    heads = tmp_path / "heads.yaml"
+    heads.write_text("max_concurrent: 2\nparams:\n  batch_size: {type: choice, values: [16, 32]}\n")
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text(heads.read_text() + "  finetune: {type: choice, values: [none, last_k]}\n"
+                     "  text_finetune_layers: {type: choice, values: [2, 6]}\n")
+    a = plan_for_space(load_space(heads), 16 * GIB, Cache(), 64)
+    b = plan_for_space(load_space(tuned), 16 * GIB, Cache(), 64, more_cache_bytes=GIB)
+    assert a.concurrent == b.concurrent == 2 and a.micro_batch == b.micro_batch == 0
+    # two trials, each with transformers and 6 layers' activations, and the other text caches
+    assert b.estimate - a.estimate > GIB + 2 * FINETUNE_TRIAL
+    tight = plan_for_space(load_space(tuned), b.estimate - GIB // 8, Cache(), 64, GIB)
+    assert tight.concurrent < 2 or tight.micro_batch > 0

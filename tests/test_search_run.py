@@ -144,7 +144,8 @@ def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **p
     as running, and after Ray has saved the first two as finished: a kill then lands mid-search
     with a trial running, by construction. Returns (space, uri, process, hold)."""
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5, cv_folds=1,
-                        max_epochs=epochs, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": epochs})
+                        max_epochs=epochs, max_concurrent=1, scheduler={"type": "fifo", "max_epochs": epochs},
+                        time_budget="10m")
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     (tmp_path / "mlruns").mkdir()
     experiment_id = MlflowClient(uri).create_experiment("mmsa-search")  # db ready before two processes use it
@@ -192,6 +193,14 @@ def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[
         assert [c.info.run_id for c in done if c.data.tags[TAG_TRIAL] == trial_id] == [run_id]
     searches = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_KIND}` = 'search'")
     assert len(searches) == 1
+    # every trial's out-of-fold predictions, those of the trials before the kill too, are candidates
+    import json
+    from pathlib import Path
+    ensemble = json.loads(Path(client.download_artifacts(parent_id, "ensemble.json", str(tmp_path))).read_text())
+    assert ensemble["candidates"] == 5 + 1 and not ensemble["skipped"]
+    # the time budget went on from what was left: at least the finished trials' run times are spent
+    ran = sum((c.info.end_time - c.info.start_time) / 1000 for c in done)
+    assert 0 < parent.data.metrics["time_budget_left_s"] <= 600 - ran + 0.5
     return children
 
 
@@ -300,3 +309,32 @@ def test_a_search_for_macro_f1_monitors_scores_and_picks_by_macro_f1(subset_dir,
     assert parent.data.tags[TAG_BEST_RUN] == max(scores, key=scores.get)
     assert parent.data.metrics["best_val_macro_f1"] == max(scores.values())
     assert "cv_val_macro_f1" in out.stdout and f"cv_val_macro_f1 {max(scores.values()):.4f}" in out.stdout
+
+
+def test_a_time_budget_ends_the_search_and_fine_tuning_trials_read_their_own_cache(subset_dir, subset_cache, tmp_path):
+    """A space searching fine-tuning (finetune none | last_k) under a 1-minute budget: more trials
+    than fit in it, each short."""
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=200, max_epochs=2,
+                        time_budget="1m")
+    import yaml
+    text = yaml.safe_load(space.read_text())
+    text["params"]["finetune"] = {"type": "choice", "values": ["none", "last_k"]}
+    text["fixed"]["text_finetune_layers"] = 1
+    space.write_text(yaml.safe_dump(text))
+    out = run_search(space, tmp_path, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "caching the text features of finetune=last_k (1 text layers train)" in out.stdout
+    assert "time budget 1 min 0 s: spent;" in out.stdout and "search interrupted" not in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags[TAG_STATE] == "finished" and parent.data.params["time_budget"] == "1m"
+    assert parent.data.metrics["time_budget_left_s"] == 0 and parent.data.metrics["time_budget_s"] == 60
+    trials = child_runs(client, parent.info.experiment_id, parent_id)
+    assert 2 < len(trials) < 200
+    assert {t.data.tags[TAG_ENDED] for t in trials} <= {"completed", "stopped early"}  # none cut mid-fold
+    first = min(t.info.start_time for t in trials)
+    assert max(t.info.start_time for t in trials) - first < 75_000  # none started once the budget was spent
+    tuned = [t for t in trials if t.data.params["finetune"] == "last_k" and t.data.tags[TAG_ENDED] == "completed"]
+    assert tuned, "no fine-tuning trial ran every fold"
+    assert {a.path for a in client.list_artifacts(tuned[0].info.run_id)} >= {"oof.npz"}

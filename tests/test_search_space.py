@@ -70,7 +70,9 @@ def test_good_space(tmp_path):
     ("fixed: {image_encoder: vgg99}\n", "fixed.*'image_encoder' = 'vgg99'.*efficientnet_lite0"),
     ("fixed: {text_encoder: bert-nope}\n", "fixed.*'text_encoder' = 'bert-nope'"),
     ("params:\n  text_encoder: {type: choice, values: [minilm, bert-base-uncased]}\n", "params.text_encoder.*under 'fixed'"),
-    ("params:\n  finetune: {type: choice, values: [none, last_k]}\n", "params.finetune.*prepared once per search"),
+    ("params:\n  max_text_len: {type: choice, values: [32, 64]}\n", "params.max_text_len.*prepared once per search"),
+    ("params:\n  finetune: {type: choice, values: [none, full]}\n", "params.finetune.*a choice among none and last_k"),
+    ("params:\n  text_finetune_layers: {type: int, low: 1, high: 6}\n", "params.text_finetune_layers.*a choice of"),
     ("scheduler: {type: hyperband}\n", "scheduler.type"),
     ("fork_trials: false\n", "key 'fork_trials' was removed: every trial runs as a plain Ray worker"),
     ("mode: min\n", "key 'mode' was removed: both metrics .* are maximised"),
@@ -122,6 +124,16 @@ def test_cli_refuses_a_bad_time_budget_before_anything_is_recorded(tmp_path, bud
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert f"--time-budget {budget}: {said}" in out.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_space_that_searches_fine_tuning_lists_every_kind_of_features_its_trials_read(tmp_path):
+    path = _write(tmp_path, "params:\n"
+                            "  finetune: {type: choice, values: [none, last_k]}\n"
+                            "  text_finetune_layers: {type: choice, values: [2, 6]}\n")
+    kinds = [(d.finetune, d.text_finetune_layers) for d in load_space(path).feature_configs()]
+    assert kinds == [("none", 2), ("last_k", 2), ("last_k", 6)]  # the base first; none reads one cache
+    plain = _write(tmp_path, "params:\n  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n")
+    assert len(load_space(plain).feature_configs()) == 1
 
 
 def test_command_line_flags_override_the_space_file():

@@ -220,3 +220,21 @@ def test_precision_can_be_forced(monkeypatch):
     assert amp_dtype(cuda, "fp32") is None and amp_dtype(torch.device("cpu"), "fp16") is None
     with pytest.raises(Exception, match="precision"):
         Config.from_flat({"precision": "fp8"})
+
+
+def test_batches_of_similar_text_length_cover_every_pair_once_and_pad_less():
+    import numpy as np
+
+    from mmsa.training.fit import length_grouped_batches
+    rng = np.random.default_rng(0)
+    order = rng.permutation(1000)
+    lengths = rng.integers(3, 65, 1000)  # of each pair, by position in the training part
+    batches = length_grouped_batches(order, lengths[order], 32, rng, group=10)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert sorted(len(b) for b in batches)[1:] == [32] * (len(batches) - 1)  # one short batch at most per group
+    grouped = np.mean([lengths[b].max() for b in batches])
+    plain = np.mean([lengths[order[s:s + 32]].max() for s in range(0, 1000, 32)])
+    assert grouped < 0.7 * plain  # tokens run per batch: its longest text
+    # each batch is drawn from its own group of 10 batches of the shuffled order
+    assert all(len({int(np.flatnonzero(np.isin(order, b))[0]) // 320, int(np.flatnonzero(np.isin(order, b))[-1]) // 320})
+               == 1 for b in batches)

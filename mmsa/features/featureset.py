@@ -73,6 +73,10 @@ class FeatureSet:
     def rows(self, guids: list[str]) -> np.ndarray:
         return row_index(self.guids, guids)
 
+    def text_lengths(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens of each row's text (its padding excluded)."""
+        return self.text_mask[np.sort(rows)].sum(1)[np.argsort(np.argsort(rows))]
+
     def batch(self, rows: np.ndarray, device: torch.device):
         """Model inputs for these rows (sorted by the caller for locality), float32 on `device`."""
         import torch

@@ -38,10 +38,15 @@ def autocast(device: torch.device, precision: str = "auto"):
 def predict_proba(model: torch.nn.Module, features: Features, rows: np.ndarray, device: torch.device,
                   batch_size: int = 64, precision: str = "auto") -> np.ndarray:
     """Class probabilities for `rows`, in small batches: larger ones raise a trial's peak memory
-    (float32 text tokens and the image grid per example) and are no faster on a CPU."""
+    (float32 text tokens and the image grid per example) and are no faster on a CPU. Batches hold
+    neighbouring rows of the cache, or, where text layers run, texts of similar length (each batch
+    is padded to its longest text only)."""
     model.eval()
     out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
-    order = np.argsort(rows)
+    if getattr(getattr(model, "cfg", None), "text_layers", 0) > 0:  # text layers run (last_k): batch by length
+        order = np.argsort(features.text_lengths(rows), kind="stable")
+    else:
+        order = np.argsort(rows)
     chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
         with autocast(device, precision):

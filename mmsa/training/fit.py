@@ -72,6 +72,21 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def length_grouped_batches(order: np.ndarray, lengths: np.ndarray, batch: int, rng: np.random.Generator,
+                           group: int = 50) -> list[np.ndarray]:
+    """Batches of `order` (already shuffled) whose texts have similar lengths, as Hugging Face's
+    `group_by_length` makes them: each run of `group` batches is sorted by length and cut into
+    batches, then the batches are shuffled. A batch is padded only to its own longest text
+    (FeatureSet.batch), so little compute goes to padding; each batch still draws from a random
+    `group * batch` pairs."""
+    steps = []
+    for s in range(0, len(order), group * batch):
+        chunk = order[s:s + group * batch]
+        chunk = chunk[np.argsort(-lengths[s:s + group * batch], kind="stable")]
+        steps += [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
+    return [steps[i] for i in rng.permutation(len(steps))]
+
+
 @dataclass
 class _Trainee:
     """The model being trained, with its optimizer, schedule, weight average and batch order."""
@@ -113,7 +128,10 @@ def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor
     model = member.model
     model.train()
     order = member.rng.permutation(len(train))
-    steps = [order[s:s + batch] for s in range(0, len(order), batch)]
+    if getattr(model.cfg, "text_layers", 0) > 0:  # cached text layers train (last_k): cost grows with the longest text
+        steps = length_grouped_batches(order, features.text_lengths(train.rows[order]), batch, member.rng)
+    else:
+        steps = [order[s:s + batch] for s in range(0, len(order), batch)]
     # Each step's micro-batches (sorted rows: locality in the cache); inputs arrive in this order.
     plan = [[np.sort(step[m:m + micro]) for m in range(0, len(step), micro)] for step in steps]
     inputs = features.iter_batches([train.rows[idx] for micros in plan for idx in micros], device)
