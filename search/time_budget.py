@@ -56,10 +56,13 @@ class TimeBudget:
         return self.left <= 0
 
     def __getstate__(self):
-        return {**self.__dict__, "_last": None}  # the time between a kill and a resume is not counted
+        return {**self.__dict__, "_last": None}
 
     def __setstate__(self, state):
+        """Restored (a resumed search): the clock goes on from now, the time between a kill and the
+        resume not counted; trials that Ray restarts count from here, before any new one starts."""
         self.__dict__.update(state)
+        self._last = time.monotonic()
         TimeBudget.live[self.search_id] = self
 
 

@@ -200,7 +200,7 @@ def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[
     assert ensemble["candidates"] == 5 + 1 and not ensemble["skipped"]
     # the time budget went on from what was left: at least the finished trials' run times are spent
     ran = sum((c.info.end_time - c.info.start_time) / 1000 for c in done)
-    assert 0 < parent.data.metrics["time_budget_left_s"] <= 600 - ran + 0.5
+    assert 0 < parent.data.metrics["time_budget_left_s"] <= 600 - ran + 3
     return children
 
 
