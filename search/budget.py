@@ -33,7 +33,7 @@ FOOTPRINT = Footprint(driver=int(0.80 * GIB), trial=int(0.66 * GIB))
 BYTES_PER_TOKEN_DIM = 64  # activations kept for backward, per token, model dim and layer (bench/memory.py)
 # A fine-tuning trial (finetune=last_k): transformers imported and the text layers' weights, gradients
 # and AdamW moments; each layer's activations (attention scores, a 4x-wide feed-forward) as several
-# head layers'. Estimates, checked against a search's measured peak (bench/results/memory_finetune.md).
+# head layers'. Estimates from the model's sizes, not yet measured as FOOTPRINT was.
 FINETUNE_TRIAL = int(0.30 * GIB)
 FINETUNE_LAYER = 6
 

@@ -212,11 +212,27 @@ def resolve(args) -> Plan:
     cv_folds = int(client.get_run(parent_id).data.params.get("cv_folds", 1)) if parent_id else 1
     if args.bag == "folds" and cv_folds < 2:
         raise UserError(f"--bag folds: {what} was not cross-validated (cv_folds {cv_folds}); use --bag seeds")
+    members = plan_members(client, kinds, cfg, trial, ensemble, args.data)
+    for m in members:
+        if m.kind != "trial":
+            continue
+        fine_tuned = m.cfg.data.finetune != "none"
+        m.models = cv_folds if args.bag == "folds" else (args.seeds or (1 if fine_tuned else DEFAULT_SEEDS))
+        if m.models > 1 and m.cfg.data.finetune == "full":
+            raise UserError(f"--{'bag folds' if args.bag == 'folds' else f'seeds {m.models}'}: several models of "
+                            f"{m.name} would each fine-tune both backbones (finetune=full); use --seeds 1")
+    return Plan(client, uri, cfg, what, trial, parent_id, args.bag, members, Path(args.out), args.register)
+
+
+def plan_members(client, kinds: list[str], cfg: Config, trial, ensemble: dict | None,
+                 data_dir: str | None) -> list[MemberPlan]:
+    """The members `kinds` name, each kind the same share; a member named twice (the probe listed
+    and also in the ensemble) is one member with both shares."""
     share = 1 / len(kinds)
     planned: dict[str, MemberPlan] = {}
 
     def add(m: MemberPlan) -> None:
-        if m.source in planned:  # e.g. the probe listed and also in the ensemble: one member, both shares
+        if m.source in planned:
             planned[m.source].weight += m.weight
         else:
             planned[m.source] = m
@@ -232,20 +248,10 @@ def resolve(args) -> Plan:
                 if m["run_id"] is None:
                     add(MemberPlan("linear probe", "probe", cfg, share * m["weight"], "probe"))
                     continue
-                trial_flat, trial_epochs, _, _, _ = resolve_run(client, m["run_id"])
-                trial_cfg = _stopping(Config.from_stored(trial_flat, source=f"config of trial {m['name']}"),
-                                      trial_epochs, args.data)
-                add(MemberPlan(f"trial {m['name']}", "trial", trial_cfg, share * m["weight"], m["run_id"]))
-    members = list(planned.values())
-    for m in members:
-        if m.kind != "trial":
-            continue
-        fine_tuned = m.cfg.data.finetune != "none"
-        m.models = cv_folds if args.bag == "folds" else (args.seeds or (1 if fine_tuned else DEFAULT_SEEDS))
-        if m.models > 1 and m.cfg.data.finetune == "full":
-            raise UserError(f"--{'bag folds' if args.bag == 'folds' else f'seeds {m.models}'}: several models of "
-                            f"{m.name} would each fine-tune both backbones (finetune=full); use --seeds 1")
-    return Plan(client, uri, cfg, what, trial, parent_id, args.bag, members, Path(args.out), args.register)
+                flat, epochs, _, _, _ = resolve_run(client, m["run_id"])
+                member_cfg = _stopping(Config.from_stored(flat, source=f"config of trial {m['name']}"), epochs, data_dir)
+                add(MemberPlan(f"trial {m['name']}", "trial", member_cfg, share * m["weight"], m["run_id"]))
+    return list(planned.values())
 
 
 def _stopping(cfg: Config, epochs: int, data_dir: str | None) -> Config:
