@@ -35,11 +35,12 @@ class Ensemble:
     def line(self) -> str:
         parts = " + ".join(f"{m['name']} {m['weight']:.2f}" for m in self.members)
         probe = f"; the probe {self.probe_score:.4f}" if self.probe_score is not None else ""
+        held = (f"{self.selection_cv:.4f} chosen without each fold in turn and scored on it"
+                if self.selection_cv == self.selection_cv else "one validation split: no estimate without it")
         return (f"ensemble: {parts} (chosen from {self.candidates} candidates: the trials that ran every fold and "
                 f"the probe)\n"
                 f"  out-of-fold {self.metric} {self.score:.4f} on the predictions it was chosen on (optimistic); "
-                f"{self.selection_cv:.4f} chosen without each fold in turn and scored on it; best single: "
-                f"{self.best_single} {self.best_single_score:.4f}{probe}")
+                f"{held}; best single: {self.best_single} {self.best_single_score:.4f}{probe}")
 
 
 def _download(client, run_id: str, name: str) -> dict | None:
@@ -81,7 +82,10 @@ def select_ensemble(client, parent_id: str, trials: list, metric: str) -> Ensemb
     out = Ensemble(metric, members, chosen.score,
                    selection_cv(probs, labels, folds, metric) if len(np.unique(folds)) > 1 else float("nan"),
                    best_single, singles[best_single], singles.get(PROBE), len(arrays), skipped)
-    client.log_dict(parent_id, asdict(out), ENSEMBLE_ARTIFACT)
+    record = asdict(out)
+    if out.selection_cv != out.selection_cv:  # one validation split: strict JSON has no NaN
+        record["selection_cv"] = None
+    client.log_dict(parent_id, record, ENSEMBLE_ARTIFACT)
     from search.tracking import log_metrics
     log_metrics(client, parent_id, {f"ensemble_{metric}": out.score, f"ensemble_selection_cv_{metric}": out.selection_cv,
                                     "ensemble_members": len(members), f"best_single_oof_{metric}": out.best_single_score},
