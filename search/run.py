@@ -292,7 +292,7 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
     print(baseline_line(client, parent_id, spec.metric), flush=True)
     print(cost_line(client, parent_id), flush=True)
     if spec.time_budget:
-        print(budget_line(client, parent_id), flush=True)
+        print(budget_line(client, parent_id, trials), flush=True)
     from search.ensemble import select_ensemble
     ensemble = select_ensemble(client, parent_id, trials, spec.metric)
     if ensemble is not None:
@@ -312,9 +312,9 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
     return 0 if best is not None else 1
 
 
-def budget_line(client, parent_id: str) -> str:
-    """What the time budget covered: the trials it let start, and how they ended."""
-    from search.report import collect_trials
+def budget_line(client, parent_id: str, trials: list) -> str:
+    """What the time budget covered: the trials (search.report.TrialRecord) it let start, and how
+    they ended."""
     from search.time_budget import TimeBudget, describe
     from search.tracking import log_metrics
     budget = TimeBudget.live.get(parent_id)
@@ -324,7 +324,6 @@ def budget_line(client, parent_id: str) -> str:
     if budget.left > 0:
         return (f"time budget {describe(budget.seconds)}: {describe(budget.left)} left when the last of num_samples "
                 f"trials ended")
-    trials = collect_trials(client, client.get_run(parent_id).info.experiment_id, parent_id, "val_acc")
     return (f"time budget {describe(budget.seconds)}: spent; {len(trials)} trials started within it, "
             f"{sum(t.ended == 'completed' for t in trials)} ran every fold (trials in flight when it ran out ended "
             f"at their next fold, scored on the folds they finished)")

@@ -50,8 +50,8 @@ def select(candidates: dict[str, np.ndarray], labels: np.ndarray, metric: str,
     total = np.zeros_like(stack[0])
     best_key: tuple[float, float] | None = None
     for _ in range(max_rounds):
-        n = counts.sum() + 1
-        keys = [(score(metric, labels, (total + p) / n), -_log_loss(labels, (total + p) / n)) for p in stack]
+        blends = (total + stack) / (counts.sum() + 1)  # the blend with each candidate added
+        keys = [(score(metric, labels, b), -_log_loss(labels, b)) for b in blends]
         pick = max(range(len(names)), key=lambda i: (keys[i], -i))
         if best_key is not None and keys[pick] <= best_key:
             break
