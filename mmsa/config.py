@@ -68,6 +68,9 @@ class ModelConfig:
     modalities: str = "both"
     dropout: float = 0.12
     image_grid: int = 0  # average a square grid of image tokens down to k x k; 0: keep all
+    # Read the texts' lexicon scores (mmsa.features.lexicon) beside the tokens: one more route of
+    # the fusion head, four more inputs of a pooled head or the probe.
+    lexicon: bool = True
     token_dropout: float = 0.1  # training only: share of text/image tokens hidden per example
     text_lr_scale: float = 0.5  # learning-rate factor for fine-tuned text-encoder layers (last_k)
     # finetune=full: learning-rate factor for both pretrained backbones, against the new head's lr.
@@ -132,7 +135,9 @@ class Config:
     def from_stored(cls, values: dict[str, Any], source: str = "config") -> Config:
         """A config that an earlier version stored (a run's best_config.yaml, a checkpoint):
         keys it has retired are dropped."""
-        return cls.from_flat({k: v for k, v in values.items() if k not in RETIRED_KEYS}, source)
+        # Models stored before the lexicon scores existed did not read them.
+        return cls.from_flat({"lexicon": False, **{k: v for k, v in values.items() if k not in RETIRED_KEYS}},
+                             source)
 
     def update(self, values: dict[str, Any], source: str = "config") -> Config:
         known = self.known_keys()

@@ -262,11 +262,11 @@ def open_parent_run(search: Search, data, folds, datasets: dict) -> tuple[str, s
         from mmsa.training import oof
         from search.ensemble import PROBE_OOF_ARTIFACT
         from search.tracking import log_bytes
-        probe = probe_cv(data.features, folds, keep_probs=True)
+        probe = probe_cv(data.features, folds, keep_probs=True, lexicon=base.model.lexicon)
         log_bytes(client, parent_id, oof.to_bytes(oof.oof_arrays(folds, probe.pop("probe_fold_probs"))),
                   PROBE_OOF_ARTIFACT)
         log_metrics(client, parent_id, probe, step=0)
-        print(f"baseline: linear probe, {search.how}: val_acc {probe['probe_val_acc']:.4f}, "
+        print(f"baseline: linear probe{' with lexicon scores' if base.model.lexicon else ''}, {search.how}: val_acc {probe['probe_val_acc']:.4f}, "
               f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
     return parent_id, ray_path
 

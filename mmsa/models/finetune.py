@@ -29,9 +29,9 @@ class FullFusion(nn.Module):
         """Both backbones train, at backbone_lr_scale times the head's lr."""
         return [*self.text_backbone.parameters(), *self.image_backbone.parameters()], self.cfg.backbone_lr_scale
 
-    def forward(self, input_ids, attention_mask, pixels):
+    def forward(self, input_ids, attention_mask, pixels, lexicon):
         text = self.text_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         image = self._image_features(pixels)
         if image.dim() == 4:
             image = image.flatten(2).transpose(1, 2)
-        return self.head(text, attention_mask.bool(), image)
+        return self.head(text, attention_mask.bool(), image, lexicon)

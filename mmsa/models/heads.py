@@ -3,7 +3,8 @@
 The seed report's design, generalised: project both token sets to d_model; image
 self-attention; per fusion layer, text->image and image->text cross-attention, each followed
 by self-attention (separate modules per route and per layer); pool each route; combine the
-routes with the pooled text feature; classify. `fusion_depth=0` is late fusion of the pooled
+routes with the pooled text feature (and, with `lexicon`, the texts' projected lexicon scores:
+mmsa.features.lexicon); classify. `fusion_depth=0` is late fusion of the pooled
 projected tokens. `modalities` restricts the model to one side for ablations. `head=mlp|linear`
 (PooledHead) is the simpler family: pooled features of each side, no attention between them.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmsa.config import ModelConfig
+from mmsa.features.lexicon import LEXICON_DIM
 
 
 def _self_attention(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
@@ -136,13 +138,16 @@ class FusionModel(Head):
             self.pool_image = Pool(cfg)
         if fused:
             self.pool_t2i, self.pool_i2t = Pool(cfg), Pool(cfg)
-        n_routes = 3 if fused else (2 if cfg.modalities == "both" else 1)
+        if cfg.lexicon:
+            self.lexicon_proj = nn.Sequential(nn.Linear(LEXICON_DIM, d), nn.LayerNorm(d), nn.Dropout(cfg.dropout))
+        n_routes = (3 if fused else (2 if cfg.modalities == "both" else 1)) + int(cfg.lexicon)
         self.combine = Combine(cfg, n_routes)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.GELU(),
                                   nn.Dropout(cfg.dropout), nn.Linear(d, cfg.num_classes))
 
-    def forward(self, text, text_mask, image) -> torch.Tensor:
-        """text (B, L, Dt), text_mask (B, L) True = real token, image (B, T, Di) -> logits (B, C)."""
+    def forward(self, text, text_mask, image, lexicon) -> torch.Tensor:
+        """text (B, L, Dt), text_mask (B, L) True = real token, image (B, T, Di), lexicon (B, 4)
+        -> logits (B, C)."""
         text, text_pad, image, image_pad = _prepare_tokens(self, text, text_mask, image)
         feats: list[torch.Tensor] = []
         if self.use_text:
@@ -161,13 +166,16 @@ class FusionModel(Head):
             for to_image, to_text in zip(self.text_to_image, self.image_to_text):
                 t2i, i2t = to_image(t2i, text_pad, i2t, image_pad), to_text(i2t, image_pad, t2i, text_pad)
             feats += [self.pool_t2i(t2i, text_pad), self.pool_i2t(i2t, image_pad)]
+        if self.cfg.lexicon:
+            feats.append(self.lexicon_proj(lexicon))
         return self.head(self.combine(feats))
 
 
 class PooledHead(Head):
     """head=mlp | linear: pool each modality's tokens (the same `pooling` options), scale each
-    pooled vector to unit RMS (the linear probe's L2 normalisation, times sqrt(dim)), concatenate,
-    classify: one hidden layer of d_model (mlp) or none (linear)."""
+    pooled vector to unit RMS (the linear probe's L2 normalisation, times sqrt(dim)), concatenate
+    (with the lexicon scores as they are: each within [-1, 1]), classify: one hidden layer of
+    d_model (mlp) or none (linear)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -181,19 +189,22 @@ class PooledHead(Head):
             self.pool_text, width = Pool(cfg, cfg.text_dim), width + cfg.text_dim
         if self.use_image:
             self.pool_image, width = Pool(cfg, cfg.image_dim), width + cfg.image_dim
+        width += LEXICON_DIM if cfg.lexicon else 0
         if cfg.head == "linear":
             self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, cfg.num_classes))
         else:
             self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, cfg.d_model), nn.GELU(),
                                           nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, cfg.num_classes))
 
-    def forward(self, text, text_mask, image) -> torch.Tensor:
+    def forward(self, text, text_mask, image, lexicon) -> torch.Tensor:
         text, text_pad, image, image_pad = _prepare_tokens(self, text, text_mask, image)
         feats = []
         if self.use_text:
             feats.append(_unit_rms(self.pool_text(text, text_pad)))
         if self.use_image:
             feats.append(_unit_rms(self.pool_image(image, image_pad)))
+        if self.cfg.lexicon:
+            feats.append(lexicon)
         return self.classify(torch.cat(feats, -1))
 
 
