@@ -67,9 +67,9 @@ def score(pred_file: Path, truth: dict[str, int]) -> dict:
             "macro_f1": float(f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0))}
 
 
-def probe_on(folder: Path, truth: dict[str, int], cache_dir: str) -> dict:
+def probe_on(folder: Path, truth: dict[str, int], cache_dir: str, lexicon: bool = False) -> dict:
     """The linear probe trained on the folder's train.txt, scored on its test pairs (mmsa.models.probe,
-    with the held-out labels as the one fold's validation part)."""
+    with the held-out labels as the one fold's validation part); with the lexicon scores or not."""
     from dataclasses import replace
 
     from mmsa.config import DataConfig
@@ -77,7 +77,7 @@ def probe_on(folder: Path, truth: dict[str, int], cache_dir: str) -> dict:
     from mmsa.models.probe import probe_cv
     data = prepare(DataConfig(data_dir=str(folder), cache_dir=cache_dir), val_fraction=0.0)
     held = replace(data.test, labels=np.array([truth[g] for g in data.test.guids], dtype=np.int64))
-    out = probe_cv(data.features, [(data.train, held)])
+    out = probe_cv(data.features, [(data.train, held)], lexicon=lexicon)
     return {"acc": out["probe_val_acc"], "macro_f1": out["probe_val_macro_f1"]}
 
 
@@ -144,7 +144,8 @@ def main() -> None:
                    "folds_without_early_stopping": m.get("folds_without_early_stopping"),
                    "epochs_trained": m.get("epochs_trained"),
                    "epochs_without_early_stopping": m.get("epochs_without_early_stopping"),
-                   "probe": probe_on(folder, truth, cache_dir)}
+                   "probe": probe_on(folder, truth, cache_dir),
+                   "probe_lexicon": probe_on(folder, truth, cache_dir, lexicon=True)}
         for variant in missing:
             pred = work / f"outer{i}" / f"pred-{variant}.txt"
             _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", row["parent"], "--data", str(folder),
@@ -179,12 +180,15 @@ def report(results: dict, args) -> None:
         acc = [results[i][f"final_{m}"]["acc"] for i in done]
         f1 = [results[i][f"final_{m}"]["macro_f1"] for i in done]
         summary.append([f"pipeline, final {m}", mean_std(acc), mean_std(f1)])
-    pacc = [results[i]["probe"]["acc"] for i in done]
-    summary.append(["linear probe", mean_std(pacc), mean_std([results[i]["probe"]["macro_f1"] for i in done])])
+    probes = ["probe", *(["probe_lexicon"] if all("probe_lexicon" in results[i] for i in done) else [])]
+    for probe in probes:
+        summary.append([{"probe": "linear probe", "probe_lexicon": "linear probe with lexicon scores"}[probe],
+                        mean_std([results[i][probe]["acc"] for i in done]),
+                        mean_std([results[i][probe]["macro_f1"] for i in done])])
     body += "\n\n" + table(["", "accuracy (mean ± std over outer folds)", "macro-F1"], summary)
     first = modes[0]
-    for other in [*modes[1:], "probe"]:
-        diff = np.array([results[i][f"final_{first}"]["acc"] - (results[i]["probe"] if other == "probe" else
+    for other in [*modes[1:], *probes]:
+        diff = np.array([results[i][f"final_{first}"]["acc"] - (results[i][other] if other in probes else
                                                                  results[i][f"final_{other}"])["acc"] for i in done])
         body += (f"\n\nPipeline ({first}) minus {other}, accuracy, paired by outer fold: {diff.mean() * 100:+.2f} "
                  f"points (std {diff.std(ddof=1) * 100 if len(diff) > 1 else 0:.2f}, standard error "

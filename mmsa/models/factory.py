@@ -8,7 +8,7 @@ from torch import nn
 
 from mmsa.config import Config, ModelConfig
 from mmsa.features.lexicon import LEXICON_DIM
-from mmsa.models.heads import FusionModel, Head, PooledHead
+from mmsa.models.heads import LEXICON_GAIN, FusionModel, Head, PooledHead
 
 
 def create_model(cfg: Config) -> nn.Module:
@@ -40,12 +40,13 @@ def probe_head(cfg: Config, coef, intercept) -> PooledHead:
     """The linear probe (mmsa.models.probe) as a model of `probe_config(cfg)`: mean pooling, each
     modality scaled to unit RMS (= its L2 norm times sqrt(dim)), one linear layer whose weights
     are the probe's divided by sqrt(dim), so that it computes the probe's logits (the lexicon
-    scores, where the config reads them, enter as they are: fit_probe's weights are for those)."""
+    scores, where the config reads them, enter times LEXICON_GAIN: fit_probe's weights are for
+    the raw scores)."""
     head = create_model(cfg)
     cfg = cfg.model
     scale = torch.cat([torch.full((cfg.text_dim,), cfg.text_dim ** -0.5),
                        torch.full((cfg.image_dim,), cfg.image_dim ** -0.5),
-                       torch.ones(LEXICON_DIM if cfg.lexicon else 0)])
+                       torch.full((LEXICON_DIM if cfg.lexicon else 0,), 1 / LEXICON_GAIN)])
     linear = head.classify[-1]
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32) * scale)

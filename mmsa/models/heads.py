@@ -20,6 +20,10 @@ from torch import nn
 from mmsa.config import ModelConfig
 from mmsa.features.lexicon import LEXICON_DIM
 
+# The four lexicon scores (within [-1, 1]) sit beside 1,664 unit-RMS features: scaled up, Adam's
+# small steps can give them the weight the probe finds for them (bench/results/lexicon_heads.md).
+LEXICON_GAIN = 16.0
+
 
 def _self_attention(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
     return nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, dim_feedforward=2 * cfg.d_model,
@@ -174,8 +178,8 @@ class FusionModel(Head):
 class PooledHead(Head):
     """head=mlp | linear: pool each modality's tokens (the same `pooling` options), scale each
     pooled vector to unit RMS (the linear probe's L2 normalisation, times sqrt(dim)), concatenate
-    (with the lexicon scores as they are: each within [-1, 1]), classify: one hidden layer of
-    d_model (mlp) or none (linear)."""
+    (with the lexicon scores times LEXICON_GAIN), classify: one hidden layer of d_model (mlp) or
+    none (linear)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -204,7 +208,7 @@ class PooledHead(Head):
         if self.use_image:
             feats.append(_unit_rms(self.pool_image(image, image_pad)))
         if self.cfg.lexicon:
-            feats.append(lexicon)
+            feats.append(lexicon * LEXICON_GAIN)
         return self.classify(torch.cat(feats, -1))
 
 
