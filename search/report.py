@@ -147,7 +147,9 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
     counts["epochs_trained"] = sum(t.epochs for t in ran)
     counts["folds_trained"] = sum(t.folds for t in ran)
     counts["folds_without_early_stopping"] = spec.cv_folds * len(ran)
-    counts["epochs_without_early_stopping"] = spec.max_epochs * spec.cv_folds * len(ran)
+    # A space may search the schedule's length: each trial's own.
+    counts["epochs_without_early_stopping"] = spec.cv_folds * sum(
+        int(float(t.params.get("max_epochs", spec.max_epochs))) for t in ran)
     counts["trial_seconds"] = sum(t.seconds for t in trials if t.ended != "interrupted")
     log_metrics(client, parent_run_id, counts, step=0)
     with tempfile.TemporaryDirectory() as tmp:
