@@ -1,7 +1,12 @@
 """The final model as an MLflow pyfunc model: log it, register it, load it, serve it.
 
-Input: a pandas DataFrame with a `text` column (str) and an `image` column (path to an image file).
-Output: a DataFrame with `label` and one probability column per class (`p_positive`, ...).
+Input: a pandas DataFrame with a `text` column (str) and an `image` column (the image file's
+bytes: base64 in JSON), or `image_path` under $MMSA_IMAGE_ROOT (mmsa.app.pairs: the limits).
+Output: a DataFrame with `label`, one probability column per class (`p_positive`, ...) and
+`image_status` (read | none | undecodable: the last two were predicted with a blank image).
+`load_context` loads every member's backbones once; a request's features are computed in memory
+(mmsa.features.resident), no disk cache. `predict_examples` is the other way in, for datasets
+(mmsa.predict): features through the disk cache, exactly final's predictions.
 What it bundles: the checkpoint (every member's head weights and config, mmsa.models.ensemble) and
 this package's source; the backbones load from their packages by name, never pickled.
 An MLflow edge: imported by mmsa.final and mmsa.predict only.
@@ -12,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from mmsa.config import CACHE_DIR_ENV as CACHE_ENV  # a served model caches its pairs' features there
@@ -22,19 +28,50 @@ PROB_COLUMNS = [f"p_{name}" for name in LABELS]
 
 
 class SentimentModel(mlflow.pyfunc.PythonModel):
-    """Loads the checkpoint's members once; predicts raw (text, image path) pairs."""
+    """Loads the checkpoint's members and their backbones once; predicts raw pairs."""
 
     def load_context(self, context) -> None:
         from mmsa.models.ensemble import load_members
         self.members = load_members(context.artifacts[CHECKPOINT])
+        self._serving()
+
+    def _serving(self) -> dict:
+        """The backbones of each feature config the members read, the limits, the image root:
+        loaded once (in load_context; here too for a model built in memory, as final's is)."""
+        if getattr(self, "_served", None) is None:
+            from mmsa.app.pairs import Limits, image_root_from_env
+            from mmsa.features.resident import Backbones
+            from mmsa.models.ensemble import feature_key
+            from mmsa.models.runtime import resolve_device
+            device = resolve_device("auto")
+            backbones = {}
+            for m in self.members:
+                key = feature_key(m.cfg.data)
+                if key not in backbones:
+                    backbones[key] = Backbones(m.cfg.data, device)
+                m.model.to(device)
+            self._served = {"device": device, "backbones": backbones, "limits": Limits.from_env(),
+                            "image_root": image_root_from_env()}
+        return self._served
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from mmsa.models.ensemble import examples_from
-        missing = {"text", "image"} - set(model_input.columns)
-        if missing:
-            raise ValueError(f"input DataFrame lacks column(s) {sorted(missing)}: needs 'text' (str) and "
-                             f"'image' (path to an image file)")
-        return self.predict_examples(examples_from(list(model_input["text"]), list(model_input["image"])))
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from mmsa.app.pairs import RequestError, pairs_from_frame
+        from mmsa.models.ensemble import feature_key, predict_members
+        served = self._serving()
+        try:
+            pairs = pairs_from_frame(model_input, served["limits"], served["image_root"])
+        except RequestError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        rows = np.arange(len(pairs.texts))
+
+        def features_for(cfg):
+            return served["backbones"][feature_key(cfg)](pairs.texts, pairs.images), rows
+        out = _table(predict_members(self.members, features_for, served["device"]))
+        out["image_status"] = pairs.image_status
+        return out
 
     def predict_examples(self, examples, cache_dir: str | None = None) -> pd.DataFrame:
         """The prediction table of `Example`s. Their features are cached in `cache_dir`, else in
@@ -51,12 +88,17 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         else:
             with tempfile.TemporaryDirectory(prefix="mmsa-features-") as tmp:
                 probs = predict_examples(self.members, examples, tmp, device)
-        out = pd.DataFrame(probs.astype("float64"), columns=PROB_COLUMNS)
-        out.insert(0, "label", [LABELS[i] for i in probs.argmax(1)])
-        return out
+        return _table(probs)
+
+
+def _table(probs: np.ndarray) -> pd.DataFrame:
+    out = pd.DataFrame(probs.astype("float64"), columns=PROB_COLUMNS)
+    out.insert(0, "label", [LABELS[i] for i in probs.argmax(1)])
+    return out
 
 
 def input_example(data_dir: str, guids: list[str]) -> pd.DataFrame:
+    """Pairs of a course-layout folder as a request holds them: text, and the image's bytes."""
     from mmsa.data.dataset import DATA_SUBDIR, decode_text
     root = Path(data_dir) / DATA_SUBDIR
     rows = []
@@ -65,18 +107,32 @@ def input_example(data_dir: str, guids: list[str]) -> pd.DataFrame:
             text = decode_text((root / f"{g}.txt").read_bytes())[0]
         except OSError:
             text = ""
-        rows.append({"text": text, "image": str((root / f"{g}.jpg").resolve())})
+        try:
+            image = (root / f"{g}.jpg").read_bytes()
+        except OSError:
+            image = None
+        rows.append({"text": text, "image": image})
     return pd.DataFrame(rows, columns=["text", "image"])
+
+
+def signature(example: pd.DataFrame, output: pd.DataFrame):
+    """text (string), image (bytes) and image_path (string); the output as predicted on the
+    example. Each optional to MLflow, so that every check of a request is mmsa.app.pairs's, with
+    its messages."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
+    inputs = Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False),
+                     ColSpec("string", "image_path", required=False)])
+    return ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
 
 
 def log_model(checkpoint: Path, members, example: pd.DataFrame, registered_name: str | None = None):
     """Log the pyfunc model whose checkpoint holds `members` under the active run as `model` (and
     register it as `registered_name`). The signature comes from the example and the members'
     prediction of it."""
-    from mlflow.models import infer_signature
     in_memory = SentimentModel()
     in_memory.members = members
-    signature = infer_signature(example, in_memory.predict(None, example))
+    model_signature = signature(example, in_memory.predict(None, example))
     import shutil
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:  # the whole mmsa package's source, without bytecode
@@ -85,7 +141,7 @@ def log_model(checkpoint: Path, members, example: pd.DataFrame, registered_name:
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(package / "app" / "pyfunc_model.py"),
             artifacts={CHECKPOINT: str(checkpoint)},
-            code_paths=[str(package)], signature=signature, input_example=example,
+            code_paths=[str(package)], signature=model_signature, input_example=example,
             registered_model_name=registered_name, pip_requirements=_requirements())
 
 

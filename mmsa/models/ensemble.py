@@ -108,19 +108,6 @@ def predict_members(members: list[Member], features_for: FeaturesFor, device: to
     return average_probabilities(probs, [m.weight for m in members])
 
 
-def examples_from(texts: list, images: list) -> list[Example]:
-    """Examples of raw pairs (guids "0", "1", ...): a missing text is an empty one; a missing or
-    unreadable image gets the blank image's features, as in final."""
-    out = []
-    for i, (text, image) in enumerate(zip(texts, images)):
-        text = "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
-        path = Path(str(image)) if image is not None and not (isinstance(image, float) and np.isnan(image)) \
-            else Path("")
-        has_image = bool(str(path)) and path.is_file() and path.stat().st_size > 0
-        out.append(Example(str(i), text, path, None, has_text=True, has_image=has_image))
-    return out
-
-
 def predict_examples(members: list[Member], examples: list[Example], cache_dir: str,
                      device: torch.device) -> np.ndarray:
     """Class probabilities of raw pairs, through each member's backbones (features cached in

@@ -1,0 +1,49 @@
+"""The pyfunc model in memory: a request's features come from backbones loaded once, and give
+what the disk cache gives (mmsa.predict's way in)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+@pytest.fixture(scope="module")
+def model(subset_prepared):
+    """A SentimentModel of two members: the probe (with lexicon scores) and an untrained mlp head."""
+    import torch
+
+    from mmsa.app.pyfunc import SentimentModel
+    from mmsa.config import Config, ModelConfig
+    from mmsa.models.ensemble import Member
+    from mmsa.models.factory import create_model, probe_config, probe_head
+    from mmsa.models.probe import fit_probe
+    data_cfg, data = subset_prepared
+    probe_cfg = probe_config(Config(data=data_cfg)).with_features(data.features)
+    torch.manual_seed(0)
+    mlp_cfg = Config(data=data_cfg, model=ModelConfig(head="mlp", pooling="attention")).with_features(data.features)
+    model = SentimentModel()
+    model.members = [Member("probe", probe_cfg, probe_head(probe_cfg, *fit_probe(data.features, data.train, lexicon=True))),
+                     Member("mlp", mlp_cfg, create_model(mlp_cfg).eval(), 0.5)]
+    return model
+
+
+def test_a_request_is_predicted_in_memory_as_the_cache_predicts_it(model, subset_prepared, subset_dir, tmp_path):
+    from mmsa.app.pyfunc import input_example
+    _, data = subset_prepared
+    examples = data.dataset.test[:6]
+    request = input_example(str(subset_dir), [ex.guid for ex in examples])
+    served = model.predict(None, request)
+    cached = model.predict_examples(examples, cache_dir=str(tmp_path))
+    assert list(served.columns) == ["label", "p_positive", "p_neutral", "p_negative", "image_status"]
+    assert (served["image_status"] == "read").all()
+    probs = ["p_positive", "p_neutral", "p_negative"]
+    assert np.allclose(served[probs].to_numpy(), cached[probs].to_numpy(), atol=2e-3)
+    assert list(served["label"]) == list(cached["label"])
+    assert model._serving()["backbones"]  # loaded once: one entry per feature config
+    assert len(model._serving()["backbones"]) == 1
+
+
+def test_bad_requests_become_mlflow_s_400_answers(model):
+    from mlflow.exceptions import MlflowException
+    with pytest.raises(MlflowException, match="missing column 'text'") as e:
+        model.predict(None, pd.DataFrame({"image": [b""]}))
+    assert e.value.get_http_status_code() == 400
