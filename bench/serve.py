@@ -7,7 +7,7 @@ Starts the real server (`mlflow models serve --env-manager local` on 127.0.0.1) 
 with a bounded client of its own (a fixed number of requests, each with a time limit): the first
 request, single-pair latency p50 / p99, throughput with 1, 4 and 16 concurrent clients sending
 single pairs, and a 32-pair request. In the same run, the floor: the model's two backbones
-loaded once in this process, their forward pass alone on the same pairs (tokenized and
+loaded once in this process, one forward pass of each alone on the same pairs (tokenized and
 preprocessed beforehand), with as many threads as the server has. `--paths` sends each image as
 a path on this machine instead of its bytes (what models logged before images travelled as bytes
 read).
@@ -110,13 +110,12 @@ def floor(model_uri: str, pairs: list[dict], data_dir: str, repeats: int) -> dic
     import torch
     from PIL import Image
 
-    from mmsa.features.resident import Backbones
-    from mmsa.models.ensemble import feature_key
     from mmsa.data.images import to_rgb
+    from mmsa.features.resident import Backbones, backbone_key
     members = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().members
-    configs = {feature_key(m.cfg.data): m.cfg.data for m in members}
+    configs = {backbone_key(m.cfg.data): m.cfg.data for m in members}
     device = torch.device("cpu")
-    backbones = [Backbones(cfg, device) for cfg in configs.values()]
+    backbones = [(Backbones(cfg, device), cfg) for cfg in configs.values()]
     images = [to_rgb(Image.open(io.BytesIO(p["image"]) if isinstance(p["image"], bytes) else p["image"]))
               for p in pairs]
     texts = [p["text"] for p in pairs]
@@ -124,13 +123,13 @@ def floor(model_uri: str, pairs: list[dict], data_dir: str, repeats: int) -> dic
     @torch.no_grad()
     def forward(idx: list[int]) -> float:
         inputs = []
-        for b in backbones:  # tokenized and preprocessed beforehand: the forward pass alone is timed
+        for b, cfg in backbones:  # tokenized and preprocessed beforehand: the forward pass alone is timed
             tok = b.text.tokenizer([texts[i] for i in idx], padding="longest", truncation=True,
-                                   max_length=b.cfg.max_text_len, return_tensors="pt")
+                                   max_length=cfg.max_text_len, return_tensors="pt")
             inputs.append((tok, torch.stack([b.transform(images[i]) for i in idx])))
         start = time.perf_counter()
-        for b, (tok, pixels) in zip(backbones, inputs):
-            b.text(tok["input_ids"], tok["attention_mask"], b.layers)
+        for (b, _), (tok, pixels) in zip(backbones, inputs):
+            b.text(tok["input_ids"], tok["attention_mask"])
             b.image(pixels)
         return time.perf_counter() - start
     forward([0, 1])  # warm-up

@@ -8,7 +8,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def model(subset_prepared):
-    """A SentimentModel of two members: the probe (with lexicon scores) and an untrained mlp head."""
+    """A SentimentModel of three members: the probe (with lexicon scores), an untrained mlp head,
+    and an untrained head fine-tuning the top 2 text layers (another feature config)."""
     import torch
 
     from mmsa.app.pyfunc import SentimentModel
@@ -20,9 +21,13 @@ def model(subset_prepared):
     probe_cfg = probe_config(Config(data=data_cfg)).with_features(data.features)
     torch.manual_seed(0)
     mlp_cfg = Config(data=data_cfg, model=ModelConfig(head="mlp", pooling="attention")).with_features(data.features)
+    import dataclasses
+    ft_cfg = Config(data=dataclasses.replace(data_cfg, finetune="last_k", text_finetune_layers=2),
+                    model=ModelConfig(head="mlp", pooling="mean")).with_features(data.features)
     model = SentimentModel()
     model.members = [Member("probe", probe_cfg, probe_head(probe_cfg, *fit_probe(data.features, data.train, lexicon=True))),
-                     Member("mlp", mlp_cfg, create_model(mlp_cfg).eval(), 0.5)]
+                     Member("mlp", mlp_cfg, create_model(mlp_cfg).eval(), 0.5),
+                     Member("fine-tuned", ft_cfg, create_model(ft_cfg).eval(), 0.5)]
     return model
 
 
@@ -38,8 +43,7 @@ def test_a_request_is_predicted_in_memory_as_the_cache_predicts_it(model, subset
     probs = ["p_positive", "p_neutral", "p_negative"]
     assert np.allclose(served[probs].to_numpy(), cached[probs].to_numpy(), atol=2e-3)
     assert list(served["label"]) == list(cached["label"])
-    assert model._serving()["backbones"]  # loaded once: one entry per feature config
-    assert len(model._serving()["backbones"]) == 1
+    assert len(model._serving()["backbones"]) == 1  # loaded once, shared by the three members
 
 
 def test_bad_requests_become_mlflow_s_400_answers(model):

@@ -40,13 +40,12 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         loaded once (in load_context; here too for a model built in memory, as final's is)."""
         if getattr(self, "_served", None) is None:
             from mmsa.app.pairs import Limits, image_root_from_env
-            from mmsa.features.resident import Backbones
-            from mmsa.models.ensemble import feature_key
+            from mmsa.features.resident import Backbones, backbone_key
             from mmsa.models.runtime import resolve_device
             device = resolve_device("auto")
             backbones = {}
             for m in self.members:
-                key = feature_key(m.cfg.data)
+                key = backbone_key(m.cfg.data)
                 if key not in backbones:
                     backbones[key] = Backbones(m.cfg.data, device)
                 m.model.to(device)
@@ -59,6 +58,7 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         from mmsa.app.pairs import RequestError, pairs_from_frame
+        from mmsa.features.resident import backbone_key
         from mmsa.models.ensemble import feature_key, predict_members
         served = self._serving()
         try:
@@ -66,10 +66,12 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         rows = np.arange(len(pairs.texts))
-
-        def features_for(cfg):
-            return served["backbones"][feature_key(cfg)](pairs.texts, pairs.images), rows
-        out = _table(predict_members(self.members, features_for, served["device"]))
+        features = {}  # feature key -> features: each backbone pair runs once for all its members
+        for key, backbones in served["backbones"].items():
+            cfgs = [m.cfg.data for m in self.members if backbone_key(m.cfg.data) == key]
+            features.update(zip(map(feature_key, cfgs), backbones.features(cfgs, pairs.texts, pairs.images)))
+        out = _table(predict_members(self.members, lambda cfg: (features[feature_key(cfg)], rows),
+                                     served["device"]))
         out["image_status"] = pairs.image_status
         return out
 

@@ -2,10 +2,10 @@
 
 The disk cache (mmsa.features.cache) suits datasets read again and again; a service sees each
 pair once and must not pay for loading backbones or writing files per request. `Backbones`
-holds the text and image backbones of one feature config, loaded at start; calling it on
-texts and decoded images gives the same inputs a model reads from the cache (float16 tokens,
-masks, lexicon scores), or, for finetune=full models, the raw inputs they run their own
-backbones on.
+holds one text and one image backbone, loaded at start, and computes in one pass of each what
+every member reading them needs: the same inputs a model reads from the cache (float16 tokens
+of its text layer, masks, lexicon scores), or, for finetune=full models, the raw inputs they
+run their own backbones on.
 """
 
 from __future__ import annotations
@@ -39,52 +39,81 @@ class InMemoryInputs:
             yield tuple(t[torch.as_tensor(rows)].to(device) for t in self.tensors)
 
 
+def backbone_key(cfg: DataConfig) -> tuple[str, str]:
+    """Members with equal keys share one Backbones."""
+    return cfg.text_encoder, cfg.image_encoder
+
+
 class Backbones:
-    """The backbones one feature config reads, in eval mode on `device`, loaded once."""
+    """A text and an image backbone, in eval mode on `device`, loaded once."""
 
     def __init__(self, cfg: DataConfig, device: torch.device):
         from mmsa.features.encoders import build_image_encoder, build_text_encoder
-        self.cfg, self.device = cfg, device
+        self.device = device
         self.text = build_text_encoder(cfg.text_encoder).to(device).eval()
         self.image = build_image_encoder(cfg.image_encoder).to(device).eval()
         self.transform = self.image.preprocess.transform()
-        self.layers = cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
 
-    def _texts(self, texts: list[str]) -> list[str]:
-        return [normalize_tweet(t) if self.cfg.text_clean else t for t in texts]
-
-    def _pixels(self, images: list[Image.Image | None]) -> tuple[torch.Tensor, np.ndarray]:
+    def pixels(self, images: list[Image.Image | None]) -> torch.Tensor:
         """Preprocessed images, a blank one where there is none (as the cache has)."""
         size = self.image.preprocess.size
-        pixels = [self.transform(to_rgb(img)) if img is not None else torch.zeros(3, size, size) for img in images]
-        return torch.stack(pixels), np.array([img is not None for img in images])
+        return torch.stack([self.transform(to_rgb(img)) if img is not None else torch.zeros(3, size, size)
+                            for img in images])
 
     @torch.no_grad()
-    def __call__(self, texts: list[str], images: list[Image.Image | None]):
-        """Features of these pairs: a FeatureSet in memory, or InMemoryInputs for finetune=full."""
-        n, max_len = len(texts), self.cfg.max_text_len
+    def features(self, cfgs: list[DataConfig], texts: list[str], images: list[Image.Image | None]) -> list:
+        """For each config, the features of these pairs: a FeatureSet in memory, or InMemoryInputs
+        for finetune=full. One image pass, and one text pass per (text length, cleaning)."""
+        from mmsa.models.ensemble import feature_key
+        n = len(texts)
         lexicon = lexicon_scores(texts)
-        if self.cfg.finetune == "full":
-            tok = self.text.tokenizer(self._texts(texts), padding="longest", truncation=True, max_length=max_len,
-                                      return_tensors="pt")
-            pixels, _ = self._pixels(images)
-            return InMemoryInputs((tok["input_ids"], tok["attention_mask"], pixels, torch.from_numpy(lexicon)))
-        # Arrays shaped like the cache's; each chunk runs padded to its longest text only (the
-        # attention mask hides padding, so real tokens come out as the cache has them, to rounding).
-        text = np.zeros((n, max_len, self.text.dim), dtype=np.float16)
+        pixels = self.pixels(images)
+        has_image = np.array([img is not None for img in images])
+        image = None
+        if any(cfg.finetune != "full" for cfg in cfgs):
+            image = np.concatenate([self.image(pixels[s:s + CHUNK].to(self.device)).float().cpu().numpy()
+                                    for s in range(0, n, CHUNK)]).astype(np.float16)
+        def depth(cfg: DataConfig) -> int:
+            return cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
+        wanted: dict[tuple, set[int]] = {}  # (max_len, clean) -> the layers some member reads
+        for cfg in cfgs:
+            if cfg.finetune != "full":
+                wanted.setdefault((cfg.max_text_len, cfg.text_clean), set()).add(depth(cfg))
+        texts_by = {}  # (max_len, clean) -> ({layer: tokens}, mask)
+        out = {}
+        for cfg in cfgs:
+            key = feature_key(cfg)
+            if key in out:
+                continue
+            clean = [normalize_tweet(t) if cfg.text_clean else t for t in texts]
+            if cfg.finetune == "full":
+                tok = self.text.tokenizer(clean, padding="longest", truncation=True, max_length=cfg.max_text_len,
+                                          return_tensors="pt")
+                out[key] = InMemoryInputs((tok["input_ids"], tok["attention_mask"], pixels, torch.from_numpy(lexicon)))
+                continue
+            sig = (cfg.max_text_len, cfg.text_clean)
+            if sig not in texts_by:
+                texts_by[sig] = self._text_layers(clean, cfg.max_text_len, wanted[sig])
+            layers, mask = texts_by[sig]
+            out[key] = FeatureSet(guids=[str(i) for i in range(n)], text=layers[depth(cfg)], text_mask=mask, image=image,
+                                  has_image=has_image, lexicon=lexicon, text_dir=None, image_dir=None)
+        return [out[feature_key(cfg)] for cfg in cfgs]
+
+    def _text_layers(self, texts: list[str], max_len: int, depths: set[int]):
+        """({k: (n, max_len, D) float16 hidden states entering the top k layers}, mask), from one
+        pass. Shaped like the cache's arrays; each chunk runs padded to its longest text only (the
+        attention mask hides padding, so real tokens come out as the cache has them, to rounding)."""
+        n = len(texts)
+        hidden = {k: np.zeros((n, max_len, self.text.dim), dtype=np.float16) for k in depths}
         mask = np.zeros((n, max_len), dtype=bool)
-        image, has_image = None, np.zeros(n, dtype=bool)
-        clean = self._texts(texts)
         for s in range(0, n, CHUNK):
-            tok = self.text.tokenizer(clean[s:s + CHUNK], padding="longest", truncation=True, max_length=max_len,
+            tok = self.text.tokenizer(texts[s:s + CHUNK], padding="longest", truncation=True, max_length=max_len,
                                       return_tensors="pt")
-            hidden, m = self.text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device), self.layers)
-            text[s:s + CHUNK, :hidden.shape[1]] = hidden.float().cpu().numpy().astype(np.float16)
-            mask[s:s + CHUNK, :hidden.shape[1]] = m.cpu().numpy()
-            pixels, has_image[s:s + CHUNK] = self._pixels(images[s:s + CHUNK])
-            tokens = self.image(pixels.to(self.device)).float().cpu().numpy().astype(np.float16)
-            if image is None:
-                image = np.zeros((n, *tokens.shape[1:]), dtype=np.float16)
-            image[s:s + CHUNK] = tokens
-        return FeatureSet(guids=[str(i) for i in range(n)], text=text, text_mask=mask, image=image,
-                          has_image=has_image, lexicon=lexicon, text_dir=None, image_dir=None)
+            states = self.text.model(input_ids=tok["input_ids"].to(self.device),
+                                     attention_mask=tok["attention_mask"].to(self.device),
+                                     output_hidden_states=True).hidden_states
+            width = states[0].shape[1]
+            for k in depths:
+                hidden[k][s:s + CHUNK, :width] = states[-1 - k].float().cpu().numpy().astype(np.float16)
+            mask[s:s + CHUNK, :width] = tok["attention_mask"].numpy().astype(bool)
+        return hidden, mask
