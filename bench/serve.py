@@ -102,18 +102,29 @@ def test_pairs(data_dir: str, n: int, paths: bool) -> list[dict]:
             for ex in examples]
 
 
-def floor(model_uri: str, pairs: list[dict], data_dir: str, repeats: int) -> dict:
+def member_configs(model_uri: str) -> list:
+    """The data configs of the model's members, read from its checkpoint (the model's own code,
+    which may be an older version of mmsa, is not loaded here)."""
+    import mlflow
+    import torch
+
+    from mmsa.config import Config
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts"
+    ckpt = torch.load(next(folder.iterdir()), map_location="cpu", weights_only=True)
+    entries = ckpt.get("members") or [{"config": ckpt["config"]}]
+    return [Config.from_stored(e["config"]).data for e in entries]
+
+
+def floor(model_uri: str, pairs: list[dict], repeats: int) -> dict:
     """Seconds of the backbones' forward pass alone: one pair (median over pairs), 32 pairs."""
     import io
 
-    import mlflow
     import torch
     from PIL import Image
 
     from mmsa.data.images import to_rgb
     from mmsa.features.resident import Backbones, backbone_key
-    members = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().members
-    configs = {backbone_key(m.cfg.data): m.cfg.data for m in members}
+    configs = {backbone_key(cfg): cfg for cfg in member_configs(model_uri)}
     device = torch.device("cpu")
     backbones = [(Backbones(cfg, device), cfg) for cfg in configs.values()]
     images = [to_rgb(Image.open(io.BytesIO(p["image"]) if isinstance(p["image"], bytes) else p["image"]))
@@ -190,7 +201,7 @@ def main() -> None:
         batch_s = float(np.median(batch))
     finally:
         server.stop()
-    f = floor(args.model, pairs, args.data, repeats=20)
+    f = floor(args.model, pairs, repeats=20)
     n = f["batch_pairs"]
     rows += [["single pair, p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms",
               f"floor {f['one'] * 1000:.0f} ms: p50 {p50 / f['one']:.2f}x it"],
