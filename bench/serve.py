@@ -11,6 +11,14 @@ loaded once in this process, one forward pass of each alone on the same pairs (t
 preprocessed beforehand), with as many threads as the server has. `--paths` sends each image as
 a path on this machine instead of its bytes (what models logged before images travelled as bytes
 read).
+
+    python bench/serve.py --hostile --model ... --tracking-uri ... [--out serve_hostile]
+
+sends instead the hostile requests (server-side paths, `..`, a link out of the image root,
+devices, a FIFO, huge inputs, a decompression bomb, wrong columns, an empty frame, nulls, numbers
+as text), each followed by a good request, and tables request, answer, time and whether the server
+still answered; an audit hook in the server logs every file it opens, and the report lists those
+outside the image root (tests/test_predict.py asserts the same cases).
 """
 
 from __future__ import annotations
@@ -53,6 +61,12 @@ class ModelServer:
                 self.stop()
                 raise RuntimeError(f"the model server did not start:\n{self.proc.stdout.read().decode()[-3000:]}")
             time.sleep(1)
+        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server
+
+    def _drain(self) -> None:
+        self.log = []
+        for line in self.proc.stdout:
+            self.log = (self.log + [line.decode(errors="replace")])[-200:]
 
     def alive(self) -> bool:
         try:
@@ -83,16 +97,113 @@ class ModelServer:
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def request_body(rows: list[dict]) -> bytes:
     """JSON of a request: `dataframe_split`, bytes as base64 (what MLflow decodes for a binary column)."""
-    columns = sorted({k for r in rows for k in r}, key=["text", "image", "image_path"].index)
+    order = ["text", "image", "image_path"]  # any other column (a hostile request's) after them
+    columns = sorted({k for r in rows for k in r}, key=lambda c: (order.index(c) if c in order else len(order), c))
     data = [[base64.b64encode(r[c]).decode() if isinstance(r.get(c), bytes) else r.get(c) for c in columns]
             for r in rows]
     return json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode()
+
+
+# Logs every file a Python process opens (sys.addaudithook), when $OPEN_LOG names a file. The log
+# is opened before the hook is installed and written with os.write, which raises no audit event:
+# a hook that called open() would re-enter itself.
+OPEN_HOOK = """import os, sys
+_log = os.environ.get('OPEN_LOG')
+if _log:
+    _fd = os.open(_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _hook(event, args):
+        if event == 'open' and isinstance(args[0], (str, bytes, os.PathLike)):
+            os.write(_fd, os.fsencode(args[0]) + b'\\n')
+    sys.addaudithook(_hook)
+"""
+
+
+def hostile_setup(folder: Path, image: bytes) -> dict:
+    """Under `folder`: an image root holding ok.jpg, a link out of it and a FIFO; beside the root
+    a secret; the audit hook. Returns the root, the secret, the server's env and its open log."""
+    root = folder / "root"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(image)
+    secret = folder / "secret.jpg"
+    secret.write_bytes(image)
+    (root / "escape.jpg").symlink_to(secret)
+    os.mkfifo(root / "fifo.jpg")
+    hook = folder / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OPEN_HOOK)
+    open_log = folder / "opened.txt"
+    env = {"MMSA_IMAGE_ROOT": str(root), "OPEN_LOG": str(open_log),
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return {"root": root, "secret": secret, "env": env, "open_log": open_log}
+
+
+def hostile_requests(image: bytes) -> list[tuple[str, bytes, int, str]]:
+    """(what, the request body, the status it must get, what its answer must say)."""
+    import io
+
+    from PIL import Image
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, "PNG")  # 400 MP, 50 kB
+    cases = [
+        ("a server path", [{"text": "x", "image_path": "/etc/passwd"}], 400, "not a file under"),
+        ("..", [{"text": "x", "image_path": "../secret.jpg"}], 400, "not a file under"),
+        ("a link out of the root", [{"text": "x", "image_path": "escape.jpg"}], 400, "not a file under"),
+        ("/proc/self/environ", [{"text": "x", "image_path": "/proc/self/environ"}], 400, "not a file under"),
+        ("/dev/zero", [{"text": "x", "image_path": "/dev/zero"}], 400, "not a file under"),
+        ("a FIFO", [{"text": "x", "image_path": "fifo.jpg"}], 400, "not a file under"),
+        ("a 5 MB text", [{"text": "y" * 5_000_000, "image": image}], 200, ""),
+        ("an 11 MB image", [{"text": "x", "image": b"\xff" * (11 * 2**20)}], 400, "over the limit"),
+        ("a decompression bomb (400 MP PNG)", [{"text": "x", "image": bomb.getvalue()}], 400, "pixels"),
+        ("bytes that are no image", [{"text": "x", "image": b"GIF89a garbage"}], 200, '"image_status": "undecodable"'),
+        ("no text column", [{"image": image}], 400, "text"),
+        # MLflow drops columns its signature lacks (and logs it): the answer says no image was read
+        ("an unknown column", [{"text": "x", "imgae": "y"}], 200, '"image_status": "none"'),
+        ("a null image", [{"text": "x", "image": None}], 400, "image"),
+        ("an empty frame", b'{"dataframe_split": {"columns": ["text"], "data": []}}', 400, ""),
+        ("a null text, an empty image", [{"text": None, "image": b""}], 200, '"image_status": "none"'),
+        ("a number as text", b'{"dataframe_split": {"columns": ["text"], "data": [[12]]}}', 400, "text"),
+        ("300 rows", [{"text": "x", "image": b""}] * 300, 400, "at most"),
+        ("not JSON", b"{", 400, ""),
+    ]
+    return [(what, rows if isinstance(rows, bytes) else request_body(rows), status, says)
+            for what, rows, status, says in cases]
+
+
+def run_hostile(server: ModelServer, cases, good: bytes) -> list[dict]:
+    """Each case posted, then the good request: what came back, in how long, and whether the
+    server still answered 200."""
+    out = []
+    for what, body, want, says in cases:
+        status, answer, seconds = server.post(body, timeout=60)
+        after, _, _ = server.post(good)
+        text = json.dumps(answer)
+        message = answer.get("message") if isinstance(answer, dict) else None
+        if message is None:  # a prediction: what it says about the image
+            preds = answer.get("predictions") if isinstance(answer, dict) else None
+            message = (f"predicted; image_status {preds[0].get('image_status')}" if preds else text[:120])
+        out.append({"what": what, "status": status, "want": want, "ok": status == want and says in text,
+                    "message": " ".join(str(message).split())[:160], "seconds": seconds, "alive": after == 200})
+    return out
+
+
+def opened_outside(open_log: Path, root: Path) -> list[str]:
+    """The files the server opened that name the secret, a device, /proc or /etc, or lie behind
+    the root's link and FIFO."""
+    opened = open_log.read_text().splitlines() if open_log.exists() else []
+    suspects = ("/etc/passwd", "/proc/self/environ", "/dev/zero", "secret.jpg")
+    return [p for p in opened if p.endswith(suspects) or
+            (p.endswith(("fifo.jpg", "escape.jpg")) and not p.startswith(str(root)))]
 
 
 def test_pairs(data_dir: str, n: int, paths: bool) -> list[dict]:
@@ -157,9 +268,13 @@ def main() -> None:
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--requests", type=int, default=60, help="single-pair requests for the latency (default 60)")
     p.add_argument("--paths", action="store_true", help="send image paths, not bytes (models logged before)")
-    p.add_argument("--out", default="serve")
+    p.add_argument("--hostile", action="store_true", help="send the hostile requests instead, and table the answers")
+    p.add_argument("--out", default=None, help="the result's name in bench/results (default serve, serve_hostile)")
     args = p.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.hostile:
+        return hostile_report(args)
+    args.out = args.out or "serve"
     pairs = test_pairs(args.data, 32, args.paths)
     rows = []
     server = ModelServer(args.model, args.tracking_uri)
@@ -218,6 +333,29 @@ def main() -> None:
              f"{f['threads']} torch threads (tokenized and preprocessed beforehand; single pair: median of 20). "
              f"Images sent as {'paths' if args.paths else 'bytes (base64 in JSON)'}; test pairs of {args.data}.")
     write_result(args.out, "The served model, measured like a service", body,
+                 "python bench/serve.py " + " ".join(sys.argv[1:]))
+
+
+def hostile_report(args) -> None:
+    import tempfile
+    pair = test_pairs(args.data, 1, paths=False)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = hostile_setup(Path(tmp), pair["image"])
+        good = request_body([pair])
+        server = ModelServer(args.model, args.tracking_uri, env=setup["env"])
+        try:
+            rows = run_hostile(server, hostile_requests(pair["image"]), good)
+        finally:
+            server.stop()
+        outside = opened_outside(setup["open_log"], setup["root"])
+    body = table(["request", "answer", "message", "time", "a good request answered after"],
+                 [[r["what"], f"{r['status']}" + ("" if r["ok"] else f" (expected {r['want']})"), r["message"],
+                   f"{r['seconds'] * 1000:.0f} ms", "yes" if r["alive"] else "NO"] for r in rows])
+    body += (f"\n\nFiles outside the image root opened by the server (an audit hook logged every file it "
+             f"opened): {', '.join(outside) if outside else 'none'}. Each request was followed by a good one "
+             f"(a test pair, its image as bytes); the server ran with $MMSA_IMAGE_ROOT set to a folder holding "
+             f"one image, a link out of it and a FIFO.")
+    write_result(args.out or "serve_hostile", "The served model against hostile requests", body,
                  "python bench/serve.py " + " ".join(sys.argv[1:]))
 
 

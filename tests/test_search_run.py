@@ -13,12 +13,15 @@ pytestmark = pytest.mark.slow  # real searches in subprocesses
 
 
 def _probe_on_the_search_folds(subset_prepared, cv_folds: int) -> dict:
-    """The linear probe on the folds a search of the subset cuts (all labeled pairs, split seed 0)."""
+    """The linear probe on the folds a search of the subset cuts (all labeled pairs, split seed 0),
+    reading the lexicon scores as the search's default config does."""
+    from mmsa.config import ModelConfig
     from mmsa.features.prepare import cv_splits, prepare
     from mmsa.models.probe import probe_cv
     cfg, _ = subset_prepared
     data = prepare(cfg, val_fraction=0.0)
-    return probe_cv(data.features, cv_splits(data.train, cv_folds, cfg.split_seed, cfg.val_fraction))
+    return probe_cv(data.features, cv_splits(data.train, cv_folds, cfg.split_seed, cfg.val_fraction),
+                    lexicon=ModelConfig().lexicon)
 
 
 def test_smoke_search_is_recorded_in_mlflow(smoke_search, subset_prepared):
