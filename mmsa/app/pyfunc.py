@@ -28,12 +28,26 @@ PROB_COLUMNS = [f"p_{name}" for name in LABELS]
 
 
 class SentimentModel(mlflow.pyfunc.PythonModel):
-    """Loads the checkpoint's members and their backbones once; predicts raw pairs."""
+    """Loads the checkpoint's members and their backbones once; predicts raw pairs.
+
+    All its torch work runs on one thread of its own, whatever thread calls it (MLflow's server
+    calls predict from a pool of threads): each thread that runs torch's OpenMP kernels keeps a
+    team of OpenMP threads of its own, and two teams on a small CPU slow each other down
+    (docs/results.md, the served model). Concurrent requests queue for that thread."""
 
     def load_context(self, context) -> None:
+        self._on_torch_thread(self._load, context.artifacts[CHECKPOINT])
+
+    def _load(self, checkpoint: str) -> None:
         from mmsa.models.ensemble import load_members
-        self.members = load_members(context.artifacts[CHECKPOINT])
+        self.members = load_members(checkpoint)
         self._serving()
+
+    def _on_torch_thread(self, fn, *args):
+        if getattr(self, "_torch_thread", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix="mmsa-torch")
+        return self._torch_thread.submit(fn, *args).result()
 
     def _serving(self) -> dict:
         """The backbones of each feature config the members read, the limits, the image root:
@@ -54,6 +68,9 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         return self._served
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self._on_torch_thread(self._predict, model_input)
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
