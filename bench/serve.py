@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import json
 import os
 import subprocess
@@ -61,12 +62,8 @@ class ModelServer:
                 self.stop()
                 raise RuntimeError(f"the model server did not start:\n{self.proc.stdout.read().decode()[-3000:]}")
             time.sleep(1)
-        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server
-
-    def _drain(self) -> None:
-        self.log = []
-        for line in self.proc.stdout:
-            self.log = (self.log + [line.decode(errors="replace")])[-200:]
+        # Read and drop its output from now on: a full pipe would block the server.
+        threading.Thread(target=collections.deque, args=(self.proc.stdout, 0), daemon=True).start()
 
     def alive(self) -> bool:
         try:
@@ -131,7 +128,7 @@ if _log:
 
 def hostile_setup(folder: Path, image: bytes) -> dict:
     """Under `folder`: an image root holding ok.jpg, a link out of it and a FIFO; beside the root
-    a secret; the audit hook. Returns the root, the secret, the server's env and its open log."""
+    a secret (secret.jpg); the audit hook. Returns the root, the server's env and its open log."""
     root = folder / "root"
     root.mkdir()
     (root / "ok.jpg").write_bytes(image)
@@ -145,7 +142,7 @@ def hostile_setup(folder: Path, image: bytes) -> dict:
     open_log = folder / "opened.txt"
     env = {"MMSA_IMAGE_ROOT": str(root), "OPEN_LOG": str(open_log),
            "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return {"root": root, "secret": secret, "env": env, "open_log": open_log}
+    return {"root": root, "env": env, "open_log": open_log}
 
 
 def hostile_requests(image: bytes) -> list[tuple[str, bytes, int, str]]:
