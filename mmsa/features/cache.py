@@ -190,6 +190,7 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
     def prepare():
         encoder = build_text_encoder(cfg.text_encoder)
 
+        @_reusing_freed_memory
         def fill(tmp: Path) -> list[str]:
             device = _extraction_device()
             encoder.to(device)
@@ -225,6 +226,7 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
         encoder = build_image_encoder(cfg.image_encoder)
         pre = encoder.preprocess
 
+        @_reusing_freed_memory
         def fill(tmp: Path) -> list[str]:
             device = _extraction_device()
             encoder.to(device)
@@ -249,6 +251,22 @@ def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int 
         return digest(encoder.fingerprint()), digest(encoder.fingerprint(), content), fill
 
     return _get_or_build(Path(cfg.cache_dir), f"image-{_safe_name(cfg.image_encoder)}", items, prepare)
+
+
+def _reusing_freed_memory(fill):
+    """`fill` run with freed memory kept for the next batch (mmsa.features.heap), given back after."""
+    from functools import wraps
+
+    from mmsa.features.heap import keep_freed_memory, release_freed_memory
+
+    @wraps(fill)
+    def run(tmp: Path) -> list[str]:
+        keep_freed_memory()
+        try:
+            return fill(tmp)
+        finally:
+            release_freed_memory()
+    return run
 
 
 def _extraction_device() -> torch.device:

@@ -22,7 +22,11 @@ from mmsa.data.images import to_rgb
 from mmsa.features.featureset import FeatureSet
 from mmsa.features.lexicon import lexicon_scores
 
-CHUNK = 32  # pairs per backbone forward pass: bounds the activations a large request holds
+CHUNK = 32  # pairs per forward pass: bounds the activations a large request holds
+# Images per forward pass on a CPU: EfficientNet's activations for 4 images stay far below the
+# 64 MB heap that a thread other than the main one allocates from, so they are reused from batch
+# to batch (mmsa.features.heap); for 32 at once they are page-faulted in afresh each time.
+CPU_IMAGE_CHUNK = 4
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Backbones:
 
     def __init__(self, cfg: DataConfig, device: torch.device):
         from mmsa.features.encoders import build_image_encoder, build_text_encoder
+        from mmsa.features.heap import keep_freed_memory
+        keep_freed_memory()
         self.device = device
         self.text = build_text_encoder(cfg.text_encoder).to(device).eval()
         self.image = build_image_encoder(cfg.image_encoder).to(device).eval()
@@ -69,10 +75,7 @@ class Backbones:
         lexicon = lexicon_scores(texts)
         pixels = self.pixels(images)
         has_image = np.array([img is not None for img in images])
-        image = None
-        if any(cfg.finetune != "full" for cfg in cfgs):
-            image = np.concatenate([self.image(pixels[s:s + CHUNK].to(self.device)).float().cpu().numpy()
-                                    for s in range(0, n, CHUNK)]).astype(np.float16)
+        image = self.image_tokens(pixels) if any(cfg.finetune != "full" for cfg in cfgs) else None
         def depth(cfg: DataConfig) -> int:
             return cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
         wanted: dict[tuple, set[int]] = {}  # (max_len, clean) -> the layers some member reads
@@ -98,6 +101,13 @@ class Backbones:
             out[key] = FeatureSet(guids=[str(i) for i in range(n)], text=layers[depth(cfg)], text_mask=mask, image=image,
                                   has_image=has_image, lexicon=lexicon, text_dir=None, image_dir=None)
         return [out[feature_key(cfg)] for cfg in cfgs]
+
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor) -> np.ndarray:
+        """(n, T, D) float16 image tokens of preprocessed images."""
+        chunk = CPU_IMAGE_CHUNK if self.device.type == "cpu" else CHUNK
+        return np.concatenate([self.image(pixels[s:s + chunk].to(self.device)).float().cpu().numpy()
+                               for s in range(0, len(pixels), chunk)]).astype(np.float16)
 
     def _text_layers(self, texts: list[str], max_len: int, depths: set[int]):
         """({k: (n, max_len, D) float16 hidden states entering the top k layers}, mask), from one

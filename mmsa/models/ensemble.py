@@ -95,16 +95,20 @@ FeaturesFor = Callable[[DataConfig], tuple]  # data config -> (features, rows to
 
 def predict_members(members: list[Member], features_for: FeaturesFor, device: torch.device) -> np.ndarray:
     """(rows, classes): the members' class probabilities averaged with their weights.
-    `features_for` is called once per distinct feature key."""
-    from mmsa.models.runtime import predict_proba
-    loaded: dict[tuple, tuple] = {}
-    probs = []
-    for m in members:
-        key = feature_key(m.cfg.data)
-        if key not in loaded:
-            loaded[key] = features_for(m.cfg.data)
-        features, rows = loaded[key]
-        probs.append(predict_proba(m.model.to(device), features, rows, device, precision=m.cfg.train.precision))
+    `features_for` is called once per distinct feature key; the members reading the same
+    features read each batch of them once."""
+    from mmsa.models.runtime import on_device, predict_proba_each
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(feature_key(m.cfg.data), []).append(i)
+    probs: list = [None] * len(members)
+    for indices in groups.values():
+        group = [members[i] for i in indices]
+        features, rows = features_for(group[0].cfg.data)
+        each = predict_proba_each([on_device(m.model, device) for m in group], features, rows, device,
+                                  precisions=[m.cfg.train.precision for m in group])
+        for i, p in zip(indices, each):
+            probs[i] = p
     return average_probabilities(probs, [m.weight for m in members])
 
 

@@ -34,24 +34,41 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, features: Features, rows: np.ndarray, device: torch.device,
                   batch_size: int = 64, precision: str = "auto") -> np.ndarray:
-    """Class probabilities for `rows`, in small batches: larger ones raise a trial's peak memory
-    (float32 text tokens and the image grid per example) and are no faster on a CPU. Batches hold
-    neighbouring rows of the cache, or, where text layers run, texts of similar length (each batch
-    is padded to its longest text only)."""
-    model.eval()
-    out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
-    if getattr(getattr(model, "cfg", None), "text_layers", 0) > 0:  # text layers run (last_k): batch by length
+    """Class probabilities of one model for `rows` (predict_proba_each)."""
+    return predict_proba_each([model], features, rows, device, batch_size, [precision])[0]
+
+
+@torch.no_grad()
+def predict_proba_each(models: list[torch.nn.Module], features: Features, rows: np.ndarray, device: torch.device,
+                       batch_size: int = 64, precisions: list[str] | None = None) -> list[np.ndarray]:
+    """Class probabilities of each model (on `device`) for `rows`, in small batches, each batch made
+    once and read by every model: larger ones raise a trial's peak memory (float32 text tokens and
+    the image grid per example) and are no faster on a CPU. Batches hold neighbouring rows of the
+    cache, or, where text layers run, texts of similar length (each batch is padded to its longest
+    text only)."""
+    precisions = precisions or ["auto"] * len(models)
+    for model in models:
+        if model.training:
+            model.eval()
+    out = [np.zeros((len(rows), len(LABELS)), dtype=np.float32) for _ in models]
+    if any(getattr(getattr(m, "cfg", None), "text_layers", 0) > 0 for m in models):  # last_k: batch by length
         order = np.argsort(features.text_lengths(rows), kind="stable")
     else:
         order = np.argsort(rows)
     chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
-        with autocast(device, precision):
-            logits = model(*inputs)
-        out[idx] = logits.float().softmax(-1).cpu().numpy()
+        for model, precision, probs in zip(models, precisions, out):
+            with autocast(device, precision):
+                logits = model(*inputs)
+            probs[idx] = logits.float().softmax(-1).cpu().numpy()
     return out
 
 
+def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model moved to `device` unless it is there already (a move walks every parameter)."""
+    param = next(model.parameters(), None)
+    if param is None or (param.device.type == device.type and device.index in (None, param.device.index)):
+        return model
+    return model.to(device)
