@@ -15,8 +15,9 @@ it can express them), the same cached features, the same wall-clock budget for i
 - stock_tune: Ray Tune as its documentation teaches: `Tuner` + `OptunaSearch` (TPE) +
   `ASHAScheduler` over epochs, every trial scored on one 80/20 held-out split, `time_budget_s`;
   the best trial's config retrained on all training pairs for its best epoch;
-- optuna: Optuna alone: TPE + `MedianPruner` over epochs on the same split, `timeout`, one trial
-  at a time (its default); the same retrain.
+- optuna: Optuna alone: TPE + `MedianPruner` over epochs on the same split, `timeout`, two
+  trials at a time (`n_jobs=2`: one at a time, its default, left a core idle, as the first runs
+  of 2026-12-04 did); the same retrain.
 
 Results are kept in WORK/results.json as they come (a stopped run continues where it was).
 """
@@ -144,7 +145,9 @@ def optuna_alone(folder: Path, space_file: Path, budget_s: float, truth: dict[st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=SEED),
                                 pruner=optuna.pruners.MedianPruner(n_warmup_steps=1))
-    study.optimize(objective, timeout=budget_s)
+    # Two trials at a time, one torch thread each: the two cores the other systems get (its
+    # documented n_jobs; torch releases the GIL inside its kernels).
+    study.optimize(objective, timeout=budget_s, n_jobs=2)
     best = study.best_trial
     return {**retrain_and_score(base, best.params, best.user_attrs["best_epoch"], truth), "trials": len(study.trials),
             "best_epoch": best.user_attrs["best_epoch"], "inner_val_acc": best.value}

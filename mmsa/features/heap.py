@@ -17,6 +17,8 @@ import functools
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 KEEP_BYTES = 1 << 30
+# Where glibc's own adaptive thresholds top out (64-bit): what a process returns to after a pass.
+ADAPTIVE_MMAP_MAX = 32 << 20
 
 
 @functools.cache
@@ -41,7 +43,11 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the kernel (after a long pass, e.g. building a cache)."""
+    """After a long pass (building a cache): hand the heap's free pages back to the kernel, and set
+    the thresholds where glibc's adaptation would have taken them (mmap above 32 MB, trim above
+    64 MB), so that the rest of the process (a search's driver) keeps no more than it would have."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, ADAPTIVE_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * ADAPTIVE_MMAP_MAX)
