@@ -34,8 +34,9 @@ def _glibc():
 
 def keep_freed_memory() -> bool:
     """Blocks up to 1 GB come from the heap and stay in it when freed. True where it took effect.
-    Call it before the threads that allocate start: a thread's heap (arena) of its own is at most
-    64 MB, so there, batches should keep single activations well under that (mmsa.features.resident)."""
+    A thread other than the main one allocates from heaps (arenas) of at most 64 MB whatever the
+    thresholds, so there batches should keep single activations well under that
+    (mmsa.features.resident)."""
     libc = _glibc()
     if libc is None:
         return False
