@@ -35,10 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import ROOT, mean_std, table, write_result  # noqa: E402
+from bench.common import ROOT, table, write_result  # noqa: E402
 from bench.nested_cv import outer_folders, run, score  # noqa: E402
 
 SYSTEMS = ("project", "random", "stock_tune", "optuna")
+# What each system can express of the project's search (the table says it beside each row).
+SCORING = {
+    "project": "k-fold CV per trial, ASHA over folds, TPE; ensemble selected from out-of-fold predictions, retrained",
+    "random": "the project's, with random proposals instead of TPE",
+    "stock_tune": "one 80/20 split, ASHA over epochs, TPE (OptunaSearch); the best config retrained; no CV, no ensemble",
+    "optuna": "one 80/20 split, MedianPruner over epochs, TPE; the best config retrained; no CV, no ensemble",
+}
 SEED = 0
 
 
@@ -250,18 +257,29 @@ def report(results: dict, args) -> None:
             if not folds:
                 continue
             r = [results[f"{i}/{budget}/{system}"] for i in folds]
-            acc = np.array([x["acc"] for x in r])
             paired = [i for i in folds if f"{i}/{budget}/project" in results]
             diff = "" if system == "project" or not paired else _paired(
                 np.array([results[f"{i}/{budget}/project"]["acc"] - results[f"{i}/{budget}/{system}"]["acc"]
                           for i in paired]))
-            rows.append([budget, system, ", ".join(folds), mean_std(acc), mean_std([x["macro_f1"] for x in r]), diff,
+            rows.append([budget, system, SCORING[system], ", ".join(folds), _mean_se([x["acc"] for x in r]),
+                         _mean_se([x["macro_f1"] for x in r]), diff,
                          f"{np.mean([x['cpu_min'] for x in r]):.1f}", f"{np.mean([x['wall_min'] for x in r]):.1f}"])
-    body = table(["budget", "system", "outer folds run", "accuracy (mean ± std)", "macro-F1", "project minus it, "
-                  "points (± s.e.; folds project won), paired on the folds both ran", "CPU min per fold",
-                  "wall min per fold"], rows)
+    body = table(["budget", "system", "what it scores and submits", "outer folds run", "accuracy (mean ± s.e.)",
+                  "macro-F1 (mean ± s.e.)", "project minus it, points (± s.e.; folds project won), paired on "
+                  "the folds both ran", "CPU min per fold", "wall min per fold"], rows)
+    if len(args.budgets) > 1:
+        body += "\n\nAccuracy against budget (mean over the outer folds each budget ran):\n\n" + table(
+            ["system"] + list(args.budgets),
+            [[system] + [_mean_se(accs) if (accs := [v["acc"] for k, v in results.items()
+                                                        if k.endswith(f"/{b}/{system}")]) else "not run"
+                         for b in args.budgets] for system in args.systems])
     write_result(args.out, "This project against stock Ray Tune, Optuna alone and random search (nested CV)", body,
                  "python bench/vs_stock.py " + " ".join(a for a in sys.argv[1:]))
+
+
+def _mean_se(x: list[float]) -> str:
+    x = np.asarray(x)
+    return f"{x.mean():.4f} ± {x.std(ddof=1) / np.sqrt(len(x)):.4f}" if len(x) > 1 else f"{x.mean():.4f}"
 
 
 def _paired(d: np.ndarray) -> str:
