@@ -16,6 +16,7 @@ same stratified 5-fold partitions as bench/cv.py, paired against the plain probe
 - `--flip`: the pooled image feature averaged with that of the horizontally mirrored image.
 - `--extra-text ENCODER` (e.g. `hf:/path/to/all-mpnet-base-v2`): rows with that encoder's pooled
   text in place of MiniLM's, and beside it.
+- `--extra-image ENCODER` (e.g. `efficientnet_lite2`): the same for the image backbone.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def main() -> None:
     p.add_argument("--save-oof", metavar="DIR", help="write each variant's out-of-fold probabilities (bench/blend.py)")
     p.add_argument("--flip", action="store_true", help="also score mirrored images averaged in")
     p.add_argument("--extra-text", metavar="ENCODER", help="also score this text encoder's pooled features")
+    p.add_argument("--extra-image", metavar="ENCODER", help="also score this image encoder's pooled features")
     p.add_argument("--only", metavar="REGEX", help="score only the variants whose name matches (the probe always)")
     p.add_argument("--out", default="probe_variants")
     args = p.parse_args()
@@ -172,15 +174,25 @@ def main() -> None:
         flipped = flipped_image_means(args.data, data.train.guids + data.test.guids)
         both = _l2(image + _l2(flipped))  # image: the plain images' L2-normed mean tokens
         variants["image + mirrored"] = (np.concatenate([base[:, :data.features.text_dim], both], 1), None, 1.0)
-    if args.extra_text:
-        other = prepare(DataConfig(data_dir=args.data, text_encoder=args.extra_text), val_fraction=0.0)
+    def other_pooled(**encoder) -> tuple[np.ndarray, int]:
+        """Pooled [text, image] features from another backbone's cache, rows as `base`'s."""
+        other = prepare(DataConfig(data_dir=args.data, **encoder), val_fraction=0.0)
         if not np.array_equal(np.asarray(other.train.guids + other.test.guids),
                               np.asarray(data.train.guids + data.test.guids)):
             sys.exit("bench/probe_variants.py: the two caches list the pairs in another order")
-        text = pooled_features(other.features, np.concatenate([other.train.rows, other.test.rows]))
-        text = text[:, :other.features.text_dim]
+        return pooled_features(other.features, np.concatenate([other.train.rows, other.test.rows])), \
+            other.features.text_dim
+
+    if args.extra_text:
+        pooled, text_dim = other_pooled(text_encoder=args.extra_text)
+        text = pooled[:, :text_dim]
         variants["text: extra"] = (np.concatenate([text, image], 1), None, 1.0)
         variants["text: minilm + extra"] = (np.concatenate([text, base], 1), None, 1.0)
+    if args.extra_image:
+        pooled, text_dim = other_pooled(image_encoder=args.extra_image)
+        other_image = pooled[:, text_dim:]
+        variants["image: extra"] = (np.concatenate([base[:, :data.features.text_dim], other_image], 1), None, 1.0)
+        variants["image: lite0 + extra"] = (np.concatenate([base, other_image], 1), None, 1.0)
     variants = {k: v for k, v in variants.items() if wanted(k)}
 
     results = {}
@@ -211,7 +223,8 @@ def main() -> None:
     body = table(["probe variant", *PAIRED_HEADER, "pseudo-labeled pairs added per fold"], rows)
     body += (f"\n\n5-fold stratified CV over train.txt, {args.repeats} repeat(s) (split seeds 0..{args.repeats - 1}); "
              f"{len(unlabeled_guids(Path(args.data)))} unlabeled pairs in data/"
-             + (f"; extra text encoder: `{args.extra_text}`." if args.extra_text else "."))
+             + (f"; extra text encoder: `{args.extra_text}`" if args.extra_text else "")
+             + (f"; extra image encoder: `{args.extra_image}`" if args.extra_image else "") + ".")
     write_result(args.out, "Probe variants: MiniLM layers and unlabeled pairs", body,
                  "python bench/probe_variants.py " + " ".join(sys.argv[1:]))
 

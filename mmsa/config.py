@@ -25,7 +25,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # The backbones mmsa.features.encoders registers (it checks that its registry matches): named here so that
 # validating a config never imports torch (the search driver validates every space file).
 TEXT_ENCODER_NAMES = ("minilm",)
-IMAGE_ENCODER_NAMES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50")
+IMAGE_ENCODER_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet34",
+                       "resnet50")
 CACHE_DIR_ENV = "MMSA_CACHE_DIR"  # a machine's (a Ray node's) own feature-cache folder
 # Where the feature cache lives unless a config says otherwise: $MMSA_CACHE_DIR, else under the
 # user's cache folder, as Hugging Face and torch keep theirs; shared by every checkout and job.

