@@ -1,6 +1,6 @@
 """This project's search side by side with what a user would write instead, inside nested CV.
 
-    python bench/vs_stock.py --data ../shared/mvsa [--budgets 5m 15m] [--outer 5] [--only 0,1]
+    python bench/vs_stock.py --data ../shared/mvsa [--budgets 2m 5m] [--outer 5] [--only 0,1]
         [--systems project random stock_tune optuna] [--work .cache/vs-stock] [--out vs_stock]
 
 The outer folds are bench/nested_cv.py's (the same seed, the same folders): no search sees an
@@ -209,7 +209,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--space", default="spaces/fusion.yaml")
-    p.add_argument("--budgets", nargs="+", default=["5m", "15m"])
+    p.add_argument("--budgets", nargs="+", default=["2m", "5m"])
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--outer", type=int, default=5)
     p.add_argument("--only", help="comma-separated outer folds to run now")
