@@ -5,7 +5,7 @@ bytes: base64 in JSON), or `image_path` under $MMSA_IMAGE_ROOT (mmsa.app.pairs: 
 Output: a DataFrame with `label`, one probability column per class (`p_positive`, ...) and
 `image_status` (read | none | undecodable: the last two were predicted with a blank image).
 `load_context` loads every member's backbones once; a request's features are computed in memory
-(mmsa.features.resident), no disk cache, together with those of the requests waiting beside it. `predict_examples` is the other way in, for datasets
+(mmsa.features.resident), no disk cache. `predict_examples` is the other way in, for datasets
 (mmsa.predict): features through the disk cache, exactly final's predictions.
 What it bundles: the checkpoint (every member's head weights and config, mmsa.models.ensemble) and
 this package's source; the backbones load from their packages by name, never pickled.
@@ -30,30 +30,28 @@ PROB_COLUMNS = [f"p_{name}" for name in LABELS]
 class SentimentModel(mlflow.pyfunc.PythonModel):
     """Loads the checkpoint's members and their backbones once; predicts raw pairs.
 
-    A request is checked and its images decoded on the thread that calls `predict`; its torch
-    work runs on the model's one torch thread (mmsa.app.torch_thread), batched with the requests
-    that wait for it. A pair's probabilities may then differ in the last digits with the pairs it
-    shares a batch with, as they do between a request of one pair and one of many."""
+    All its torch work runs on one thread of its own, whatever thread calls it (MLflow's server
+    calls predict from a pool of threads): each thread that runs torch's OpenMP kernels keeps a
+    team of OpenMP threads of its own, and two teams on a small CPU slow each other down
+    (docs/results.md, the served model). Concurrent requests queue for that thread."""
 
     def load_context(self, context) -> None:
-        self._torch().call(self._load, context.artifacts[CHECKPOINT])
+        self._on_torch_thread(self._load, context.artifacts[CHECKPOINT])
 
     def _load(self, checkpoint: str) -> None:
         from mmsa.models.ensemble import load_members
         self.members = load_members(checkpoint)
         self._serving()
 
-    def _torch(self):
+    def _on_torch_thread(self, fn, *args):
         if getattr(self, "_torch_thread", None) is None:
-            from mmsa.app.torch_thread import TorchThread
-            from mmsa.features.resident import CHUNK
-            self._torch_thread = TorchThread(self._predict_batch, max_rows=CHUNK)
-        return self._torch_thread
+            from concurrent.futures import ThreadPoolExecutor
+            self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix="mmsa-torch")
+        return self._torch_thread.submit(fn, *args).result()
 
     def _serving(self) -> dict:
         """The backbones of each feature config the members read, the limits, the image root:
-        loaded once on the torch thread (in load_context; at the first request for a model built
-        in memory, as final's is)."""
+        loaded once (in load_context; here too for a model built in memory, as final's is)."""
         if getattr(self, "_served", None) is None:
             from mmsa.app.pairs import Limits, image_root_from_env
             from mmsa.features.resident import Backbones, backbone_key
@@ -70,51 +68,28 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         return self._served
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self._on_torch_thread(self._predict, model_input)
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from mmsa.app.pairs import RequestError
-        rows = len(model_input) if isinstance(model_input, pd.DataFrame) else 1
-        out = self._torch().batch(model_input, rows)
-        if isinstance(out, RequestError):
-            raise MlflowException(str(out), error_code=INVALID_PARAMETER_VALUE)
-        return out
-
-    def _predict_batch(self, frames: list) -> list:
-        """Each request's prediction table, or the RequestError that refuses it; the pairs of all
-        the requests accepted run through the backbones in one pass. On the torch thread, like
-        the decoding: images decoded elsewhere were measured to slow the forward pass down."""
         from mmsa.app.pairs import RequestError, pairs_from_frame
         from mmsa.features.resident import backbone_key
         from mmsa.models.ensemble import feature_key, predict_members
         served = self._serving()
-        requests = []
-        for frame in frames:
-            try:
-                requests.append(pairs_from_frame(frame, served["limits"], served["image_root"]))
-            except RequestError as e:
-                requests.append(e)
-        accepted = [r for r in requests if not isinstance(r, RequestError)]
-        if not accepted:
-            return requests
-        texts = [t for r in accepted for t in r.texts]
-        images = [img for r in accepted for img in r.images]
-        rows = np.arange(len(texts))
+        try:
+            pairs = pairs_from_frame(model_input, served["limits"], served["image_root"])
+        except RequestError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        rows = np.arange(len(pairs.texts))
         features = {}  # feature key -> features: each backbone pair runs once for all its members
         for key, backbones in served["backbones"].items():
             cfgs = [m.cfg.data for m in self.members if backbone_key(m.cfg.data) == key]
-            features.update(zip(map(feature_key, cfgs), backbones.features(cfgs, texts, images)))
-        probs = iter(np.split(predict_members(self.members, lambda cfg: (features[feature_key(cfg)], rows),
-                                              served["device"]),
-                              np.cumsum([len(r.texts) for r in accepted])[:-1]))
-        out = []
-        for r in requests:
-            if isinstance(r, RequestError):
-                out.append(r)
-            else:
-                table = _table(next(probs))
-                table["image_status"] = r.image_status
-                out.append(table)
+            features.update(zip(map(feature_key, cfgs), backbones.features(cfgs, pairs.texts, pairs.images)))
+        out = _table(predict_members(self.members, lambda cfg: (features[feature_key(cfg)], rows),
+                                     served["device"]))
+        out["image_status"] = pairs.image_status
         return out
 
     def predict_examples(self, examples, cache_dir: str | None = None) -> pd.DataFrame:
