@@ -54,13 +54,6 @@ def afinn_scores(texts: list[str]) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def block(signal: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Standardised on the training rows and scaled to norm about 1, as the probe scales its
-    lexicon block (mmsa.models.probe.LexiconScaler)."""
-    mean, std = signal[train].mean(0), signal[train].std(0) + 1e-6
-    return (signal - mean) / std / np.sqrt(signal.shape[1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/mvsa")
@@ -73,14 +66,14 @@ def main() -> None:
 
     from mmsa.config import DataConfig
     from mmsa.features.prepare import cv_splits, prepare
-    from mmsa.models.probe import pooled_features, probe_cv
+    from mmsa.models.probe import LexiconScaler, pooled_features, probe_cv
     data = prepare(DataConfig(data_dir=args.data), val_fraction=0.0)
     texts = {ex.guid: ex.text for ex in data.dataset.train}
     raw = [texts[g] for g in data.train.guids]
     pos_of = {g: i for i, g in enumerate(data.train.guids)}
     afinn = afinn_scores(raw) if args.afinn else None
-    base = np.concatenate([pooled_features(data.features, data.train.rows),
-                           data.features.lexicon_of(data.train.rows)], 1) if args.afinn else None
+    pooled = pooled_features(data.features, data.train.rows) if args.afinn else None
+    lexicon = data.features.lexicon_of(data.train.rows)
     results: dict[str, tuple[list, list]] = {}
 
     def add(name: str, probs: np.ndarray, labels: np.ndarray) -> None:
@@ -100,7 +93,8 @@ def main() -> None:
             for w in BLEND_WEIGHTS:
                 add(f"probe with lexicon, TF-IDF averaged in at weight {w}", (1 - w) * probe[k] + w * tfidf, val.labels)
             if afinn is not None:
-                x = np.concatenate([base[:, :-4], block(base[:, -4:], tr), block(afinn, tr)], 1)
+                # Each block standardised on the fold's training rows, as the probe does its lexicon's.
+                x = np.concatenate([pooled, LexiconScaler(lexicon[tr])(lexicon), LexiconScaler(afinn[tr])(afinn)], 1)
                 model = LogisticRegression(C=1.0, max_iter=2000).fit(x[tr], train.labels)
                 add("probe with lexicon + AFINN (3 scores)", model.predict_proba(x[va]), val.labels)
         print(f"repeat {seed} done", flush=True)
