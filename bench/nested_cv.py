@@ -13,7 +13,8 @@ variants (its `--members`, joined by +) on the same searches.
 
 Each outer fold's search and every final variant's score are kept in WORK/results.json as soon
 as they are measured: a run that is stopped continues where it was, and a later run with a new
-variant reuses the searches (`--only` picks folds). The table is written to
+variant reuses the searches (`--only` picks folds; `--reselect` re-runs their ensemble selection
+with the current code, for a change to the search's last step alone). The table is written to
 bench/results/nested_cv.md.
 """
 
@@ -103,6 +104,10 @@ def main() -> None:
     p.add_argument("--time-budget", help="the searches' --time-budget (default: the space's)")
     p.add_argument("--work", default=".cache/nested-cv", help="folders, MLflow store, results (git-ignored)")
     p.add_argument("--prepare-only", action="store_true", help="make the folders and their feature caches, then stop")
+    p.add_argument("--reselect", metavar="LABEL",
+                   help="re-run each stored search's ensemble selection with this code before final (it rewrites "
+                        "the search's ensemble.json: copy --work first to keep it); the earlier finals' scores stay "
+                        "as variant ensemble@LABEL, paired with the new ones")
     p.add_argument("--out", default="nested_cv")
     args = p.parse_args()
     data, work = Path(args.data).resolve(), (ROOT / args.work).resolve()
@@ -124,6 +129,10 @@ def main() -> None:
     for i in todo:
         folder, truth = folders[i]
         row = results.get(str(i))
+        if args.reselect and row is not None and row.get("reselected") != args.reselect:
+            row = reselect(row, uri, args.reselect)
+            results[str(i)] = row
+            results_file.write_text(json.dumps(results, indent=1))
         missing = [v for v in args.final if row is None or f"final_{v}" not in row]
         if not missing:
             continue
@@ -155,6 +164,25 @@ def main() -> None:
         results[str(i)] = row
         results_file.write_text(json.dumps(results, indent=1))
     report(results, args)
+
+
+def reselect(row: dict, uri: str, label: str) -> dict:
+    """`row`'s search with its ensemble selected again by this code; its ensemble final moved aside."""
+    from mlflow.tracking import MlflowClient
+    from search.ensemble import select_ensemble
+    from search.report import collect_trials
+    client = MlflowClient(uri)
+    parent = client.get_run(row["parent"])
+    metric = parent.data.params.get("metric", "val_acc")
+    trials = collect_trials(client, parent.info.experiment_id, row["parent"], metric)
+    ensemble = select_ensemble(client, row["parent"], trials, metric)
+    print(ensemble.line(), flush=True)
+    row = dict(row)
+    if "final_ensemble" in row:
+        row[f"final_ensemble@{label}"] = row.pop("final_ensemble")
+    row[f"inner_ensemble_acc@{label}"] = row.get("inner_ensemble_acc")
+    row.update(inner_ensemble_acc=ensemble.score, reselected=label)
+    return row
 
 
 def report(results: dict, args) -> None:

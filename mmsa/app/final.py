@@ -6,8 +6,8 @@ out-of-fold predictions); for one trial's run, or a search recorded before ensem
 trial's config. `--members` picks instead, e.g. `best,probe,finetune`.
 
 Each trial member retrains with its own config on all labeled pairs and stops at its
-`best_epoch` (replaying its warm-up + cosine schedule), from 5 seeds on cached frozen features
-(`--seeds`; `--bag folds`: one model per fold of the search), 1 when it fine-tunes. The final
+`best_epoch` (replaying its warm-up + cosine schedule), from 5 seeds (`--seeds`; `--bag folds`:
+one model per fold of the search), 1 when it fine-tunes both backbones (`finetune: full`). The final
 model is a list of weighted members (mmsa.models.ensemble). The predictions file is written
 atomically; the config, members, metrics, datasets, the cross-validated confusion matrix of the
 best trial, the predictions and the model (an MLflow pyfunc model holding every member,
@@ -32,7 +32,7 @@ from mmsa.data.dataset import LABELS
 from mmsa.errors import UserError
 from mmsa.app.run_tags import TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE, sqlite_file, tracking_uri
 
-DEFAULT_SEEDS = 5  # models of a member on cached frozen features; one of a fine-tuned member
+DEFAULT_SEEDS = 5  # models of a trial member; one where it fine-tunes both backbones (finetune=full)
 MEMBER_KINDS = ("ensemble", "best", "probe", "finetune")
 # The fine-tuned text member (--members ...,finetune): a fixed recipe, kept for comparison with what
 # the search selects. The whole MiniLM trains at lr * text_lr_scale = 3e-5 on the cached embedding
@@ -151,7 +151,7 @@ def parse_args(argv):
                         "selected one, else best")
     p.add_argument("--seeds", type=int, metavar="K",
                    help=f"models of each trial member trained from K seeds, sharing its weight (default "
-                        f"{DEFAULT_SEEDS} on cached frozen features, 1 for a fine-tuned member)")
+                        f"{DEFAULT_SEEDS}; 1 for a member that fine-tunes both backbones, finetune=full)")
     p.add_argument("--register", nargs="?", const=DEFAULT_MODEL_NAME, metavar="NAME",
                    help="register the logged model in the MLflow model registry as NAME (a new version "
                         f"each time; bare --register: {DEFAULT_MODEL_NAME}). Without it the model is "
@@ -216,8 +216,10 @@ def resolve(args) -> Plan:
     for m in members:
         if m.kind != "trial":
             continue
-        fine_tuned = m.cfg.data.finetune != "none"
-        m.models = cv_folds if args.bag == "folds" else (args.seeds or (1 if fine_tuned else DEFAULT_SEEDS))
+        # top layers trained on their cached inputs cost about what a frozen head does; both whole
+        # backbones do not
+        both_backbones = m.cfg.data.finetune == "full"
+        m.models = cv_folds if args.bag == "folds" else (args.seeds or (1 if both_backbones else DEFAULT_SEEDS))
         if m.models > 1 and m.cfg.data.finetune == "full":
             raise UserError(f"--{'bag folds' if args.bag == 'folds' else f'seeds {m.models}'}: several models of "
                             f"{m.name} would each fine-tune both backbones (finetune=full); use --seeds 1")

@@ -1,7 +1,10 @@
 """Ensemble selection (Caruana et al., 2004) over out-of-fold predictions, as auto-sklearn and
 AutoGluon build their final models: start from nothing, add with replacement the candidate whose
-addition most improves the blend's score, stop when no addition improves it. A candidate added
-n times weighs n / (additions). numpy and scikit-learn only.
+addition best scores the blend, for a fixed number of rounds, and keep the best blend of that
+path (AutoGluon's rule). Stopping at the first round that does not improve (the rule this
+replaced) ends on a step metric like accuracy after one to three additions, where a dip is often
+followed by a better blend. A candidate added n times weighs n / (additions). numpy and
+scikit-learn only.
 
 The blend's score is measured on the same predictions it was chosen on, and so is optimistic;
 `selection_cv` chooses on all folds but one and scores on the one left out, for every fold, which
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-MAX_ROUNDS = 25  # additions at most; the blend's weights are multiples of 1/25 at the finest
+MAX_ROUNDS = 25  # additions made; the blend kept has at most 25, its weights multiples of 1/25 at the finest
 
 
 def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
@@ -39,7 +42,8 @@ class Selection:
 
 def select(candidates: dict[str, np.ndarray], labels: np.ndarray, metric: str,
            max_rounds: int = MAX_ROUNDS) -> Selection:
-    """Greedy forward selection with replacement. `candidates`: name -> (rows, classes) class
+    """Greedy forward selection with replacement for `max_rounds` additions; the blend kept is the
+    best after any round (the earliest of equals). `candidates`: name -> (rows, classes) class
     probabilities of the same rows, `labels` their classes. Ties on the metric (frequent: accuracy
     moves in steps of one pair) go to the lower log-loss, then to the earlier candidate."""
     if not candidates:
@@ -48,18 +52,21 @@ def select(candidates: dict[str, np.ndarray], labels: np.ndarray, metric: str,
     stack = np.stack([np.asarray(candidates[n], dtype=np.float64) for n in names])
     counts = np.zeros(len(names), dtype=np.int64)
     total = np.zeros_like(stack[0])
-    best_key: tuple[float, float] | None = None
+    best_key = None
     for _ in range(max_rounds):
         blends = (total + stack) / (counts.sum() + 1)  # the blend with each candidate added
         keys = [(score(metric, labels, b), -_log_loss(labels, b)) for b in blends]
         pick = max(range(len(names)), key=lambda i: (keys[i], -i))
-        if best_key is not None and keys[pick] <= best_key:
-            break
-        best_key = keys[pick]
         counts[pick] += 1
         total += stack[pick]
-    weights = {names[i]: counts[i] / counts.sum() for i in np.flatnonzero(counts)}
-    return Selection(weights, best_key[0], int(counts.sum()))
+        # scored as the weights will blend it: summed in another order, classes tied in the running
+        # total can break the other way
+        weights = {names[i]: counts[i] / counts.sum() for i in np.flatnonzero(counts)}
+        kept = blend(candidates, weights)
+        key = (score(metric, labels, kept), -_log_loss(labels, kept))
+        if best_key is None or key > best_key:
+            best_key, best_weights, rounds = key, weights, int(counts.sum())
+    return Selection(best_weights, best_key[0], rounds)
 
 
 def blend(candidates: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
