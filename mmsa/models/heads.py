@@ -231,7 +231,7 @@ def _prepare_tokens(model: nn.Module, text, text_mask, image):
     if hasattr(model, "text_top"):
         text = _run_text_top(model.text_top, text, text_mask)
     text_pad = ~text_mask.bool()
-    image = _pool_grid(image, cfg.image_grid)
+    image = pool_grid(image, cfg.image_grid)
     image_pad = torch.zeros(image.shape[:2], dtype=torch.bool, device=image.device)
     if model.training and cfg.token_dropout > 0:
         text_pad = _drop_tokens(text_pad, cfg.token_dropout)
@@ -246,7 +246,7 @@ def _drop_tokens(pad: torch.Tensor, share: float) -> torch.Tensor:
     return pad | drop
 
 
-def _pool_grid(image: torch.Tensor, k: int) -> torch.Tensor:
+def pool_grid(image: torch.Tensor, k: int) -> torch.Tensor:
     """Average a square grid of image tokens (e.g. a CNN's 7x7) down to k x k; k <= 0: keep all."""
     side = math.isqrt(image.shape[1])
     if k <= 0 or k >= side or side * side != image.shape[1]:

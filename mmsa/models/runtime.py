@@ -10,6 +10,7 @@ import torch
 
 from mmsa.data.dataset import LABELS
 from mmsa.features.featureset import Features
+from mmsa.models.heads import Head, pool_grid
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,10 +59,20 @@ def predict_proba_each(models: list[torch.nn.Module], features: Features, rows: 
     else:
         order = np.argsort(rows)
     chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    grids = [model.cfg.image_grid if isinstance(model, Head) else None for model in models]
     for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
-        for model, precision, probs in zip(models, precisions, out):
+        pooled = {}  # (image_grid, precision) -> the batch with its image grid averaged once
+        for model, grid, precision, probs in zip(models, grids, precisions, out):
             with autocast(device, precision):
-                logits = model(*inputs)
+                if grid is not None:
+                    # A head averages the image grid to k x k first, and an averaged grid is
+                    # left as it is: the many heads of a served ensemble share that work.
+                    if (grid, precision) not in pooled:
+                        text, text_mask, image, *rest = inputs
+                        pooled[grid, precision] = (text, text_mask, pool_grid(image, grid), *rest)
+                    logits = model(*pooled[grid, precision])
+                else:
+                    logits = model(*inputs)
             probs[idx] = logits.float().softmax(-1).cpu().numpy()
     return out
 
