@@ -5,7 +5,7 @@ import torch
 
 from mmsa.config import COMBINES, MODALITIES, POOLINGS, ModelConfig
 from mmsa.models.factory import create_head, create_model
-from mmsa.models.heads import FusionModel, PooledHead, pool_grid
+from mmsa.models.heads import FusionModel, PooledHead, _pool_grid
 
 
 def _inputs(b=3, L=7, T=5, dt=12, di=10):
@@ -65,8 +65,8 @@ def test_image_grid_pooling():
     model = FusionModel(ModelConfig(d_model=16, heads=2, image_grid=3, text_dim=12, image_dim=10))
     text, mask, _, lex = _inputs()
     image = torch.randn(3, 49, 10)
-    assert pool_grid(image, 3).shape == (3, 9, 10)
-    assert torch.allclose(pool_grid(image, 3).mean(1), image.mean(1), atol=0.2)
+    assert _pool_grid(image, 3).shape == (3, 9, 10)
+    assert torch.allclose(_pool_grid(image, 3).mean(1), image.mean(1), atol=0.2)
     assert model(text, mask, image, lex).shape == (3, 3)
 
 

@@ -231,7 +231,7 @@ def _prepare_tokens(model: nn.Module, text, text_mask, image):
     if hasattr(model, "text_top"):
         text = _run_text_top(model.text_top, text, text_mask)
     text_pad = ~text_mask.bool()
-    image = pool_grid(image, cfg.image_grid)
+    image = _pool_grid(image, cfg.image_grid)
     image_pad = torch.zeros(image.shape[:2], dtype=torch.bool, device=image.device)
     if model.training and cfg.token_dropout > 0:
         text_pad = _drop_tokens(text_pad, cfg.token_dropout)
@@ -246,7 +246,15 @@ def _drop_tokens(pad: torch.Tensor, share: float) -> torch.Tensor:
     return pad | drop
 
 
-def pool_grid(image: torch.Tensor, k: int) -> torch.Tensor:
+def with_image_grid(inputs: tuple, k: int) -> tuple:
+    """A head's inputs (text, text_mask, image, lexicon) with the image grid already averaged to
+    k x k. A head of `image_grid` k reads them exactly as it reads the raw inputs, since it leaves
+    an averaged grid as it is; so heads of one grid can share the average."""
+    text, text_mask, image, *rest = inputs
+    return (text, text_mask, _pool_grid(image, k), *rest)
+
+
+def _pool_grid(image: torch.Tensor, k: int) -> torch.Tensor:
     """Average a square grid of image tokens (e.g. a CNN's 7x7) down to k x k; k <= 0: keep all."""
     side = math.isqrt(image.shape[1])
     if k <= 0 or k >= side or side * side != image.shape[1]:

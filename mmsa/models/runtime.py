@@ -10,7 +10,7 @@ import torch
 
 from mmsa.data.dataset import LABELS
 from mmsa.features.featureset import Features
-from mmsa.models.heads import Head, pool_grid
+from mmsa.models.heads import Head, with_image_grid
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,18 +61,15 @@ def predict_proba_each(models: list[torch.nn.Module], features: Features, rows: 
     chunks = [order[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     grids = [model.cfg.image_grid if isinstance(model, Head) else None for model in models]
     for idx, inputs in zip(chunks, features.iter_batches([rows[idx] for idx in chunks], device)):
-        pooled = {}  # (image_grid, precision) -> the batch with its image grid averaged once
+        shared = {}  # (image_grid, precision) -> the batch as the heads of that grid read it
         for model, grid, precision, probs in zip(models, grids, precisions, out):
             with autocast(device, precision):
-                if grid is not None:
-                    # A head averages the image grid to k x k first, and an averaged grid is
-                    # left as it is: the many heads of a served ensemble share that work.
-                    if (grid, precision) not in pooled:
-                        text, text_mask, image, *rest = inputs
-                        pooled[grid, precision] = (text, text_mask, pool_grid(image, grid), *rest)
-                    logits = model(*pooled[grid, precision])
-                else:
-                    logits = model(*inputs)
+                args = inputs
+                if grid is not None:  # the many heads of a served ensemble average the grid once
+                    if (grid, precision) not in shared:
+                        shared[grid, precision] = with_image_grid(inputs, grid)
+                    args = shared[grid, precision]
+                logits = model(*args)
             probs[idx] = logits.float().softmax(-1).cpu().numpy()
     return out
 
