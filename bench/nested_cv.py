@@ -5,8 +5,9 @@ whose train.txt holds the outer training part and whose test_without_label.txt h
 fold (files linked, never copied); then the pipeline runs on it as a user runs it:
 `search.run` with the space (cross-validation inside) and `mmsa.final`, whose predictions are
 scored against the outer fold's labels. Beside it, the linear probe is trained on the same
-outer training part. `--final ensemble best+probe+finetune ...` scores several of mmsa.final's
-variants (its `--members`, joined by +) on the same searches.
+outer training part. `--final ensemble best+probe+finetune ensemble:seeds=1 ...` scores several
+of mmsa.final's variants (its `--members`, joined by +, then any of its flags as :flag=value) on the
+same searches.
 
     python bench/nested_cv.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--outer 5]
         [--only 0,1] [--final ensemble best+probe+finetune ...]
@@ -82,6 +83,16 @@ def probe_on(folder: Path, truth: dict[str, int], cache_dir: str, lexicon: bool 
     return {"acc": out["probe_val_acc"], "macro_f1": out["probe_val_macro_f1"]}
 
 
+def final_flags(variant: str) -> list[str]:
+    """mmsa.final's flags for a variant: "ensemble:seeds=1" -> --members ensemble --seeds 1."""
+    members, *flags = variant.split(":")
+    out = ["--members", members.replace("+", ",")]
+    for flag in flags:
+        name, _, value = flag.partition("=")
+        out += [f"--{name}", *([value] if value else [])]
+    return out
+
+
 def run(cmd: list[str]) -> tuple[str, float]:
     start = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -98,9 +109,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="outer folds' seed (default 0)")
     p.add_argument("--only", help="comma-separated outer folds to run now (default: all not yet measured)")
     p.add_argument("--final", nargs="+", default=["ensemble"], metavar="MEMBER[+MEMBER...]",
-                   help="mmsa.final variants to score, each its --members joined by + (ensemble: what the search "
-                        "selected; best+probe+finetune: the best trial, the probe and the fixed fine-tuning recipe); "
-                        "the first is the pipeline's. Searches are kept and reused by later variants")
+                   help="mmsa.final variants to score, each its --members joined by +, then its other flags "
+                        "as :flag=value (ensemble: what the search selected; ensemble:seeds=1: the same, one "
+                        "model per trial member; best+probe+finetune: the best trial, the probe and the fixed "
+                        "fine-tuning recipe); the first is the pipeline's. Searches are kept and reused by later "
+                        "variants")
     p.add_argument("--time-budget", help="the searches' --time-budget (default: the space's)")
     p.add_argument("--work", default=".cache/nested-cv", help="folders, MLflow store, results (git-ignored)")
     p.add_argument("--prepare-only", action="store_true", help="make the folders and their feature caches, then stop")
@@ -158,7 +171,7 @@ def main() -> None:
         for variant in missing:
             pred = work / f"outer{i}" / f"pred-{variant}.txt"
             _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", row["parent"], "--data", str(folder),
-                              "--tracking-uri", uri, "--out", str(pred), "--members", variant.replace("+", ",")])
+                              "--tracking-uri", uri, "--out", str(pred), *final_flags(variant)])
             row[f"final_{variant}"] = {**score(pred, truth), "seconds": final_s}
             print(f"outer fold {i}: final {variant}: {row[f'final_{variant}']}, probe {row['probe']}", flush=True)
         results[str(i)] = row

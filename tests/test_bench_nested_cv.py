@@ -1,6 +1,6 @@
 """bench/nested_cv.py: the outer folds it hands to the pipeline, and how it scores predictions."""
 
-from bench.nested_cv import outer_folders, score
+from bench.nested_cv import final_flags, outer_folders, score
 from mmsa.data.dataset import LABELS, load_dataset
 
 
@@ -27,3 +27,9 @@ def test_predictions_are_scored_against_the_held_out_labels(tmp_path):
                                           [("a", 0), ("b", 1), ("c", 0), ("d", 0)]))
     s = score(pred, truth)
     assert s["acc"] == 0.75 and round(s["macro_f1"], 4) == round((0.8 + 1.0 + 0.0) / 3, 4)
+
+
+def test_a_final_variant_names_members_then_flags():
+    assert final_flags("ensemble") == ["--members", "ensemble"]
+    assert final_flags("best+probe+finetune") == ["--members", "best,probe,finetune"]
+    assert final_flags("ensemble:seeds=1:bag=folds") == ["--members", "ensemble", "--seeds", "1", "--bag", "folds"]

@@ -19,3 +19,24 @@ def test_a_console_script_reports_bad_input_in_one_line(tmp_path):
     out = subprocess.run([shutil.which("mmsa-train"), "--data", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "nowhere" in out.stderr
+
+
+def _imports(module):
+    def main(argv):
+        __import__(module)
+    return main
+
+
+def test_a_missing_dependency_is_one_line_naming_it_and_the_install_command(capsys):
+    from mmsa.app.commands import INSTALL, run_main
+    with pytest.raises(SystemExit) as ended:
+        run_main(_imports("optuna_not_installed_here.samplers"), [])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.count("\n") == 1
+    assert "'optuna_not_installed_here'" in err and INSTALL in err
+
+
+def test_a_missing_module_of_the_project_itself_stays_a_traceback():
+    from mmsa.app.commands import run_main
+    with pytest.raises(ModuleNotFoundError):
+        run_main(_imports("mmsa.no_such_module"), [])

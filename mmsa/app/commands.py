@@ -12,13 +12,25 @@ import yaml
 from mmsa.config import Config, parse_overrides, refuse_derived
 from mmsa.errors import DISK_FULL, ConfigError, UserError
 
+OWN_PACKAGES = ("mmsa", "search", "bench")  # a missing module of these is a bug, not a missing install
+INSTALL = "pip install -c constraints.txt -e '.[dev]'"
+
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run a CLI entry point: a UserError becomes one line on stderr and exit status 2."""
+    """Run a CLI entry point: a UserError, a full disk or a missing dependency becomes one line on
+    stderr and exit status 2."""
     try:
         code = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if not package or package in OWN_PACKAGES:
+            raise
+        # Commands import their libraries late (start-up speed), so a half-done install shows here.
+        print(f"error: the Python package '{package}' is not installed ({e}); install the project's "
+              f"dependencies from the repository's root: {INSTALL}", file=sys.stderr)
         code = 2
     except OSError as e:
         if e.errno not in DISK_FULL:
