@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +41,16 @@ def test_a_missing_module_of_the_project_itself_stays_a_traceback():
     from mmsa.app.commands import run_main
     with pytest.raises(ModuleNotFoundError):
         run_main(_imports("mmsa.no_such_module"), [])
+
+
+@pytest.mark.parametrize("module, package, args", [
+    ("mmsa.final", "yaml", ["--run-id", "x", "--data", "nowhere"]), ("mmsa.train", "torch", ["--data", "nowhere"]),
+    ("mmsa.predict", "mlflow", ["--model", "x", "--data", "nowhere"]),
+    ("search.run", "yaml", ["--space", "spaces/smoke.yaml", "--data", "nowhere"])])
+def test_a_package_missing_where_a_command_module_is_imported_is_one_line_too(module, package, args):
+    # None in sys.modules makes `import package` raise ModuleNotFoundError, as an install without it would.
+    code = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = {[module] + args!r}; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and f"'{package}' is not installed" in out.stderr, out.stderr

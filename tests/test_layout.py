@@ -48,5 +48,7 @@ def test_every_mmsa_module_is_library_edge_or_entry_point():
     entry_points = {"train.py", "final.py", "predict.py", "__init__.py"}
     top = {p.name for p in (ROOT / "mmsa").iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
     assert top == set(LIBRARY) | {"app"} | entry_points
-    for name in entry_points - {"__init__.py"}:  # `python -m mmsa.X` and nothing else
-        assert _imports(ROOT / "mmsa" / name) == {f"mmsa.app.{name[:-3]}", f"mmsa.app.{name[:-3]}.cli"}
+    for name in entry_points - {"__init__.py"}:  # `python -m mmsa.X` launches mmsa.app.X and does nothing else
+        path = ROOT / "mmsa" / name
+        assert _imports(path) == {"mmsa.app.commands", "mmsa.app.commands.launch"}
+        assert f'launch("mmsa.app.{name[:-3]}")' in path.read_text()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
-
-import yaml
 
 from mmsa.config import Config, parse_overrides, refuse_derived
 from mmsa.errors import DISK_FULL, ConfigError, UserError
@@ -44,7 +43,17 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     sys.exit(code or 0)
 
 
+def launch(module: str, argv: list[str] | None = None) -> None:
+    """Run the `main` of a command's module, imported inside run_main: a package missing where that module is
+    imported is then one line too, not a traceback."""
+    def main(args: list[str] | None) -> int | None:
+        return importlib.import_module(module).main(args)
+    run_main(main, argv)
+
+
 def read_yaml(path: str | Path) -> dict:
+    import yaml  # here, not at the top: the entry points import this module before run_main guards them
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

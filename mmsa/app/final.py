@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from mmsa.app.commands import quiet_libraries, run_main
+from mmsa.app.commands import quiet_libraries
 from mmsa.config import Config
 from mmsa.data.dataset import LABELS
 from mmsa.errors import UserError
@@ -413,11 +413,3 @@ def _log_final_run(plan: Plan, members: list, data, tags: list[str], metrics: di
     if plan.register:
         print(f"registered: models:/{plan.register}/{info.registered_model_version}", flush=True)
 
-
-def cli() -> None:
-    """The console script's entry point."""
-    run_main(main)
-
-
-if __name__ == "__main__":
-    cli()

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mmsa.app.commands import quiet_libraries, run_main
+from mmsa.app.commands import quiet_libraries
 from mmsa.config import DEFAULT_CACHE_DIR
 from mmsa.errors import UserError
 
@@ -73,11 +73,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"predictions={out}", flush=True)
     return 0
 
-
-def cli() -> None:
-    """The console script's entry point."""
-    run_main(main)
-
-
-if __name__ == "__main__":
-    cli()

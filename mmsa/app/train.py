@@ -9,7 +9,7 @@ import resource
 import sys
 import time
 
-from mmsa.app.commands import config_from_args, quiet_libraries, run_main
+from mmsa.app.commands import config_from_args, quiet_libraries
 from mmsa.errors import ConfigError
 from mmsa.features.featureset import FeatureSet
 from mmsa.features.prepare import prepare
@@ -45,11 +45,3 @@ def main(argv: list[str] | None = None) -> int:
     print("metrics=" + json.dumps(metrics, separators=(",", ":")))
     return 0
 
-
-def cli() -> None:
-    """The console script's entry point."""
-    run_main(main)
-
-
-if __name__ == "__main__":
-    cli()
