@@ -6,7 +6,7 @@ store (here over loopback; a real network adds about 1 s per 120 MiB at 1 Gbit/s
 time, trials per node, when each node finished its first fold, what landed in the worker node's
 folder and its largest process's peak memory.
 
-    python bench/cluster_cache.py --data ../shared/mvsa [--space spaces/smoke.yaml]
+    python -m bench.cluster_cache --data ../shared/mvsa [--space spaces/smoke.yaml]
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, table, write_result  # noqa: E402
+from bench.common import ROOT, command_line, table, write_result
 
 PORT = 6393
 # Ray's token authentication, as on a real cluster: every node, the search and this script share one token.
@@ -136,12 +135,12 @@ def trials_by_node(work: Path, stdout: str) -> dict:
                       for node, times in by_node.items()}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.cluster_cache", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--space", default=str(ROOT / "spaces" / "smoke.yaml"))
     p.add_argument("--out", default="cluster_cache")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     shared = run_once(args, None)
     node_cache = Path(tempfile.mkdtemp(prefix="node-cache-"))
     try:
@@ -157,7 +156,7 @@ def main() -> None:
     body = table(["cache", "search wall s", "trials per node (after the search's start)",
                   "in the worker node's folder", "worker node's largest process, peak RSS GiB"], rows)
     write_result(args.out, "Feature cache on a cluster without a shared disk", body,
-                 f"python bench/cluster_cache.py --data {args.data}")
+                 command_line("bench.cluster_cache", argv))
 
 
 if __name__ == "__main__":

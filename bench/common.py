@@ -1,9 +1,10 @@
-"""Helpers shared by the benchmark scripts: tables, result files, running searches."""
+"""Helpers shared by the benchmarks (run as `python -m bench.NAME`): tables, scores, result files."""
 
 from __future__ import annotations
 
+import os
 import platform
-import subprocess
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -11,12 +12,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# Where result files go: bench/results, or elsewhere for a trial run (the tests' tiny invocations).
+RESULTS = Path(os.environ.get("MMSA_BENCH_RESULTS") or ROOT / "bench" / "results")
 
 
 def machine() -> str:
-    import os
-
     import torch
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
@@ -58,6 +58,19 @@ def mean_se(values) -> str:
     return f"{values.mean():.4f} ± {values.std(ddof=1) / np.sqrt(len(values)):.4f}"
 
 
+def scores(labels, preds) -> dict[str, float]:
+    """Accuracy and macro-F1 over the three classes: the one way the benchmarks score predictions."""
+    from sklearn.metrics import accuracy_score, f1_score
+    return {"acc": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, labels=[0, 1, 2], average="macro", zero_division=0))}
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How a benchmark was run, for its result file: `python -m bench.X ARGS`."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "-m", module, *map(shlex.quote, args)])
+
+
 def write_result(name: str, title: str, body: str, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
@@ -66,14 +79,3 @@ def write_result(name: str, title: str, body: str, command: str) -> Path:
     print(body)
     print(f"\nwritten: {path}")
     return path
-
-
-def run_search(space: Path, tracking_uri: str, storage: Path, *more: str) -> tuple[str, float, str]:
-    """Run `search.run` as a user would; returns (parent run id, wall seconds, output)."""
-    start = time.time()
-    out = subprocess.run([sys.executable, "-m", "search.run", "--space", str(space), "--tracking-uri", tracking_uri,
-                          "--storage", str(storage), *more], capture_output=True, text=True, cwd=ROOT)
-    wall = time.time() - start
-    if out.returncode != 0:
-        sys.exit(f"search failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return out.stdout.strip().splitlines()[-1].split("=", 1)[1], wall, out.stdout

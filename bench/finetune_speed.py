@@ -1,7 +1,7 @@
 """Seconds per epoch of a fine-tuning trial: one fold's training part (4/5 of train.txt), the
 text layers that train run over the cached hidden states entering them.
 
-    python bench/finetune_speed.py --data ../shared/mvsa [--layers 2 6] [--epochs 1] [--out finetune_speed]
+    python -m bench.finetune_speed --data ../shared/mvsa [--layers 2 6] [--epochs 1] [--out finetune_speed]
 """
 
 from __future__ import annotations
@@ -11,20 +11,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import table, write_result  # noqa: E402
+from bench.common import command_line, table, write_result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.finetune_speed", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--layers", type=int, nargs="+", default=[2, 6])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a trial has 1 CPU in the default space)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="finetune_speed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import numpy as np
     import torch
 
@@ -50,7 +49,7 @@ def main() -> None:
     body = table(["text layers trained", "training pairs", "tokens per text, mean / max", "s per epoch",
                   f"val_acc after {args.epochs} epoch(s) (fold 1)", "features ready (s)"], rows)
     write_result(args.out, "Seconds per epoch of a fine-tuning trial", body,
-                 "python bench/finetune_speed.py " + " ".join(sys.argv[1:]))
+                 command_line("bench.finetune_speed", argv))
 
 
 if __name__ == "__main__":

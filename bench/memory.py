@@ -5,7 +5,7 @@ Memory is sampled every 0.2 s over the driver's whole process tree as PSS (propo
 a page shared by k processes counts 1/k in each, so the sum is what the machine really holds)
 and as RSS (a shared page counted in every process that maps it).
 
-    python bench/memory.py --data ../shared/mvsa
+    python -m bench.memory --data ../shared/mvsa
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil  # noqa: E402
-import yaml  # noqa: E402
+import psutil
+import yaml
 
-from bench.common import ROOT, table, write_result  # noqa: E402
+from bench.common import ROOT, command_line, table, write_result
 
 
 def tree_memory(root: psutil.Process) -> tuple[int, int, list[psutil.Process]]:
@@ -110,14 +109,14 @@ def process_groups(parts: list[dict]) -> list[tuple[str, dict]]:
             + [(name, _sum(group)) for name, group in (("driver (search.run)", driver), ("Ray's own", rest)) if group])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--space", default="spaces/smoke.yaml")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--budget", help="also run the space under --memory-budget BUDGET and compare its peak")
     p.add_argument("--out", default="memory", help="results file name: bench/results/OUT.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from mmsa.config import Config
     from mmsa.features.prepare import prepare
@@ -163,7 +162,7 @@ def main() -> None:
                       f"{b['anon'] / 2**30:.2f}", f"{b['other_pss'] / 2**30:.2f}"] for name, b in groups])
             + "\n\nEach trial has the cache pages it reads resident, but together they count once (the PSS "
               "column sums to the cache's resident size): the cache is shared, not copied.")
-    write_result(args.out, "Peak memory of a whole search", body, "python bench/memory.py " + " ".join(sys.argv[1:]))
+    write_result(args.out, "Peak memory of a whole search", body, command_line("bench.memory", argv))
 
 
 if __name__ == "__main__":

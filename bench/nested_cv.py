@@ -6,10 +6,9 @@ fold (files linked, never copied); then the pipeline runs on it as a user runs i
 `search.run` with the space (cross-validation inside) and `mmsa.final`, whose predictions are
 scored against the outer fold's labels. Beside it, the linear probe is trained on the same
 outer training part. `--final ensemble best+probe+finetune ensemble:seeds=1 ...` scores several
-of mmsa.final's variants (its `--members`, joined by +, then any of its flags as :flag=value) on the
-same searches.
+of mmsa.final's variants (its `--members`, parts joined by +) on the same searches.
 
-    python bench/nested_cv.py --data ../shared/mvsa [--space spaces/fusion.yaml] [--outer 5]
+    python -m bench.nested_cv --data ../shared/mvsa [--space spaces/fusion.yaml] [--outer 5]
         [--only 0,1] [--final ensemble best+probe+finetune ...]
 
 Each outer fold's search and every final variant's score are kept in WORK/results.json as soon
@@ -29,13 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import yaml
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from bench.common import ROOT, mean_std, table, write_result  # noqa: E402
-from mmsa.data.dataset import LABEL_TO_ID, LABELS, DataReport, parse_label_file  # noqa: E402
+from bench.common import ROOT, command_line, mean_std, scores, table, write_result
+from mmsa.data.dataset import LABEL_TO_ID, LABELS, DataReport, parse_label_file
 
 
 def outer_folders(data: Path, work: Path, k: int, seed: int) -> list[tuple[Path, dict[str, int]]]:
@@ -62,11 +59,8 @@ def outer_folders(data: Path, work: Path, k: int, seed: int) -> list[tuple[Path,
 
 def score(pred_file: Path, truth: dict[str, int]) -> dict:
     """A predictions file (`guid,tag`) against the held-out labels."""
-    from sklearn.metrics import accuracy_score, f1_score
     rows = [ln.split(",") for ln in pred_file.read_text().split()[1:]]
-    y, pred = [truth[g] for g, _ in rows], [LABEL_TO_ID[t] for _, t in rows]
-    return {"acc": float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0))}
+    return scores([truth[g] for g, _ in rows], [LABEL_TO_ID[t] for _, t in rows])
 
 
 def probe_on(folder: Path, truth: dict[str, int], cache_dir: str, lexicon: bool = False) -> dict:
@@ -84,13 +78,8 @@ def probe_on(folder: Path, truth: dict[str, int], cache_dir: str, lexicon: bool 
 
 
 def final_flags(variant: str) -> list[str]:
-    """mmsa.final's flags for a variant: "ensemble:seeds=1" -> --members ensemble --seeds 1."""
-    members, *flags = variant.split(":")
-    out = ["--members", members.replace("+", ",")]
-    for flag in flags:
-        name, _, value = flag.partition("=")
-        out += [f"--{name}", *([value] if value else [])]
-    return out
+    """mmsa.final's flags for a variant: its --members, parts joined by + ("ensemble:seeds=1+probe")."""
+    return ["--members", variant.replace("+", ",")]
 
 
 def run(cmd: list[str]) -> tuple[str, float]:
@@ -101,28 +90,27 @@ def run(cmd: list[str]) -> tuple[str, float]:
     return out.stdout, time.time() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.nested_cv", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--space", default="spaces/fusion.yaml")
     p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="outer folds' seed (default 0)")
     p.add_argument("--only", help="comma-separated outer folds to run now (default: all not yet measured)")
     p.add_argument("--final", nargs="+", default=["ensemble"], metavar="MEMBER[+MEMBER...]",
-                   help="mmsa.final variants to score, each its --members joined by +, then its other flags "
-                        "as :flag=value (ensemble: what the search selected; ensemble:seeds=1: the same, one "
-                        "model per trial member; best+probe+finetune: the best trial, the probe and the fixed "
-                        "fine-tuning recipe); the first is the pipeline's. Searches are kept and reused by later "
-                        "variants")
+                   help="mmsa.final variants to score, each its --members with parts joined by + (ensemble: "
+                        "the plan the search selected; ensemble:seeds=1: the same, one model per trial member; "
+                        "best+probe+finetune: the best trial, the probe and the fixed fine-tuning recipe); the "
+                        "first is the pipeline's. Searches are kept and reused by later variants")
     p.add_argument("--time-budget", help="the searches' --time-budget (default: the space's)")
     p.add_argument("--work", default=".cache/nested-cv", help="folders, MLflow store, results (git-ignored)")
     p.add_argument("--prepare-only", action="store_true", help="make the folders and their feature caches, then stop")
     p.add_argument("--reselect", metavar="LABEL",
                    help="re-run each stored search's ensemble selection with this code before final (it rewrites "
-                        "the search's ensemble.json: copy --work first to keep it); the earlier finals' scores stay "
+                        "the search's plan.json: copy --work first to keep it); the earlier finals' scores stay "
                         "as variant ensemble@LABEL, paired with the new ones")
     p.add_argument("--out", default="nested_cv")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     data, work = Path(args.data).resolve(), (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     folders = outer_folders(data, work, args.outer, args.seed)
@@ -176,19 +164,23 @@ def main() -> None:
             print(f"outer fold {i}: final {variant}: {row[f'final_{variant}']}, probe {row['probe']}", flush=True)
         results[str(i)] = row
         results_file.write_text(json.dumps(results, indent=1))
-    report(results, args)
+    report(results, args, argv)
 
 
 def reselect(row: dict, uri: str, label: str) -> dict:
     """`row`'s search with its ensemble selected again by this code; its ensemble final moved aside."""
     from mlflow.tracking import MlflowClient
-    from search.ensemble import select_ensemble
-    from search.report import collect_trials
+
+    from mmsa.models.probe import probe_config
+    from search.ensemble import select_ensemble, trial_member, write_plan
+    from search.report import best_trial, collect_trials
     client = MlflowClient(uri)
     parent = client.get_run(row["parent"])
     metric = parent.data.params.get("metric", "val_acc")
     trials = collect_trials(client, parent.info.experiment_id, row["parent"], metric)
     ensemble = select_ensemble(client, row["parent"], trials, metric)
+    best = best_trial(trials)
+    write_plan(client, row["parent"], metric, ensemble, best, trials, probe_config(trial_member(best).config))
     print(ensemble.line(), flush=True)
     row = dict(row)
     if "final_ensemble" in row:
@@ -198,7 +190,7 @@ def reselect(row: dict, uri: str, label: str) -> dict:
     return row
 
 
-def report(results: dict, args) -> None:
+def report(results: dict, args, argv: list[str] | None) -> None:
     done = sorted(results, key=int)
     known = dict.fromkeys([*args.final, *(k[6:] for i in done for k in results[i] if k.startswith("final_"))])
     modes = [m for m in known if all(f"final_{m}" in results[i] for i in done)]
@@ -236,7 +228,7 @@ def report(results: dict, args) -> None:
                  f"{diff.std(ddof=1) / np.sqrt(len(diff)) * 100 if len(diff) > 1 else 0:.2f}); below it in "
                  f"{int((diff < 0).sum())} of {len(diff)} outer folds.")
     write_result(args.out, "Nested cross-validation: search + final against the linear probe", body,
-                 "python bench/nested_cv.py " + " ".join(sys.argv[1:]))
+                 command_line("bench.nested_cv", argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What the feature cache buys: seconds per training epoch on the cache versus running the frozen
 backbones per batch (same run, same config), the cache build time, and a search's trials/minute.
 
-    python bench/search_cost.py --data ../shared/mvsa [--run-id SEARCH_PARENT] [--build]
+    python -m bench.search_cost --data ../shared/mvsa [--run-id SEARCH_PARENT] [--build]
 """
 
 from __future__ import annotations
@@ -9,30 +9,29 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.common import table, write_result  # noqa: E402
-from mmsa.config import Config  # noqa: E402
-from mmsa.features.encoders import build_image_encoder, build_text_encoder  # noqa: E402
-from mmsa.data.images import ImageFiles  # noqa: E402
-from mmsa.data.dataset import normalize_tweet  # noqa: E402
-from mmsa.features.prepare import prepare  # noqa: E402
-from mmsa.models.factory import create_model  # noqa: E402
-from mmsa.training.fit import fit  # noqa: E402
+from bench.common import command_line, table, write_result
+from mmsa.config import Config
+from mmsa.features.encoders import build_image_encoder, build_text_encoder
+from mmsa.features.featurize import ImageFeaturizer, TextFeaturizer
+from mmsa.features.prepare import prepare
+from mmsa.models.factory import create_model
+from mmsa.training.fit import fit
 
 
 def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
-    """One training step where the frozen backbones run on the batch (load + preprocess images,
-    tokenize, both forwards) before the head's forward/backward: mean seconds per step."""
-    text_enc, image_enc = build_text_encoder(cfg.data.text_encoder), build_image_encoder(cfg.data.image_encoder)
+    """One training step where the frozen backbones make the batch's features (decode and
+    preprocess its images, clean, tokenize and score its texts, both forwards: the cache's own
+    featurizers) before the head's forward/backward: mean seconds per step."""
+    device = torch.device("cpu")
+    text = TextFeaturizer(cfg.data, build_text_encoder(cfg.data.text_encoder))
+    image = ImageFeaturizer(cfg.data, build_image_encoder(cfg.data.image_encoder))
     examples = {ex.guid: ex for ex in data.dataset.train}
     model = create_model(cfg.with_features(data.features))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -42,13 +41,12 @@ def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
         guids = data.train.guids[b * bs:(b + 1) * bs]
         start = time.perf_counter()
         exs = [examples[g] for g in guids]
-        images = ImageFiles(exs, image_enc.preprocess.transform(), image_enc.preprocess.size)
-        pixels = torch.stack([images[i][0] for i in range(len(exs))])
-        tok = text_enc.tokenize([normalize_tweet(e.text) for e in exs], cfg.data.max_text_len)
-        text, mask = text_enc(tok["input_ids"], tok["attention_mask"])
-        image = image_enc(pixels)
-        loss = torch.nn.functional.cross_entropy(model(text, mask, image),
-                                                 torch.as_tensor(data.train.labels[b * bs:(b + 1) * bs]))
+        pixels = torch.stack([image.pixels_of_file(ex.image_path)[0] for ex in exs])
+        raw = [ex.text for ex in exs]
+        hidden, mask = text.encode(text.clean(raw), [0], device)
+        logits = model(torch.from_numpy(hidden[0]).float(), torch.from_numpy(mask),
+                       torch.from_numpy(image.encode(pixels, device)).float(), torch.from_numpy(text.lexicon(raw)))
+        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(data.train.labels[b * bs:(b + 1) * bs]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -57,14 +55,15 @@ def per_batch_backbone_seconds(cfg: Config, data, batches: int) -> float:
     return float(np.mean(times))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.search_cost", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--batches", type=int, default=8, help="backbone-per-batch steps to time")
     p.add_argument("--build", action="store_true", help="also time a cache build from scratch (about 3 min)")
     p.add_argument("--run-id", help="a finished search's parent run, for trials per minute")
     p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
-    args = p.parse_args()
+    p.add_argument("--out", default="search_cost", help="the result's name: bench/results/OUT.md")
+    args = p.parse_args(argv)
 
     cfg = Config()
     cfg.data.data_dir = args.data
@@ -98,7 +97,7 @@ def main() -> None:
         minutes = (run.info.end_time - run.info.start_time) / 60000
         rows.append([f"real search {args.run_id[:8]}: {n} trials in {minutes:.1f} min", f"{n / minutes:.1f} trials/min"])
     body = table(["measure", "value"], rows)
-    write_result("search_cost", "Search cost: the feature cache", body, "python bench/search_cost.py " + " ".join(sys.argv[1:]))
+    write_result(args.out, "Search cost: the feature cache", body, command_line("bench.search_cost", argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A served model measured like a service, against the backbones' own time on the same pairs.
 
-    python bench/serve.py --model models:/mmsa-sentiment/1 --tracking-uri sqlite:///mlruns/mlflow.db
+    python -m bench.serve --model models:/mmsa-sentiment/1 --tracking-uri sqlite:///mlruns/mlflow.db
         [--data ../shared/mvsa] [--requests 60] [--paths] [--out serve]
 
 Starts the real server (`mlflow models serve --env-manager local` on 127.0.0.1) and measures it
@@ -13,7 +13,7 @@ request of the same pairs (the ratio is taken between neighbours in time). `--pa
 a path on this machine instead of its bytes (what models logged before images travelled as bytes
 read).
 
-    python bench/serve.py --hostile --model ... --tracking-uri ... [--out serve_hostile]
+    python -m bench.serve --hostile --model ... --tracking-uri ... [--out serve_hostile]
 
 sends instead the hostile requests (server-side paths, `..`, a link out of the image root,
 devices, a FIFO, huge inputs, a decompression bomb, wrong columns, an empty frame, nulls, numbers
@@ -37,11 +37,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.common import ROOT, table, write_result  # noqa: E402
+from bench.common import ROOT, command_line, table, write_result
 
 
 class ModelServer:
@@ -223,14 +222,14 @@ def member_configs(model_uri: str) -> list:
     from mmsa.config import Config
     folder = Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts"
     ckpt = torch.load(next(folder.iterdir()), map_location="cpu", weights_only=True)
-    entries = ckpt.get("members") or [{"config": ckpt["config"]}]
-    return [Config.from_stored(e["config"]).data for e in entries]
+    return [Config.from_stored(e["config"]).data for e in ckpt["members"]]
 
 
 class Floor:
     """The model's backbones loaded once in this process, with as many threads as the server has:
     `seconds(idx)` times their forward pass alone on those pairs (tokenized and preprocessed
-    beforehand); `seconds(idx, from_bytes=True)` times decoding, preprocessing and tokenizing too."""
+    beforehand, through the served model's own featurizers); `seconds(idx, from_bytes=True)` times
+    decoding, preprocessing and tokenizing too."""
 
     def __init__(self, model_uri: str, pairs: list[dict]):
         import torch
@@ -249,25 +248,28 @@ class Floor:
         import torch
         from PIL import Image
 
-        from mmsa.data.images import to_rgb
+        from mmsa.features.featurize import CPU_IMAGE_BATCH, TextFeaturizer
 
         def inputs():
-            images = [to_rgb(Image.open(io.BytesIO(self.pairs[i]["image"]) if isinstance(self.pairs[i]["image"], bytes)
-                                        else self.pairs[i]["image"])) for i in idx]
-            return [(b.text.tokenizer([self.pairs[i]["text"] for i in idx], padding="longest", truncation=True,
-                                      max_length=cfg.max_text_len, return_tensors="pt"),
-                     torch.stack([b.transform(img) for img in images])) for b, cfg in self.backbones]
+            images = [Image.open(io.BytesIO(self.pairs[i]["image"]) if isinstance(self.pairs[i]["image"], bytes)
+                                 else self.pairs[i]["image"]) for i in idx]
+            out = []
+            for b, cfg in self.backbones:
+                text = TextFeaturizer(cfg, b.text)
+                out.append((text, text.tokenize(text.clean([self.pairs[i]["text"] for i in idx])),
+                            torch.stack([b.image.pixels(img)[0] for img in images])))
+            return out
         with torch.no_grad():
             ready = None if from_bytes else inputs()
             start = time.perf_counter()
-            for (b, _), (tok, pixels) in zip(self.backbones, ready or inputs()):
+            for (b, _), (text, tok, pixels) in zip(self.backbones, ready or inputs()):
                 b.text(tok["input_ids"], tok["attention_mask"])
-                b.image_tokens(pixels)
+                b.image.encode(pixels, torch.device("cpu"), CPU_IMAGE_BATCH)
             return time.perf_counter() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--tracking-uri", required=True)
     p.add_argument("--data", default="../shared/mvsa")
@@ -275,12 +277,12 @@ def main() -> None:
     p.add_argument("--paths", action="store_true", help="send image paths, not bytes (models logged before)")
     p.add_argument("--hostile", action="store_true", help="send the hostile requests instead, and table the answers")
     p.add_argument("--out", default=None, help="the result's name in bench/results (default serve, serve_hostile)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.hostile:
         return hostile_report(args)
     args.out = args.out or "serve"
-    from mmsa.features.resident import CPU_IMAGE_CHUNK
+    from mmsa.features.featurize import CPU_IMAGE_BATCH
     pairs = test_pairs(args.data, 32, args.paths)
     rows = []
     # The floor is timed in turn with the server, pair for pair: this CPU's speed drifts by a third
@@ -353,13 +355,13 @@ def main() -> None:
     body = table(["what", "served", "against the floor: the forward pass",
                   "against decoding, preprocessing and the forward pass"], rows)
     body += (f"\n\nThe floor: the model's backbones' forward pass alone on the same pairs, in this process with "
-             f"{floor.threads} torch threads (tokenized and preprocessed beforehand; images {CPU_IMAGE_CHUNK} at "
+             f"{floor.threads} torch threads (tokenized and preprocessed beforehand; images {CPU_IMAGE_BATCH} at "
              f"a time, as the served model runs them), timed right after each served request of the same pairs: "
              f"single pair, median of {args.requests}; {n} pairs, median of 5. The last column times decoding the "
              f"images' bytes, preprocessing and tokenizing as well (the floor as the issue first measured it). "
              f"Images sent as {'paths' if args.paths else 'bytes (base64 in JSON)'}; test pairs of {args.data}.")
     write_result(args.out, "The served model, measured like a service", body,
-                 "python bench/serve.py " + " ".join(sys.argv[1:]))
+                 command_line("bench.serve", argv))
 
 
 def hostile_report(args) -> None:
@@ -382,7 +384,7 @@ def hostile_report(args) -> None:
              f"(a test pair, its image as bytes); the server ran with $MMSA_IMAGE_ROOT set to a folder holding "
              f"one image, a link out of it and a FIFO.")
     write_result(args.out or "serve_hostile", "The served model against hostile requests", body,
-                 "python bench/serve.py " + " ".join(sys.argv[1:]))
+                 command_line("bench.serve", argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """This project's search side by side with what a user would write instead, inside nested CV.
 
-    python bench/vs_stock.py --data ../shared/mvsa [--budgets 2m 5m] [--outer 5] [--only 0,1]
+    python -m bench.vs_stock --data ../shared/mvsa [--budgets 2m 5m] [--outer 5] [--only 0,1]
         [--systems project random stock_tune optuna] [--work .cache/vs-stock] [--out vs_stock]
 
 The outer folds are bench/nested_cv.py's (the same seed, the same folders): no search sees an
@@ -30,13 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import yaml
 
-from bench.common import ROOT, mean_se, table, write_result  # noqa: E402
-from bench.nested_cv import outer_folders, run, score  # noqa: E402
+from bench.common import ROOT, command_line, mean_se, scores, table, write_result
+from bench.nested_cv import outer_folders, run, score
 
 SYSTEMS = ("project", "random", "stock_tune", "optuna")
 # What each system can express of the project's search (the table says it beside each row).
@@ -82,15 +81,11 @@ def trial_fit(base, params: dict, report, stop_epoch: int = 0, val_fraction: flo
 def retrain_and_score(base, params: dict, best_epoch: int, truth: dict[str, int]) -> dict:
     """The chosen config trained on every labeled pair for its best epoch, scored on the outer fold."""
     import torch
-    from sklearn.metrics import accuracy_score, f1_score
 
     from mmsa.models.runtime import predict_proba
     result, data = trial_fit(base, params, None, stop_epoch=best_epoch, val_fraction=0.0)
     probs = predict_proba(result.model, data.features, data.test.rows, torch.device("cpu"))
-    y = [truth[g] for g in data.test.guids]
-    pred = probs.argmax(1)
-    return {"acc": float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0))}
+    return scores([truth[g] for g in data.test.guids], probs.argmax(1))
 
 
 def stock_tune(folder: Path, space_file: Path, budget_s: float, truth: dict[str, int]) -> dict:
@@ -193,7 +188,7 @@ def one(system: str, folder: Path, truth: dict[str, int], budget: str, space: Pa
         out = project(folder, space if system == "project" else random_space(space, work), budget, truth, work, tag)
     else:  # in a child: Ray and Optuna state stay out of this process
         result = work / f"{tag}.json"
-        run([sys.executable, __file__, "--child", system, "--folder", str(folder), "--budget", budget,
+        run([sys.executable, "-m", "bench.vs_stock", "--child", system, "--folder", str(folder), "--budget", budget,
              "--space", str(space), "--result", str(result), "--truth", json.dumps(truth)])
         out = json.loads(result.read_text())
     return {**out, "wall_min": (time.time() - start) / 60, "cpu_min": (_cpu() - cpu) / 60}
@@ -205,8 +200,8 @@ def _cpu() -> float:
     return t.user + t.nice + t.system
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.vs_stock", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/mvsa")
     p.add_argument("--space", default="spaces/fusion.yaml")
     p.add_argument("--budgets", nargs="+", default=["2m", "5m"])
@@ -220,7 +215,7 @@ def main() -> None:
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--truth", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     space = (ROOT / args.space).resolve()
     if args.child:
         fn = stock_tune if args.child == "stock_tune" else optuna_alone
@@ -244,10 +239,10 @@ def main() -> None:
                 results[key] = one(system, folder, truth, budget, space, work)
                 print(f"  {results[key]}", flush=True)
                 results_file.write_text(json.dumps(results, indent=1))
-    report(results, args)
+    report(results, args, argv)
 
 
-def report(results: dict, args) -> None:
+def report(results: dict, args, argv: list[str] | None) -> None:
     """One row per system and budget over the outer folds it has run; each row's difference is
     paired with the project on the folds both have run."""
     runs = {(budget, system): {int(k.split("/")[0]): v for k, v in results.items()
@@ -273,7 +268,7 @@ def report(results: dict, args) -> None:
             [[system] + [mean_se([v["acc"] for v in runs[b, system].values()]) if runs[b, system] else "not run"
                          for b in args.budgets] for system in args.systems])
     write_result(args.out, "This project against stock Ray Tune, Optuna alone and random search (nested CV)", body,
-                 "python bench/vs_stock.py " + " ".join(a for a in sys.argv[1:]))
+                 command_line("bench.vs_stock", argv))
 
 
 def _paired(d: np.ndarray) -> str:

@@ -27,6 +27,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TEXT_ENCODER_NAMES = ("minilm",)
 IMAGE_ENCODER_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet34",
                        "resnet50")
+# Names of backbones outside the registry: a Hugging Face model (any), a timm model (images).
+ENCODER_PREFIXES = {"text": ("hf:",), "image": ("hf:", "timm:")}
 CACHE_DIR_ENV = "MMSA_CACHE_DIR"  # a machine's (a Ray node's) own feature-cache folder
 # Where the feature cache lives unless a config says otherwise: $MMSA_CACHE_DIR, else under the
 # user's cache folder, as Hugging Face and torch keep theirs; shared by every checkout and job.
@@ -50,8 +52,20 @@ class DataConfig:
     text_finetune_layers: int = 2
     cache_dir: str = DEFAULT_CACHE_DIR
     # finetune=full: processes decoding images and tokenizing ahead of the model.
-    # -1: up to 8 on a GPU, none on a CPU (where the model needs the cores).
+    # -1: on a GPU, the trial's CPU share less one (at most 8); none on a CPU (the model needs the cores).
     loader_workers: int = -1
+
+    @property
+    def text_depth(self) -> int:
+        """Top text-encoder layers that train with the head: text_finetune_layers with
+        finetune=last_k (the cache holds what enters them), else 0 (the cache holds the last layer's
+        output; finetune=full runs the whole backbone)."""
+        return self.text_finetune_layers if self.finetune == "last_k" else 0
+
+    def feature_key(self) -> tuple:
+        """Configs with equal keys read the same features (one cache, one served computation)."""
+        return (self.text_encoder, self.image_encoder, self.max_text_len, self.text_clean, self.finetune,
+                self.text_depth)
 
 
 @dataclass
@@ -106,6 +120,13 @@ class TrainConfig:
     # CUDA mixed precision: auto (bf16 where native, else fp16 with a gradient scaler) | bf16 | fp16 | fp32
     precision: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0: leave torch's default
+    grad_clip: float = 0.0  # the gradients' global norm clipped to this before each step; 0: not clipped
+    # finetune=full: image augmentation of the training pairs (random resized crop, horizontal
+    # flip, colour jitter), its strength in [0, 1]; 0: none. Validation and prediction never augment.
+    augment: float = 0.0
+    # finetune=full: recompute the backbones' activations in the backward pass instead of keeping
+    # them (less GPU memory for about a third more compute)
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -158,7 +179,7 @@ class Config:
         cfg = copy.deepcopy(self)
         cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
         cfg.model.text_backbone = self.data.text_encoder
-        cfg.model.text_layers = self.data.text_finetune_layers if self.data.finetune == "last_k" else 0
+        cfg.model.text_layers = self.data.text_depth
         return cfg
 
     def to_flat(self) -> dict[str, Any]:
@@ -201,10 +222,13 @@ class Config:
             ("finetune", d.finetune in FINETUNES, f"one of {FINETUNES}"),
             ("text_finetune_layers", d.text_finetune_layers >= 1, ">= 1"),
             ("loader_workers", d.loader_workers >= -1, ">= 0, or -1 for automatic"),
+            ("augment", 0 <= t.augment <= 1, "in [0, 1]"),
+            ("grad_clip", t.grad_clip >= 0, ">= 0 (0: not clipped)"),
         ]
-        for key, registry in (("text_encoder", TEXT_ENCODER_NAMES), ("image_encoder", IMAGE_ENCODER_NAMES)):
-            checks.append((key, getattr(d, key).startswith("hf:") or getattr(d, key) in registry,
-                           f"one of {tuple(registry)} or hf:<name>"))
+        for kind, registry in (("text", TEXT_ENCODER_NAMES), ("image", IMAGE_ENCODER_NAMES)):
+            name, prefixes = getattr(d, f"{kind}_encoder"), ENCODER_PREFIXES[kind]
+            checks.append((f"{kind}_encoder", name.startswith(prefixes) or name in registry,
+                           f"one of {tuple(registry)} or {' or '.join(p + '<name>' for p in prefixes)}"))
         for key, ok, expected in checks:
             if not ok:
                 value = self.to_flat()[key]
@@ -217,7 +241,7 @@ DERIVED_KEYS = ("text_backbone", "text_layers", "text_dim", "image_dim", "num_cl
 
 
 # Keys of earlier versions: refused where users give them, dropped from stored configs.
-RETIRED_KEYS = {"ensemble": "removed: a final model's seeds are members of it (mmsa.final --seeds K)"}
+RETIRED_KEYS = {"ensemble": "removed: a final model's seeds are members of it (mmsa.final --members ensemble:seeds=K)"}
 
 
 def refuse_derived(values: dict[str, Any], source: str) -> dict[str, Any]:

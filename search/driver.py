@@ -9,41 +9,66 @@ import signal
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune import Callback, Stopper
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from mmsa.errors import UserError
-from mmsa.features.rawsource import RawSource
 from mmsa.app.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import cache_transfer
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
-from search.time_budget import FoldBoundaryStopper, TimeBudget, parse_duration
+from search.time_budget import TimeBudget, parse_duration
 from search.tracking import MlflowTrialLogger, child_runs
 from search.trainable import TrialData, train_trial
 
 
 def make_scheduler(spec):
+    """A trial reports after every epoch, its score the mean over the folds it finished (during
+    fold 1, that fold's best epoch so far). ASHA's rungs count folds finished (`rungs: folds`) or
+    epochs trained (`rungs: epochs`), so it judges cheap trials on whole folds and expensive ones
+    after their first epochs."""
     if spec.scheduler == "fifo":
         return FIFOScheduler()
-    # A trial reports once per fold: ASHA's rungs are folds done, its score the mean over them.
-    return ASHAScheduler(time_attr="training_iteration", max_t=spec.cv_folds,
+    return ASHAScheduler(time_attr="folds_done" if spec.rungs == "folds" else "epochs_done", max_t=spec.max_rung,
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
-def make_trainable(spec, base, data, folds, offer_cache: bool = False, text_dirs: dict | None = None):
-    """`offer_cache` (on a cluster): the cache's files go into Ray's object store once, for the
-    nodes that do not share the driver's disk. `text_dirs`: the other text caches of a space that
-    searches fine-tuning (TrialData.text_dirs)."""
-    f = data.features
-    common = dict(guids=f.guids, folds=folds, base=base.to_flat(), threads=max(1, int(spec.cpu)))
-    if isinstance(f, RawSource):  # finetune=full
-        trial_data = TrialData(text_dir="", image_dir="", raw=f, **common)
-    else:
-        folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve()), *(text_dirs or {}).values()]
-        trial_data = TrialData(text_dir=folders[0], image_dir=folders[1], text_dirs=dict(text_dirs or {}),
-                               cache_files=cache_transfer.offer(folders) if offer_cache else None, **common)
+class BudgetStopper(Callback, Stopper):
+    """Stops each trial at its next rung once the time budget is spent: the end of a fold with
+    `rungs: folds`, of an epoch with `rungs: epochs`. As a callback it carries the budget's state in
+    Ray's experiment checkpoints (get_state / set_state), restored on --resume into the one
+    TimeBudget the searcher and the MLflow logger share."""
+
+    def __init__(self, budget: TimeBudget, at_folds: bool = True):
+        self.budget, self.at_folds = budget, at_folds
+
+    def __call__(self, trial_id, result) -> bool:
+        if self.at_folds and not result.get("fold_end", 1):
+            return False
+        return self.budget.spent()
+
+    def stop_all(self) -> bool:
+        return False  # the searcher ends the search: it proposes nothing once the budget is spent
+
+    def get_state(self) -> dict:
+        return self.budget.state()
+
+    def set_state(self, state: dict) -> None:
+        self.budget.restore(state)
+
+
+def make_trainable(search, data, offer_cache: bool = False):
+    """`search` (search.run.Search) over `data` (search.run.SearchData). `offer_cache` (on a
+    cluster): the cache's files go into Ray's object store once, for the nodes that do not share
+    the driver's disk."""
+    f, spec = data.prepared.features, search.spec
+    folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve()), *data.text_dirs.values()]
+    trial_data = TrialData(guids=f.guids, text_dir=folders[0], image_dir=folders[1], folds=data.folds,
+                           base=search.base.to_flat(), threads=max(1, int(spec.cpu)), raw=data.raw,
+                           cache_files=cache_transfer.offer(folders) if offer_cache else None,
+                           text_dirs=dict(data.text_dirs), every_epoch=spec.rungs == "epochs")
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
 
@@ -67,75 +92,97 @@ def check_cluster(address: str) -> None:
 
 
 def start_ray(address: str | None) -> None:
-    if ray.is_initialized():
-        return
+    """Ray for the search: the cluster at `address`, or a new local instance (never a cluster that
+    `ray start` left on this machine). search.run shuts it down at the end."""
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
                   log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
-    else:  # a new local instance, never a cluster that `ray start` left on this machine
+    else:
+        # A Ray that lives as long as this search, reachable from this machine only: its notice
+        # that token authentication is on says nothing the user acts on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
 
 
-def run_tuner(search, data, folds, parent_id: str, ray_path: str, datasets: dict[str, str]) -> bool:
+def check_resources(spec) -> None:
+    """Refuse, in one line, trials that no node of the cluster can hold: they would wait for
+    ever, and the search's time budget would never start."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for kind, name, flag, asked in (("GPU", "resources.gpu", "--gpus-per-trial", spec.gpu),
+                                    ("CPU", "resources.cpu", "--cpus-per-trial", spec.cpu)):
+        most = max((r.get(kind, 0) for r in nodes), default=0)
+        if asked > most:
+            where = "has no GPU" if kind == "GPU" and not most else f"has at most {most:g} {kind}s on one node"
+            raise UserError(f"{spec.path}: {name} {asked:g} per trial ({flag}): the Ray cluster {where}, so no "
+                            f"trial could start" + ("; set resources.gpu: 0 to train on CPUs" if kind == "GPU" else ""))
+
+
+# Ray Tune's settings that only environment variables reach, set before a Tuner exists.
+RAY_TUNE_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # the trial lines are search.progress's; Ray's own table stays off
+    # Ray saves the search state (which trials finished, the searcher, the budget) every 10 s or
+    # more by default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that
+    # had finished since, and lost the ones started since. Every second costs little: it is small.
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    # Ray's default TensorBoard logger imports torch into the driver (tensorboardX does). Loaded that
+    # late, after Ray, grpc and pyarrow, torch once died loading its MKL in a submitted job. MLflow
+    # is the record; Ray's own JSON and CSV logs per trial are kept.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
+def make_tuner(search, data, parent_id: str, ray_path: str) -> tune.Tuner:
+    """A new Tuner for `search`, or the one --resume restores from Ray's state at `ray_path` (its
+    searcher, scheduler, stopper and callbacks then come from that state, and carry theirs)."""
+    spec, metric = search.spec, f"best_{search.spec.metric}"
+    trainable = make_trainable(search, data, offer_cache=search.address is not None)
+    if search.resumed is not None and tune.Tuner.can_restore(ray_path):
+        return tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    budget = TimeBudget(parse_duration(spec.time_budget, "time_budget")) if spec.time_budget else None
+    stopper = BudgetStopper(budget, at_folds=spec.rungs == "folds") if budget is not None else None
+    logger = MlflowTrialLogger(search.tracking.uri, search.tracking.experiment_id, parent_id, search.base.to_flat(),
+                               data.datasets, budget)
+    callbacks = [logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds), CSVLoggerCallback(),
+                 JsonLoggerCallback(), *([stopper] if stopper is not None else [])]
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode="max", num_samples=spec.num_samples,
+            search_alg=ConcurrencyLimiter(make_searcher(spec, budget), max_concurrent=spec.max_concurrent),
+            scheduler=make_scheduler(spec), reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path), callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures), stop=stopper, verbose=0,
+            # a trial's latest epoch is all a retry or --resume needs (mmsa.training.crossval.CVState)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def run_tuner(search, data, parent_id: str, ray_path: str) -> bool:
     """Run (or continue) `search` (search.run.Search) under its parent run. Returns True when it was
-    interrupted before the end. `datasets`: {context: digest} that every trial run logs as its
-    inputs (mmsa.app.records)."""
-    spec, base, address = search.spec, search.base, search.args.address
-    tracking_uri, experiment_id = search.tracking_uri, search.experiment_id
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Ray saves the search state (which trials finished, the searcher) every 10 s or more by
-    # default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that had
-    # finished since, and lost the ones started since. Every second costs little: the state is small.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    # Ray's default TensorBoard logger imports torch into the driver (tensorboardX does). Loaded
-    # that late, after Ray, grpc and pyarrow, torch once died loading its MKL in a submitted job.
-    # MLflow is the record; Ray's own JSON and CSV logs per trial are kept.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    metric = f"best_{spec.metric}"
-    logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, base.to_flat(), datasets)
-    budget = TimeBudget(parse_duration(spec.time_budget, "time_budget"), parent_id) if spec.time_budget else None
+    interrupted before the end. What it needs afterwards it reads from MLflow: which trials ended,
+    and what the time budget had left (recorded by the logger at the experiment's end)."""
+    spec = search.spec
+    for key, value in RAY_TUNE_ENV.items():
+        os.environ.setdefault(key, value)
+    tuner = make_tuner(search, data, parent_id, ray_path)
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
-        start_ray(address)
-        trainable = make_trainable(spec, base, data, folds, offer_cache=address is not None,
-                                   text_dirs=search.text_dirs)
-        if search.resumed is not None and tune.Tuner.can_restore(ray_path):
-            tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    metric=metric, mode="max", num_samples=spec.num_samples,
-                    search_alg=ConcurrencyLimiter(make_searcher(spec, budget), max_concurrent=spec.max_concurrent),
-                    scheduler=make_scheduler(spec), reuse_actors=True),
-                run_config=tune.RunConfig(
-                    name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path),
-                    callbacks=[logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds),
-                               CSVLoggerCallback(), JsonLoggerCallback()],
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    stop=FoldBoundaryStopper(parent_id) if budget is not None else None,
-                    verbose=0))
-        previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-        try:
-            tuner.fit()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        tuner.fit()
     finally:
-        ray.shutdown()  # stops a local Ray; only disconnects from a cluster
-    # Records that waited for an unreachable tracking server: written now (waiting for it if need be).
-    MlflowTrialLogger.of_search(parent_id).flush()
+        signal.signal(signal.SIGTERM, previous)
     # MLflow is the record: the search is complete when every trial has ended there.
-    client = MlflowClient(tracking_uri)
-    runs = child_runs(client, experiment_id, parent_id)
-    ended = {r.data.tags.get(TAG_TRIAL) for r in runs
-             if r.info.status in ("FINISHED", "FAILED")}
-    # The live budget: on a resume, the copy Ray restored with the searcher.
-    budget = TimeBudget.live.get(parent_id)
-    interrupted = len(ended) < spec.num_samples and not (budget is not None and budget.left <= 0)
+    tracking = search.tracking
+    client = MlflowClient(tracking.uri)
+    runs = child_runs(client, tracking.experiment_id, parent_id)
+    ended = {r.data.tags.get(TAG_TRIAL) for r in runs if r.info.status in ("FINISHED", "FAILED")}
+    left = client.get_run(parent_id).data.metrics.get("time_budget_left_s") if spec.time_budget else None
+    interrupted = len(ended) < spec.num_samples and not (left is not None and left <= 0)
     # Runs still open now belong to trials cut off by this interruption, or left open by an
     # earlier driver that was killed outright and not restarted by Ray: close them as interrupted.
-    lost = MlflowTrialLogger(tracking_uri, experiment_id, parent_id, {}).mark_interrupted(complete=not interrupted)
+    lost = MlflowTrialLogger(tracking.uri, tracking.experiment_id, parent_id, {}).mark_interrupted(
+        complete=not interrupted)
     if lost:
         print(f"note: {len(lost)} trial(s) ({', '.join(lost)}) were running when an earlier run of this search "
               f"was killed, before Ray saved them: they were not trained again (the searcher proposed other "

@@ -184,7 +184,7 @@ def baseline_line(client: MlflowClient, parent_run_id: str, metric: str) -> str:
     """The linear probe on the same folds, against the best trial: the yardstick of every search."""
     m = client.get_run(parent_run_id).data.metrics
     if "probe_val_acc" not in m:
-        return "baseline: linear probe not measured (no feature cache: finetune=full)"
+        return "baseline: linear probe not measured (a search recorded before every search measured it)"
     line = (f"baseline: linear probe on the same folds: val_acc {m['probe_val_acc']:.4f}, "
             f"val_macro_f1 {m['probe_val_macro_f1']:.4f}")
     best = m.get(f"best_{metric}")

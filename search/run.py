@@ -4,7 +4,7 @@ Flow: validate the space file (before Ray) -> load the dataset and build the fea
 -> cut the cross-validation folds -> MLflow parent run, with the linear probe's score on those
 folds -> Ray Tune (Optuna TPE + ASHA over folds) over the trainable -> pick the best trial, log
 best_config.yaml, metrics and plots on the parent -> ensemble selection over the out-of-fold
-predictions of the trials and the probe (ensemble.json, what mmsa.final retrains). Last line:
+predictions of the trials and the probe (plan.json: what mmsa.final retrains). Last line:
 `parent_run_id=<id>`.
 """
 
@@ -12,14 +12,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmsa.app.commands import quiet_libraries, run_main
 from mmsa.errors import UserError
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+    from mmsa.config import Config
+    from mmsa.features.prepare import Prepared, Split
+    from mmsa.features.rawsource import RawSource
+    from search.space import SearchSpec
+
 RAY_STORAGE = os.path.join(os.path.expanduser("~"), "ray_results")  # Ray Tune's own default
+
+
+def _gpus(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share of a GPU (e.g. 0.5) or auto") from None
 
 
 def parse_args(argv):
@@ -45,8 +65,13 @@ def parse_args(argv):
                    f"search state (default: {RAY_STORAGE}, as Ray Tune's)")
     p.add_argument("--cpus-per-trial", type=float,
                    help="CPUs each trial reserves (default: resources.cpu of the space)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves, e.g. 0.5 to share one between two "
-                   "trials (default: resources.gpu of the space)")
+    p.add_argument("--gpus-per-trial", type=_gpus, metavar="SHARE",
+                   help="GPU each trial reserves, e.g. 0.5 to share one between two trials, or auto: as many trials "
+                        "per GPU as its memory holds (default: resources.gpu of the space)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="plan the trials' GPU memory for a card of this size, e.g. "
+                   "16GB (default: this machine's GPU, where it has one)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (GPU memory per trial, micro-batch, trials "
+                   "per GPU: a line starting `plan:`) and stop: no data read, no trial, nothing recorded")
     p.add_argument("--max-concurrent", type=int, help="trials running at once at most (default: from the space)")
     p.add_argument("--seed", type=int, help="the searcher's seed (default: from the space)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,41 +80,101 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-@dataclass
-class Search:
-    """A search resolved once, before any heavy work: flags over the space file, the job folder of
-    a submitted search, the tracking store, and the search to resume if any. The base config
-    (what every trial starts from) follows from `spec`, which the memory plan may still adjust."""
+@dataclass(frozen=True)
+class Tracking:
+    """The MLflow store a search records in."""
 
-    args: argparse.Namespace
-    spec: object  # search.space.SearchSpec
-    job_dir: Path | None
-    tracking_uri: str
-    client: object  # MlflowClient
+    uri: str
+    client: MlflowClient
     experiment: str
     experiment_id: str
-    space_key: str  # what --resume matches a search by
-    resumed: object | None  # the parent run to continue
-    how: str = ""  # how trials are scored, once the folds are cut
-    text_dirs: dict = field(default_factory=dict)  # the other text caches trials read (TrialData.text_dirs)
 
-    @property
-    def base(self):
-        return self.spec.base_config()
+
+@dataclass(frozen=True)
+class Search:
+    """A search resolved once, before any heavy work: flags over the space file, the Ray cluster,
+    the job folder of a submitted search, the tracking store, and the search to resume if any.
+    Never changed; a step that decides more (the memory plan) makes a new one (`with_spec`)."""
+
+    args: argparse.Namespace
+    spec: SearchSpec
+    base: Config  # what every trial starts from: spec.base_config(), built once
+    address: str | None  # the Ray cluster to join; None: a local one
+    job_dir: Path | None
+    tracking: Tracking
+    space_key: str  # what --resume matches a search by
+    resumed: Run | None  # the parent run to continue
+
+    def with_spec(self, spec: SearchSpec) -> Search:
+        return replace(self, spec=spec, base=spec.base_config())
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The labeled pairs with their features, and the folds every trial and the probe share."""
+
+    prepared: Prepared
+    folds: list[tuple[Split, Split]]
+    how: str  # how trials are scored, in words
+    text_dirs: dict[str, str]  # the other text caches trials read (TrialData.text_dirs)
+    datasets: dict[str, str]  # {context: digest} of the pairs, logged on every run (mmsa.app.records)
+    raw: RawSource | None = None  # what finetune=full trials read, where the space has them
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    search = resolve(parse_args(argv))
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     t0 = time.time()
-    data, folds = prepare_data(search)
-    plan_memory(search, data)
-    from mmsa.app.records import fold_digests
-    datasets = fold_digests(data.features, folds)
-    parent_id, ray_path = open_parent_run(search, data, folds, datasets)
-    from search.driver import run_tuner
-    interrupted = run_tuner(search, data, folds, parent_id, ray_path, datasets)
+    try:
+        search = resolve(args)  # starts Ray once the space and flags are checked
+        search = plan_gpu(search)
+        data = prepare_data(search)
+        search = plan_memory(search, data)
+        parent_id, ray_path = open_parent_run(search, data)
+        from search.driver import run_tuner
+        interrupted = run_tuner(search, data, parent_id, ray_path)
+    finally:
+        if "ray" in sys.modules:  # stops a local Ray; only disconnects from a cluster
+            sys.modules["ray"].shutdown()
     return report(search, parent_id, interrupted, time.time() - t0)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """--dry-run: the space and flags checked, the GPU memory of its trials planned and printed;
+    no data read, no Ray, nothing recorded."""
+    from search.gpu_plan import plan_for_space
+    spec = _space_with_flags(args)
+    print(plan_for_space(spec, _card(args)).line(), flush=True)
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int | None:
+    """--gpu-memory in bytes; None: this machine's GPU."""
+    if not args.gpu_memory:
+        return None
+    from search.budget import parse_size
+    return parse_size(args.gpu_memory, "--gpu-memory")
+
+
+def plan_gpu(search: Search) -> Search:
+    """Trials that train on GPUs: their memory planned (search.gpu_plan), the micro-batch and the
+    trials per GPU set from it, or the search refused in one line where one trial cannot fit."""
+    spec = search.spec
+    if spec.gpu == 0 and not spec.gpu_auto:
+        return search
+    from search.gpu_plan import applied, plan_for_space
+    try:
+        chosen = plan_for_space(spec, _card(search.args))
+    except UserError as e:
+        if "no GPU on this machine" not in str(e):
+            raise
+        print("plan: skipped: this machine (the driver's) has no GPU to plan for; --gpu-memory SIZE plans the "
+              "trials' GPU memory for the cluster's cards", flush=True)
+        return search
+    print(chosen.line(), flush=True)
+    return search.with_spec(applied(spec, chosen))
 
 
 def resolve(args: argparse.Namespace) -> Search:
@@ -101,15 +186,19 @@ def resolve(args: argparse.Namespace) -> Search:
                         "cluster node with --address auto")
     from search.job import job_working_dir
     job_dir = job_working_dir()
-    if job_dir is not None and not args.address:
-        args.address = "auto"  # submitted with `ray job submit`: the search runs on that cluster
+    # submitted with `ray job submit`: the search runs on that cluster
+    address = args.address or ("auto" if job_dir is not None else None)
     spec = _space_with_flags(args)
     from mmsa.app.run_tags import tracking_uri as resolve_tracking_uri
     if job_dir is not None:
-        _keep_out_of_the_job_copy(job_dir, spec, resolve_tracking_uri(args.tracking_uri), args.storage)
-    if args.address:
+        spec = _keep_out_of_the_job_copy(job_dir, spec, resolve_tracking_uri(args.tracking_uri), args.storage)
+    spec = _absolute_paths(spec)
+    if address:
         from search.driver import check_cluster
-        check_cluster(args.address)
+        check_cluster(address)
+    from search.driver import check_resources, start_ray
+    start_ray(address)
+    check_resources(spec)  # trials no node can hold: refused before anything is recorded
     from mlflow.tracking import MlflowClient
 
     from mmsa.app.run_tags import experiment_name
@@ -119,15 +208,15 @@ def resolve(args: argparse.Namespace) -> Search:
     # attempt gives up after seconds, not MLflow's default minutes, so the search does not stall.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    tracking_uri = prepare_tracking_uri(resolve_tracking_uri(args.tracking_uri))
-    client = MlflowClient(tracking_uri)
+    uri = prepare_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    client = MlflowClient(uri)
     experiment = experiment_name(args.experiment)
     try:
-        experiment_id = get_experiment_id(client, experiment, tracking_uri)
+        experiment_id = get_experiment_id(client, experiment, uri)
     except Exception as e:
         if not unreachable(e):
             raise
-        raise UserError(f"--tracking-uri {tracking_uri}: the tracking server does not answer") from None
+        raise UserError(f"--tracking-uri {uri}: the tracking server does not answer") from None
     space_key = str(Path(args.space).resolve())
     if job_dir is not None and inside(Path(space_key), job_dir):  # the copy's folder differs from job to job
         space_key = f"ray-job:{Path(space_key).relative_to(job_dir)}"
@@ -137,34 +226,46 @@ def resolve(args: argparse.Namespace) -> Search:
         if resumed is None:
             raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
                             f"in experiment '{experiment}'")
-    return Search(args, spec, job_dir, tracking_uri, client, experiment, experiment_id, space_key, resumed)
+    return Search(args, spec, spec.base_config(), address, job_dir, Tracking(uri, client, experiment, experiment_id),
+                  space_key, resumed)
 
 
-def _space_with_flags(args: argparse.Namespace):
+def _space_with_flags(args: argparse.Namespace) -> SearchSpec:
     """The space file, every config error surfacing here, with the command line's flags over it."""
     from mmsa.config import parse_overrides
     from search.space import apply_flags, load_space
     spec = load_space(args.space)
+    changes = {}
     if args.data:
-        spec.data_dir = args.data
+        changes["data_dir"] = args.data
     for flag, attr in (("--num-samples", "num_samples"), ("--max-epochs", "max_epochs")):
         value = getattr(args, attr)
         if value is not None:
             if value <= 0:
                 raise UserError(f"{flag}: must be > 0")
-            setattr(spec, attr, value)
+            changes[attr] = value
     if args.time_budget is not None:
         from search.time_budget import parse_duration
         parse_duration(args.time_budget, "--time-budget")
-        spec.time_budget = args.time_budget
-    unsearched = apply_flags(spec, args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent, args.seed,
-                             parse_overrides(args.overrides))
+        changes["time_budget"] = args.time_budget
+    spec, unsearched = apply_flags(replace(spec, **changes), args.cpus_per_trial, args.gpus_per_trial,
+                                   args.max_concurrent, args.seed, parse_overrides(args.overrides))
     if unsearched:
         print(f"--set fixes {', '.join(unsearched)}: not searched in this run", flush=True)
     return spec
 
 
-def _keep_out_of_the_job_copy(job_dir: Path, spec, tracking_uri: str, storage: str) -> None:
+def _absolute_paths(spec: SearchSpec) -> SearchSpec:
+    """The data and cache folders as absolute paths: trials run in folders of Ray's own (a trial's
+    working dir, another node), and a plan names them for mmsa.final, run from anywhere."""
+    base = spec.base_config().data
+    spec = replace(spec, data_dir=os.path.abspath(base.data_dir))
+    if "cache_dir" in spec.fixed and not os.path.isabs(spec.fixed["cache_dir"]):
+        spec = replace(spec, fixed={**spec.fixed, "cache_dir": os.path.abspath(spec.fixed["cache_dir"])})
+    return spec
+
+
+def _keep_out_of_the_job_copy(job_dir: Path, spec: SearchSpec, tracking_uri: str, storage: str) -> SearchSpec:
     """A submitted search: refuse records inside the job's temporary copy of its working dir, and
     keep a cache_dir that would land there in the node's own folder instead."""
     from search.job import check_job_locations, job_cache_dir
@@ -173,66 +274,77 @@ def _keep_out_of_the_job_copy(job_dir: Path, spec, tracking_uri: str, storage: s
     base = spec.base_config()
     check_job_locations(job_dir, tracking_uri, storage, base.data.data_dir)
     node_cache = job_cache_dir(job_dir, base.data.cache_dir, os.environ.get(NODE_CACHE_ENV))
-    if node_cache:
-        print(f"cache: {node_cache} (${NODE_CACHE_ENV} of this node), not the job's temporary copy", flush=True)
-        apply_flags(spec, sets={"cache_dir": node_cache})
+    if not node_cache:
+        return spec
+    print(f"cache: {node_cache} (${NODE_CACHE_ENV} of this node), not the job's temporary copy", flush=True)
+    return apply_flags(spec, sets={"cache_dir": node_cache})[0]
 
 
-def prepare_data(search: Search):
-    """The labeled pairs and their features (built or checked in a child process, so this driver
-    never holds torch), and the folds every trial and the probe share."""
+def prepare_data(search: Search) -> SearchData:
+    """The labeled pairs and their frozen features (built or checked in a child process, so this
+    driver never holds torch: the probe and the trials on cached features read them), the other
+    kinds of features trials read (the text caches of finetune=last_k, the pairs themselves for
+    finetune=full), and the folds every trial and the probe share."""
+    from dataclasses import replace as replaced
+
+    from mmsa.app.records import fold_digests
     from mmsa.features.prepare import cv_splits, prepare_in_subprocess
+    from mmsa.features.rawsource import RawSource
     from search.space import check_against_data
     spec, base, t0 = search.spec, search.base, time.time()
-    full = base.data.finetune == "full"
-    print(f"data: {base.data.data_dir}; " + ("finetune=full: no feature cache, trials read the files" if full
-                                             else "preparing features (built once, then cached)"), flush=True)
-    data = prepare_in_subprocess(base.data, val_fraction=0.0)  # every labeled pair comes back as `train`
-    if not full:  # a space that searches fine-tuning: the hidden states entering the layers that train
-        from search.trainable import text_variant
-        for variant in spec.feature_configs()[1:]:
-            print(f"data: caching the text features of finetune={variant.finetune} "
-                  f"({variant.text_finetune_layers} text layers train)", flush=True)
-            search.text_dirs[text_variant(variant)] = str(
-                prepare_in_subprocess(variant, val_fraction=0.0).features.text_dir.resolve())
+    kinds = spec.feature_configs()
+    print(f"data: {base.data.data_dir}; preparing features (built once, then cached)", flush=True)
+    # every labeled pair comes back as `train`
+    data = prepare_in_subprocess(replaced(base.data, finetune="none"), val_fraction=0.0)
+    text_dirs, raw = {}, None
+    from search.trainable import text_variant
+    for kind in kinds:
+        if kind.finetune == "last_k":  # the hidden states entering the layers that train
+            print(f"data: caching the text features of finetune=last_k ({kind.text_finetune_layers} text layers "
+                  f"train)", flush=True)
+            text_dirs[text_variant(kind)] = str(prepare_in_subprocess(kind, val_fraction=0.0).features.text_dir.resolve())
+        elif kind.finetune == "full" and raw is None:
+            print("data: finetune=full trials read the pairs themselves (backbones trained per batch)", flush=True)
+            raw = RawSource(data.dataset.all_examples, kind)
     if spec.cv_folds == 1 and base.data.val_fraction <= 0:
         raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
     folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
     check_against_data(spec, min(len(tr) for tr, _ in folds))
-    search.how = (f"{spec.cv_folds}-fold cross-validation" if spec.cv_folds > 1
-                  else f"one held-out split of {len(folds[0][1])}")
-    print(f"data: {len(data.train)} labeled pairs, trials scored by {search.how} (seed {base.data.split_seed}); "
-          f"{'read' if full else 'features ready'} in {time.time() - t0:.1f}s; {data.dataset.report.summary()}",
-          flush=True)
-    return data, folds
+    how = (f"{spec.cv_folds}-fold cross-validation" if spec.cv_folds > 1
+           else f"one held-out split of {len(folds[0][1])}")
+    print(f"data: {len(data.train)} labeled pairs, trials scored by {how} (seed {base.data.split_seed}); "
+          f"features ready in {time.time() - t0:.1f}s; {data.dataset.report.summary()}", flush=True)
+    return SearchData(data, folds, how, text_dirs, fold_digests(data.features, folds), raw)
 
 
-def plan_memory(search: Search, data) -> None:
-    """--memory-budget: concurrency and micro-batch chosen to fit, set on the space."""
+def plan_memory(search: Search, data: SearchData) -> Search:
+    """--memory-budget: concurrency and micro-batch chosen to fit: the search with them."""
     args, spec = search.args, search.spec
     budget_text = args.memory_budget or spec.memory_budget
     if not budget_text:
-        return
+        return search
     from search.budget import parse_size, plan_for_space
     from search.space import apply_flags
-    if search.base.data.finetune == "full":
-        raise UserError(f"{spec.path}: memory_budget plans cached-feature searches, not finetune=full")
+    if data.raw is not None:
+        raise UserError(f"{spec.path}: memory_budget plans host memory of searches on cached features; trials of "
+                        f"finetune=full are planned on the GPU (--gpu-memory, --dry-run)")
     budget = parse_size(budget_text, "--memory-budget" if args.memory_budget else f"{spec.path}: memory_budget")
-    more = sum(f.stat().st_size for d in search.text_dirs.values() for f in Path(d).iterdir())
-    chosen = plan_for_space(spec, budget, data.features, search.base.data.max_text_len, more)
-    spec.max_concurrent = chosen.concurrent
+    more = sum(f.stat().st_size for d in data.text_dirs.values() for f in Path(d).iterdir())
+    chosen = plan_for_space(spec, budget, data.prepared.features, search.base.data.max_text_len, more)
+    spec = replace(spec, max_concurrent=chosen.concurrent)
     if chosen.micro_batch:  # as if given as --set micro_batch=N
-        apply_flags(spec, sets={"micro_batch": chosen.micro_batch})
+        spec = apply_flags(spec, sets={"micro_batch": chosen.micro_batch})[0]
     print(chosen.describe(budget), flush=True)
+    return search.with_spec(spec)
 
 
-def open_parent_run(search: Search, data, folds, datasets: dict) -> tuple[str, str]:
+def open_parent_run(search: Search, data: SearchData) -> tuple[str, str]:
     """The search's MLflow run, new (with its params, data report and the probe's score on the
     folds) or the one --resume continues: (its id, Ray's state path)."""
     from mmsa.app.records import context_tags, log_datasets
     from mmsa.app.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE
     from search.tracking import log_params
-    args, spec, base, client = search.args, search.spec, search.base, search.client
+    args, spec, base, client = search.args, search.spec, search.base, search.tracking.client
     if search.resumed is not None:
         parent_id = search.resumed.info.run_id
         ray_path = search.resumed.data.tags[TAG_RAY_PATH]
@@ -240,34 +352,35 @@ def open_parent_run(search: Search, data, folds, datasets: dict) -> tuple[str, s
         client.update_run(parent_id, status="RUNNING")
         print(f"resuming search {parent_id} from {ray_path}", flush=True)
         return parent_id, ray_path
-    parent = client.create_run(search.experiment_id, run_name=f"search-{Path(args.space).stem}", tags=context_tags(
-        {TAG_KIND: "search", TAG_SPACE: search.space_key, TAG_STATE: "running"}))
+    parent = client.create_run(search.tracking.experiment_id, run_name=f"search-{Path(args.space).stem}",
+                               tags=context_tags({TAG_KIND: "search", TAG_SPACE: search.space_key, TAG_STATE: "running"}))
     parent_id = parent.info.run_id
-    log_datasets(client, parent_id, base.data.data_dir, datasets)
+    log_datasets(client, parent_id, base.data.data_dir, data.datasets)
     ray_path = os.path.join(os.path.abspath(args.storage) if "://" not in args.storage else args.storage,
                             f"search-{parent_id[:12]}")
     client.set_tag(parent_id, TAG_RAY_PATH, ray_path)
+    prepared = data.prepared
     log_params(client, parent_id, {
         "space_file": args.space, "num_samples": spec.num_samples, "max_epochs": spec.max_epochs,
         "seed": spec.seed, "searcher": spec.searcher, "scheduler": spec.scheduler,
         "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
         "cv_folds": spec.cv_folds, "split_seed": base.data.split_seed,
-        "n_labeled": len(data.train), "n_test": len(data.test),
-        "ray_results_path": ray_path, "address": args.address or "local", "time_budget": spec.time_budget})
+        "n_labeled": len(prepared.train), "n_test": len(prepared.test),
+        "ray_results_path": ray_path, "address": search.address or "local", "time_budget": spec.time_budget})
     client.log_artifact(parent_id, str(spec.path), artifact_path="space")
-    client.log_dict(parent_id, data.dataset.report.as_dict(), "data_report.json")
-    if base.data.finetune != "full":  # the yardstick: the linear probe on the same folds
-        from mmsa.models.probe import probe_cv
-        from search.tracking import log_metrics
-        from mmsa.training import oof
-        from search.ensemble import PROBE_OOF_ARTIFACT
-        from search.tracking import log_bytes
-        probe = probe_cv(data.features, folds, keep_probs=True, lexicon=base.model.lexicon)
-        log_bytes(client, parent_id, oof.to_bytes(oof.oof_arrays(folds, probe.pop("probe_fold_probs"))),
-                  PROBE_OOF_ARTIFACT)
-        log_metrics(client, parent_id, probe, step=0)
-        print(f"baseline: linear probe{' with lexicon scores' if base.model.lexicon else ''}, {search.how}: val_acc {probe['probe_val_acc']:.4f}, "
-              f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
+    client.log_dict(parent_id, prepared.dataset.report.as_dict(), "data_report.json")
+    # the yardstick, for every search: the linear probe on the same folds, on the frozen backbones' features
+    from mmsa.models.probe import probe_cv
+    from mmsa.training import oof
+    from search.ensemble import PROBE_OOF_ARTIFACT
+    from search.tracking import log_bytes, log_metrics
+    probe = probe_cv(prepared.features, data.folds, keep_probs=True, lexicon=base.model.lexicon)
+    probe["probe_params"] = 3 * (prepared.features.text_dim + prepared.features.image_dim + 4 * base.model.lexicon + 1)
+    log_bytes(client, parent_id, oof.to_bytes(oof.oof_arrays(data.folds, probe.pop("probe_fold_probs"))),
+              PROBE_OOF_ARTIFACT)
+    log_metrics(client, parent_id, probe, step=0)
+    print(f"baseline: linear probe{' with lexicon scores' if base.model.lexicon else ''}, {data.how}: "
+          f"val_acc {probe['probe_val_acc']:.4f}, val_macro_f1 {probe['probe_val_macro_f1']:.4f}", flush=True)
     return parent_id, ray_path
 
 
@@ -276,7 +389,7 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
     probe and the cost; last line `parent_run_id=<id>`."""
     from mmsa.app.run_tags import TAG_STATE
     from search.report import baseline_line, cost_line, finalize_parent, top_table
-    args, spec, client = search.args, search.spec, search.client
+    args, spec, client = search.args, search.spec, search.tracking.client
     if interrupted:
         client.set_tag(parent_id, TAG_STATE, "interrupted")
         client.set_terminated(parent_id, status="KILLED")
@@ -284,7 +397,7 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
               f"--resume" + (f" --data {args.data}" if args.data else ""), flush=True)
         print(f"parent_run_id={parent_id}", flush=True)
         return 130
-    best, trials = finalize_parent(client, search.experiment_id, parent_id, spec)
+    best, trials = finalize_parent(client, search.tracking.experiment_id, parent_id, spec)
     client.set_tag(parent_id, TAG_STATE, "finished")
     client.set_terminated(parent_id, status="FINISHED")
     print(f"\ntop trials ({len(trials)} recorded, {seconds:.0f}s):", flush=True)
@@ -293,13 +406,16 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
     print(cost_line(client, parent_id), flush=True)
     if spec.time_budget:
         print(budget_line(client, parent_id, trials), flush=True)
-    from search.ensemble import select_ensemble
-    ensemble = select_ensemble(client, parent_id, trials, spec.metric)
+    from mmsa.models.probe import probe_config
+    from search.ensemble import select_ensemble, write_plan
+    ensemble = select_ensemble(client, parent_id, trials, spec.metric, spec.max_members, spec.max_params,
+                               probe_params=int(client.get_run(parent_id).data.metrics.get("probe_params", 0)))
     if ensemble is not None:
         print(ensemble.line(), flush=True)
         if ensemble.skipped:
             print(f"note: trial(s) {', '.join(ensemble.skipped)} ran every fold but left no out-of-fold predictions "
                   f"on these folds (recorded by an earlier version?): not candidates", flush=True)
+    write_plan(client, parent_id, spec.metric, ensemble, best, trials, probe_config(search.base))
     if best is None:
         print("no trial produced a score; see the failed runs in MLflow", flush=True)
     else:
@@ -314,17 +430,15 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
 
 def budget_line(client, parent_id: str, trials: list) -> str:
     """What the time budget covered: the trials (search.report.TrialRecord) it let start, and how
-    they ended."""
-    from search.time_budget import TimeBudget, describe
-    from search.tracking import log_metrics
-    budget = TimeBudget.live.get(parent_id)
-    if budget is None:
+    they ended (what it had left is on the parent run, recorded as the trials ended)."""
+    from search.time_budget import describe
+    m = client.get_run(parent_id).data.metrics
+    if "time_budget_left_s" not in m:
         return "time budget: not used (the search ran no trial)"
-    log_metrics(client, parent_id, {"time_budget_s": budget.seconds, "time_budget_left_s": max(budget.left, 0.0)}, 0)
-    if budget.left > 0:
-        return (f"time budget {describe(budget.seconds)}: {describe(budget.left)} left when the last of num_samples "
-                f"trials ended")
-    return (f"time budget {describe(budget.seconds)}: spent; {len(trials)} trials started within it, "
+    seconds, left = m["time_budget_s"], m["time_budget_left_s"]
+    if left > 0:
+        return f"time budget {describe(seconds)}: {describe(left)} left when the last of num_samples trials ended"
+    return (f"time budget {describe(seconds)}: spent; {len(trials)} trials started within it, "
             f"{sum(t.ended == 'completed' for t in trials)} ran every fold (trials in flight when it ran out ended "
             f"at their next fold, scored on the folds they finished)")
 

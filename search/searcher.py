@@ -20,9 +20,25 @@ log = logging.getLogger(__name__)
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
-    """Also proposes no more trials once its time budget (search.time_budget) is spent."""
+    """Also proposes no more trials once its time budget (search.time_budget.TimeBudget) is spent."""
 
-    budget = None  # a TimeBudget, or None
+    def __init__(self, *args, budget=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.budget = budget
+
+    def save(self, checkpoint_path: str) -> None:
+        """The searcher's own state; the budget it shares with the stopper is saved by the stopper
+        (search.driver.BudgetStopper), and a restore keeps the shared object."""
+        budget, self.budget = self.budget, None
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self.budget = budget
+
+    def restore(self, checkpoint_path: str) -> None:
+        budget = self.budget
+        super().restore(checkpoint_path)
+        self.budget = budget
 
     def suggest(self, trial_id: str):
         if self.budget is not None and self.budget.spent():
@@ -49,10 +65,8 @@ def make_searcher(spec, budget=None) -> PruneAwareOptunaSearch:
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
-    searcher = PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}",
-                                      mode="max", sampler=sampler, points_to_evaluate=default_point(spec))
-    searcher.budget = budget
-    return searcher
+    return PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}", mode="max",
+                                  sampler=sampler, points_to_evaluate=default_point(spec), budget=budget)
 
 
 def default_point(spec) -> list[dict] | None:

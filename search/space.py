@@ -43,16 +43,20 @@ KEYS = (
     Key("time_budget", "time_budget"),
     Key("scheduler.type", "scheduler", lambda v, s: v in ("asha", "fifo"), "asha or fifo"),
     Key("scheduler.max_epochs", "max_epochs", lambda v, s: v > 0, "> 0"),
-    Key("scheduler.grace_period", "grace_period", lambda v, s: 0 < v <= max(s.cv_folds, 1),
-        "in [1, cv_folds] (folds)"),
+    Key("scheduler.rungs", "rungs", lambda v, s: v in ("folds", "epochs"), "folds or epochs"),
+    Key("scheduler.grace_period", "grace_period", lambda v, s: 0 < v <= s.max_rung,
+        "in [1, cv_folds] with rungs: folds, in [1, cv_folds x max_epochs] with rungs: epochs"),
     Key("scheduler.reduction_factor", "reduction_factor", lambda v, s: v >= 2, ">= 2"),
     Key("searcher.type", "searcher", lambda v, s: v in ("tpe", "random"), "tpe or random"),
     Key("searcher.n_startup_trials", "n_startup_trials", lambda v, s: v >= 0, ">= 0"),
     Key("searcher.start_from_defaults", "start_from_defaults"),
+    Key("selection.max_members", "max_members", lambda v, s: v >= 0, ">= 0 (0: no limit)"),
+    Key("selection.max_params", "max_params", lambda v, s: v >= 0, ">= 0 (0: no limit)"),
     Key("resources.cpu", "cpu", lambda v, s: v > 0, "> 0"),
-    Key("resources.gpu", "gpu", lambda v, s: v >= 0, ">= 0"),
+    Key("resources.gpu", "gpu", lambda v, s: 0 <= v <= 1,
+        "in [0, 1], or auto: a share of one GPU (a trial trains on one GPU: more would sit idle)"),
 )
-SECTIONS = ("scheduler", "searcher", "resources")
+SECTIONS = ("scheduler", "searcher", "resources", "selection")
 # Keys that older space files may hold: refused with what to do instead.
 RETIRED = {"fork_trials": "removed: every trial runs as a plain Ray worker; delete the key",
            "mode": "removed: both metrics (val_acc, val_macro_f1) are maximised; delete the key"}
@@ -66,11 +70,11 @@ SEARCH_DECIDES = {
 }
 
 
-# Data keys a space may search, as a choice: each value's features are cached before the trials
-# start (the hidden states entering the text layers that train), and every trial reads its own.
+# Data keys a space may search, as a choice: each cached kind's features are built before the trials
+# start (the hidden states entering the text layers that train); finetune=full trials read the
+# pairs themselves. Every trial reads its own kind.
 FEATURE_CHOICES = {
-    "finetune": ({"none", "last_k"}, "a choice among none and last_k (finetune=full reads the files, no cache: "
-                                     "fix it under 'fixed' for a search of its own)"),
+    "finetune": ({"none", "last_k", "full"}, "a choice among none, last_k and full"),
     "text_finetune_layers": ({str(k) for k in range(1, 49)}, "a choice of whole numbers of layers, e.g. [2, 6]"),
 }
 
@@ -99,8 +103,11 @@ class Param:
         return FloatDistribution(float(self.low), float(self.high), log=self.kind == "loguniform")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSpec:
+    """A space file with the command line's flags over it, validated; never changed once built
+    (`apply_flags` and dataclasses.replace make new ones)."""
+
     path: Path
     data_dir: str | None = None
     metric: str = "val_acc"  # trials monitor it; the search maximises it
@@ -108,6 +115,7 @@ class SearchSpec:
     max_concurrent: int = 2
     cpu: float = 1.0
     gpu: float = 0.0
+    gpu_auto: bool = False  # resources.gpu: auto: the GPU memory plan decides the trials per GPU (search.gpu_plan)
     max_failures: int = 0
     seed: int = 0
     # Trials are scored by stratified K-fold cross-validation over the labeled pairs (folds seeded
@@ -115,28 +123,47 @@ class SearchSpec:
     cv_folds: int = 5
     scheduler: str = "asha"
     max_epochs: int = 8
-    grace_period: int = 1  # folds every trial trains before ASHA may stop it
+    # What ASHA's rungs count: folds finished (cheap trials: judged on whole folds), or epochs
+    # trained (expensive trials, e.g. finetune=full: judged after their first epoch). docs/search.md
+    rungs: str = "folds"
+    grace_period: int = 1  # rungs every trial trains before ASHA may stop it
     reduction_factor: int = 3
     searcher: str = "tpe"
     n_startup_trials: int = 8
     start_from_defaults: bool = True  # the first trial is the default config, where the space holds it
+    # The final model's size, for ensemble selection: distinct members at most, and their
+    # parameters (each member's model times its seeds: what is served) at most; 0: no limit.
+    max_members: int = 0
+    max_params: float = 0.0
     memory_budget: str | None = None
     time_budget: str | None = None  # e.g. 20m: no trial starts after it, trials in flight end at a fold
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
 
+    @property
+    def longest_schedule(self) -> int:
+        """Epochs of the longest schedule a trial may train (a space may search max_epochs)."""
+        p = self.params.get("max_epochs")
+        if p is None:
+            return self.max_epochs
+        return int(max(p.values) if p.kind == "choice" else p.high)
+
+    @property
+    def max_rung(self) -> int:
+        """Where ASHA's rungs end: every fold, or every epoch of every fold."""
+        return max(self.cv_folds, 1) * (self.longest_schedule if self.rungs == "epochs" else 1)
+
     def base_config(self) -> Config:
-        """The fixed values on top of the defaults (what every trial starts from)."""
+        """The fixed values on top of the defaults, with what the search decides itself
+        (SEARCH_DECIDES): what every trial starts from."""
         cfg = Config.from_flat(self.fixed, source=f"{self.path}: fixed")
         cfg.train.max_epochs = self.max_epochs
         cfg.train.monitor = self.metric
+        # Trials train whole schedules: cross-validation averages the folds' curves epoch by epoch
+        # and picks the epoch on that mean (mmsa.training.crossval).
+        cfg.train.patience, cfg.train.stop_epoch = 0, 0
         if self.data_dir is not None:
             cfg.data.data_dir = self.data_dir
-        return cfg
-
-    def trial_config(self, sampled: dict[str, Any]) -> Config:
-        cfg = self.base_config()
-        cfg.update(sampled, source=f"{self.path}: params")
         return cfg
 
     def feature_configs(self) -> list:
@@ -225,10 +252,10 @@ def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
             raise ConfigError(f"{path}: '{where}': int bounds must be whole numbers")
         candidates = [low, high]
         param = Param(name, kind, low=low, high=high)
-        try:  # Optuna's own checks of the bounds (ordered, positive on a log scale)
-            param.to_optuna()
-        except ValueError as e:
-            raise ConfigError(f"{path}: '{where}': {e}") from None
+        if low > high:  # the bounds Optuna's distributions accept (checked here without importing it)
+            raise ConfigError(f"{path}: '{where}': low {low:g} is above high {high:g}")
+        if kind in ("loguniform", "logint") and low <= 0:
+            raise ConfigError(f"{path}: '{where}': low {low:g} must be > 0 on a log scale")
     if name in FEATURE_CHOICES and (kind != "choice" or not set(map(str, param.values)) <= FEATURE_CHOICES[name][0]):
         raise ConfigError(f"{path}: '{where}': {FEATURE_CHOICES[name][1]}")
     for value in candidates:  # every value must make a valid config (names, ranges, types)
@@ -242,7 +269,6 @@ def _parse_param(path: Path, name: str, spec: Any, fixed: dict) -> Param:
 def load_space(path: str | Path) -> SearchSpec:
     path = Path(path)
     data = _check_keys(path, "", read_yaml(path), TOP_KEYS)
-    spec = SearchSpec(path=path)
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{path}: 'fixed' must be a mapping of config keys")
@@ -251,7 +277,6 @@ def load_space(path: str | Path) -> SearchSpec:
         Config.from_flat(refuse_derived(fixed, "fixed"))
     except ConfigError as e:
         raise ConfigError(f"{path}: fixed: {str(e).split(': ', 1)[-1]}") from None
-    spec.fixed = dict(fixed)
     params = data.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: 'params' must be a mapping of config keys to distributions")
@@ -260,53 +285,72 @@ def load_space(path: str | Path) -> SearchSpec:
     for name in params:
         if name in fixed:
             raise ConfigError(f"{path}: key '{name}' is both fixed and searched")
-    spec.params = {name: _parse_param(path, name, p, fixed) for name, p in params.items()}
-
+    values: dict[str, Any] = {"path": path, "fixed": dict(fixed),
+                              "params": {name: _parse_param(path, name, p, fixed) for name, p in params.items()}}
     allowed = {name: tuple(k.path.split(".")[1] for k in KEYS if k.path.startswith(name + ".")) for name in SECTIONS}
     sections = {"": data, **{name: _check_keys(path, name, data.get(name) or {}, allowed[name]) for name in SECTIONS}}
     defaults = {f.name: f.default for f in fields(SearchSpec)}
     for key in KEYS:
         section, _, name = key.path.rpartition(".")
         value = sections[section].get(name)
-        if value is not None:
+        if key.path == "resources.gpu" and value == "auto":
+            values.update(gpu=1.0, gpu_auto=True)
+        elif value is not None:
             default = defaults[key.attr]
-            setattr(spec, key.attr, _typed(path, key.path, value, str if default is None else type(default)))
+            values[key.attr] = _typed(path, key.path, value, str if default is None else type(default))
+    spec = SearchSpec(**values)
     for key in KEYS:
         if not key.check(getattr(spec, key.attr), spec):
             raise ConfigError(f"{path}: key '{key.path}' must be {key.expected}")
     if spec.time_budget is not None:
         from search.time_budget import parse_duration
         parse_duration(spec.time_budget, f"{path}: time_budget")
-    spec.base_config()  # the fixed values plus data_dir and max_epochs must make a valid config
+    check_devices(spec, str(path))
     return spec
 
 
-def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | None = None,
+def check_devices(spec: SearchSpec, where: str) -> None:
+    """The base config is valid, and asks for no GPU its trials do not reserve."""
+    cfg = spec.base_config()  # the fixed values plus data_dir and max_epochs must make a valid config
+    if cfg.train.device == "cuda" and spec.gpu == 0:
+        raise ConfigError(f"{where}: device: cuda, but resources.gpu is 0: a trial uses only the GPU it reserves "
+                          f"(set resources.gpu, or device: auto)")
+
+
+def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | str | None = None,
                 max_concurrent: int | None = None, seed: int | None = None,
-                sets: dict[str, Any] | None = None) -> list[str]:
+                sets: dict[str, Any] | None = None) -> tuple[SearchSpec, list[str]]:
     """Command-line flags over the space file's values: resources per trial, concurrency, the
     searcher's seed, and `--set key=value` (fixes a config key; a searched key stops being
-    searched). Returns the searched keys that --set fixed."""
+    searched). Returns the new spec and the searched keys that --set fixed."""
     key_of = {k.attr: k for k in KEYS}  # a flag is checked as the space-file key it overrides
+    changes: dict[str, Any] = {}
+    if gpus == "auto":
+        changes.update(gpu=1.0, gpu_auto=True)
+        gpus = None
+    elif gpus is not None:
+        changes["gpu_auto"] = False
     for flag, attr, value in (("--cpus-per-trial", "cpu", cpus), ("--gpus-per-trial", "gpu", gpus),
                               ("--max-concurrent", "max_concurrent", max_concurrent), ("--seed", "seed", seed)):
         if value is None:
             continue
         if not key_of[attr].check(value, spec):
             raise ConfigError(f"{flag} {value}: must be {key_of[attr].expected}")
-        setattr(spec, attr, value)
-    refuse_search_decided(sets or {}, "--set")
-    typed = Config.from_flat(refuse_derived(sets or {}, "--set"), source="--set").to_flat()  # unknown keys, bad values: one line
-    unsearched = []
-    for key in sets or {}:
-        spec.fixed[key] = typed[key]
-        if spec.params.pop(key, None) is not None:
-            unsearched.append(key)
+        changes[attr] = value
+    sets = sets or {}
+    refuse_search_decided(sets, "--set")
+    typed = Config.from_flat(refuse_derived(sets, "--set"), source="--set").to_flat()  # unknown keys, bad values: one line
+    unsearched = [key for key in sets if key in spec.params]
+    if sets:
+        changes["fixed"] = {**spec.fixed, **{key: typed[key] for key in sets}}
+        changes["params"] = {name: p for name, p in spec.params.items() if name not in sets}
+    out = dataclasses.replace(spec, **changes)
     try:
-        spec.base_config()
+        out.base_config()
     except ConfigError as e:
         raise ConfigError(f"--set: {str(e).split(': ', 1)[-1]}") from None
-    return unsearched
+    check_devices(out, "the command line's flags")
+    return out, unsearched
 
 
 def check_against_data(spec: SearchSpec, n_train: int) -> None:

@@ -1,17 +1,15 @@
 """`--time-budget 20m` (space key `time_budget`): how long a search may train.
 
 Counted like Ray Tune's TimeoutStopper: wall time while a driver runs trials, from the first
-trial's start, summed over resumes (the budget travels in Ray's saved state, so a resumed search
-has what was left). Once it is spent the searcher proposes no more trials, and a trial in flight
-stops at its next fold boundary, scored on the folds it finished, as ASHA would stop it.
+trial's start, summed over resumes. Once it is spent the searcher proposes no more trials, and a
+trial in flight stops at its next fold boundary, scored on the folds it finished, as ASHA would
+stop it (search.driver.BudgetStopper). No Ray here: validating a space file parses durations.
 """
 
 from __future__ import annotations
 
 import re
 import time
-
-from ray.tune import Stopper
 
 from mmsa.errors import UserError
 
@@ -39,14 +37,14 @@ def describe(seconds: float) -> str:
 
 
 class TimeBudget:
-    """Seconds left, pickled with the searcher that holds it (Ray saves it with the search)."""
+    """Seconds left of a search's budget. One object is shared by the searcher (no new trials once
+    spent), the stopper (trials end at their next fold) and the MLflow logger (which records what
+    is left); Ray pickles all three in one state, so they share it after a resume too, and the
+    stopper carries `state()` in Ray's periodic experiment checkpoint."""
 
-    live: dict[str, "TimeBudget"] = {}  # the copy in use, per search (parent run id)
-
-    def __init__(self, seconds: float, search_id: str):
-        self.seconds, self.left, self.search_id = seconds, seconds, search_id
-        self._last: float | None = None
-        TimeBudget.live[search_id] = self
+    def __init__(self, seconds: float):
+        self.seconds, self.left = seconds, seconds
+        self._last: float | None = None  # the clock starts at the first look (the first trial)
 
     def spent(self) -> bool:
         now = time.monotonic()
@@ -55,26 +53,19 @@ class TimeBudget:
         self._last = now
         return self.left <= 0
 
+    def state(self) -> dict:
+        self.spent()  # brought up to now
+        return {"seconds": self.seconds, "left": self.left}
+
+    def restore(self, state: dict) -> None:
+        """A resumed search: what was left when Ray last saved it; the clock goes on from now (the
+        time between a kill and the resume not counted; trials that Ray restarts count from here)."""
+        self.seconds, self.left = state["seconds"], state["left"]
+        self._last = time.monotonic()
+
     def __getstate__(self):
         return {**self.__dict__, "_last": None}
 
     def __setstate__(self, state):
-        """Restored (a resumed search): the clock goes on from now, the time between a kill and the
-        resume not counted; trials that Ray restarts count from here, before any new one starts."""
         self.__dict__.update(state)
         self._last = time.monotonic()
-        TimeBudget.live[self.search_id] = self
-
-
-class FoldBoundaryStopper(Stopper):
-    """Stops each trial at its first report (a fold boundary) after the budget is spent."""
-
-    def __init__(self, search_id: str):
-        self.search_id = search_id
-
-    def __call__(self, trial_id, result) -> bool:
-        budget = TimeBudget.live.get(self.search_id)
-        return budget is not None and budget.spent()
-
-    def stop_all(self) -> bool:
-        return False  # the searcher ends the search: it proposes nothing once the budget is spent

@@ -22,11 +22,11 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from mmsa.app.run_tags import (EXPERIMENT_KIND_TAGS, TAG_ATTEMPT, TAG_ENDED, TAG_ERROR, TAG_KIND, TAG_NODE,
-                            TAG_NOT_RESUMED, TAG_PARENT, TAG_SPACE, TAG_STATE, TAG_TRIAL, sqlite_file)
+                            TAG_NOT_RESUMED, TAG_PARENT, TAG_SPACE, TAG_STATE, TAG_TRIAL, TAG_DEVICE, sqlite_file)
 from mmsa.errors import UserError
 from mmsa.locks import exclusive
 from mmsa.app.records import context_tags, log_confusion, log_datasets
-from search.trainable import FINAL_KEY, OOF_ARTIFACT, OOF_KEY, scalar_metrics
+from search.trainable import CURVES_KEY, FINAL_KEY, OOF_ARTIFACT, OOF_KEY, scalar_metrics
 
 MAX_TAG_CHARS = 5000
 # How Ray says that a trial's process vanished without a word: SIGKILL from
@@ -36,7 +36,8 @@ KILLED = "trial process killed (signal 9, possibly out of memory) or crashed"
 NOT_RESUMED = "Ray had not saved this trial when the search was killed; it was not trained again"
 # What Ray adds to every reported result (and the trainable's own bookkeeping): not results.
 NOT_METRICS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint",
-                                             "node_id", FINAL_KEY, OOF_KEY}
+                                             "node_id", "device", "fold", "epoch", "fold_end", CURVES_KEY,
+                                             FINAL_KEY, OOF_KEY}
 
 
 def prepare_tracking_uri(uri: str) -> str:
@@ -126,42 +127,35 @@ class MlflowTrialLogger(Callback):
     Every event becomes one write operation (picklable data: Ray saves callbacks with the
     experiment state), done in order. While the tracking server is unreachable, the operations
     wait in order and the search goes on; they are tried again every RETRY_S seconds and written
-    once it is back (`flush` waits for that at the end of the search). The client and the trial
-    map are rebuilt after a restore.
+    once it is back: at the experiment's end (`on_experiment_end`) the logger records what the time
+    budget has left and waits for every write (`flush`). The client and the trial map are rebuilt
+    after a restore. The driver reads what it needs afterwards from MLflow, not from this object
+    (on --resume, Ray calls its own restored copy).
     """
 
     RETRY_S = 15.0
-    # The instance Ray Tune calls, per search: on --resume Ray unpickles its own copy from the
-    # saved state (with the writes still waiting), and the driver flushes that one.
-    _live: dict[str, "MlflowTrialLogger"] = {}
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base: dict,
-                 datasets: dict[str, str] | None = None):
+                 datasets: dict[str, str] | None = None, budget=None):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.base = parent_run_id, base
         self.datasets = datasets or {}  # {context: digest} of what every trial uses (mmsa.app.records)
+        self.budget = budget  # the search's TimeBudget (shared with its searcher and stopper), or None
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] | None = None  # trial id -> run id of its live attempt
         self._attempts: dict[str, int] = {}
         self._started_here: set[str] = set()
+        self._tagged: set[str] = set()  # trials whose run has its node and device tags
         self._pending: list[tuple] = []  # write operations not done yet, oldest first
         self._down_since: float | None = None  # when the tracking server stopped answering
         self._last_try = 0.0
-        MlflowTrialLogger._live[parent_run_id] = self
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_client"], state["_runs"], state["_attempts"], state["_started_here"] = None, None, {}, set()
+        state["_tagged"] = set()
         state["_down_since"], state["_last_try"] = None, 0.0
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        MlflowTrialLogger._live[self.parent_run_id] = self
-
-    @classmethod
-    def of_search(cls, parent_run_id: str) -> "MlflowTrialLogger | None":
-        return cls._live.get(parent_run_id)
 
     @property
     def client(self) -> MlflowClient:
@@ -227,6 +221,14 @@ class MlflowTrialLogger(Callback):
 
     # ---- Ray Tune events -> write operations -----------------------------------------------
 
+    def on_experiment_end(self, trials, **info):
+        """The search's end, or its interruption: what the time budget has left, recorded on the
+        parent run (the driver reads it there), and every waiting write done."""
+        if self.budget is not None:
+            state = self.budget.state()
+            self._write("parent_metrics", {"time_budget_s": state["seconds"], "time_budget_left_s": max(state["left"], 0.0)})
+        self.flush()
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._write("start", trial.trial_id, dict(trial.config))
 
@@ -279,18 +281,26 @@ class MlflowTrialLogger(Callback):
             log_datasets(self.client, self._runs[trial_id], self.base.get("data_dir", "."), self.datasets)
 
     def _op_result(self, trial_id: str, result: dict) -> None:
+        """The epochs trained since the last report on their folds' learning curves
+        (fold<k>_val_acc, ... with step = epoch; after a resume, those trained before it, on the
+        run of the attempt that goes on); at a fold's end, the CV metrics with step = folds done.
+        One request."""
         run_id = self._run_map().get(trial_id)
         if not run_id:
             return
-        if result.get("training_iteration") == 1:
-            if result.get("node_id"):
-                self.client.set_tag(run_id, TAG_NODE, result["node_id"])
-        fold = int(result.get("folds_done", result.get("training_iteration", 0)))
-        # The CV metrics at step = folds done, and the fold's learning curve, one step per epoch
-        # (fold<k>_val_acc, ...), in one request.
-        items = metric_items({k: v for k, v in result.items() if k not in NOT_METRICS}, fold)
-        for epoch, point in enumerate(json.loads(result.get("fold_curve") or "[]"), 1):
-            items += metric_items({f"fold{fold}_{k}": v for k, v in point.items()}, epoch)
+        if trial_id not in self._tagged:
+            self._tagged.add(trial_id)
+            self.client.set_tag(run_id, TAG_NODE, result.get("node_id", "?"))
+            self.client.set_tag(run_id, TAG_DEVICE, str(result.get("device", "?")))
+        items = []
+        for fold, curve in json.loads(result.get(CURVES_KEY) or "{}").items():
+            for epoch, point in curve.items():
+                items += metric_items({f"fold{fold}_{k}": v for k, v in point.items()}, int(epoch))
+        retried = {k: result[k] for k in ("oom_retries", "micro_batch", "resumed_after_epochs") if k in result}
+        items += metric_items(retried, int(result.get("epochs_done", 0)))
+        if result.get("fold_end", 1):
+            scores = {k: v for k, v in result.items() if k not in NOT_METRICS and k not in retried}
+            items += metric_items(scores, int(result.get("folds_done", 0)))
         if items:
             self.client.log_batch(run_id, metrics=items)
 
@@ -315,8 +325,12 @@ class MlflowTrialLogger(Callback):
         self.client.set_terminated(run_id, status=status)
         self._runs.pop(trial_id, None)
 
+    def _op_parent_metrics(self, metrics: dict) -> None:
+        log_metrics(self.client, self.parent_run_id, metrics, step=0)
+
     def _op_forget(self, trial_id: str) -> None:
         self._started_here.discard(trial_id)
+        self._tagged.discard(trial_id)
 
     def mark_interrupted(self, complete: bool = False) -> list[str]:
         """Close the trial runs still open, as interrupted; returns their trial ids.

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: a thin wrapper over `mmsa.crossval.cross_validate` that reports every fold.
+"""The Ray Tune trainable: a thin wrapper over `mmsa.training.crossval.cross_validate` that reports every fold.
 
 Trials receive the cache folders' paths, not the arrays: each trial memory-maps the same files,
 so N concurrent trials share one copy of the features through the OS page cache. Ray is imported
@@ -8,9 +8,6 @@ without it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +16,7 @@ from pathlib import Path
 from mmsa.config import CACHE_DIR_ENV as NODE_CACHE_ENV  # set on a node (before `ray start`)
 from mmsa.config import Config, DataConfig
 from mmsa.features.featureset import Features, FeatureSet
+from mmsa.features.heap import trim_freed_memory
 from mmsa.features.rawsource import RawSource
 from mmsa.features.prepare import Split
 
@@ -41,26 +39,33 @@ class TrialData:
     folds: list[tuple[Split, Split]]  # (train, val) per cross-validation fold, the same for every trial
     base: dict  # flat config: defaults + the space file's fixed values
     threads: int
-    raw: RawSource | None = None  # finetune=full: batches read from the files, no cache
+    raw: RawSource | None = None  # what finetune=full trials read (batches made from the files), where any do
     # On a cluster: the driver's cache files in Ray's object store, for nodes that lack them
     # (search/cache_transfer.py); {"folder/file": ObjectRef}
     cache_files: dict | None = None
     # A space that searches fine-tuning (search.space.FEATURE_CHOICES): the text cache of each
     # other kind of features, by text_variant()
     text_dirs: dict[str, str] = field(default_factory=dict)
+    every_epoch: bool = False  # report (and checkpoint) after every epoch: ASHA's rungs count epochs
 
-    def features(self, cfg: DataConfig | None = None) -> Features:
-        """The features a trial of data config `cfg` reads (default: the base config's)."""
-        if self.raw is not None:
+    def config(self, sampled: dict) -> Config:
+        """A trial's config: the base config with the values the searcher sampled, on its CPU share."""
+        cfg = Config.from_flat({**self.base, **sampled}, source="trial config")
+        cfg.train.num_threads = self.threads
+        return cfg
+
+    def features(self, cfg: DataConfig) -> Features:
+        """The features a trial of data config `cfg` reads: the pairs themselves (finetune=full),
+        or the cache of its kind."""
+        if cfg.finetune == "full":
             return node_raw(self.raw)
-        text_dir = self.text_dirs.get(text_variant(cfg), self.text_dir) if cfg is not None else self.text_dir
-        return node_features(self, text_dir)
+        return node_features(self, self.text_dirs.get(text_variant(cfg), self.text_dir))
 
 
 def text_variant(cfg: DataConfig) -> str:
     """Which text cache a data config reads: the last hidden states (k0), or those entering the
     top k layers that train (finetune=last_k)."""
-    return f"k{cfg.text_finetune_layers}" if cfg.finetune == "last_k" else "k0"
+    return f"k{cfg.text_depth}"
 
 
 
@@ -104,54 +109,147 @@ def scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def release_freed_memory() -> None:
-    """Hand memory that Python and torch have freed back to the OS (glibc's malloc_trim).
+CHECKPOINT_FILE = "cv_state.pt"
+# Reported besides the metrics: where the trial is, for the scheduler (its time attribute), the
+# stopper and the MLflow logger; not metrics of the model.
+PROGRESS_KEYS = ("fold", "epoch", "fold_end", "folds_done", "epochs_done")
+CURVES_KEY = "curves"  # JSON {fold: {epoch: metrics}} of every epoch trained since the last report
+CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")
+# With rungs by folds a trial reports (and checkpoints) at every fold's end, and after an epoch
+# only where its last report is this long ago: a report costs a round trip through Ray's driver
+# (about 0.45 s on a 2-core CPU, as long as a quarter of a cheap epoch), which an epoch of minutes
+# does not notice and an epoch of two seconds does. With rungs by epochs, after every epoch.
+CHECKPOINT_S = 30.0
 
-    glibc keeps freed heap memory for reuse; a trial process that Ray reuses for the next trial
-    (reuse_actors) otherwise carries each earlier trial's largest batches. A no-op where libc is
-    not glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+
+def save_state(state, folder: str) -> None:
+    """A trial's checkpoint: where its cross-validation stands (mmsa.training.crossval.CVState)."""
+    import torch
+    torch.save({"histories": state.histories, "fit": vars(state.fit) if state.fit is not None else None},
+               os.path.join(folder, CHECKPOINT_FILE))
 
 
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, looked up once per process (find_library runs ldconfig), or None."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+def load_state(folder: str):
+    import torch
+
+    from mmsa.training.crossval import CVState
+    from mmsa.training.fit import FitState
+    saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    return CVState(saved["histories"], FitState(**saved["fit"]) if saved["fit"] is not None else None)
 
 
 def train_trial(config: dict, data: TrialData) -> None:
+    """The Ray Tune function trainable: a report with a checkpoint after every epoch; resumed from
+    the last one where Ray restarts the trial (a retry after a failure, or --resume)."""
+    import tempfile
+
     import ray
     from ray import tune
     node = ray.get_runtime_context().get_node_id()
+    gpu = bool(ray.get_gpu_ids())
+    if not gpu:  # a trial that reserved no GPU uses none, even where one is visible
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    start = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = load_state(folder)
 
-    fit_trial(lambda metrics: tune.report({**metrics, "node_id": node}), config, data)
+    def emit(metrics: dict, state) -> None:
+        with tempfile.TemporaryDirectory(prefix="mmsa-checkpoint-") as folder:
+            save_state(state, folder)
+            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    fit_trial(emit, config, data, start=start, gpu=gpu)
 
 
-def fit_trial(emit, config: dict, data: TrialData) -> None:
-    """One trial: cross-validation over `data.folds`; emit(metrics) after every fold, with
-    training_iteration = folds done and the score = the mean over those folds, so that ASHA
-    halves trials over folds (emit may stop the trial by raising). The last fold's report carries
-    the out-of-fold predictions (OOF_KEY)."""
-    release_freed_memory()  # what the previous trial in this process left behind
-    from mmsa.training.crossval import cross_validate  # torch: imported by trial processes, not by the driver
-    cfg = Config.from_flat({**data.base, **config}, source="trial config")
-    cfg.train.num_threads = data.threads
+def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False) -> None:
+    """One trial: cross-validation over `data.folds`; emit(metrics, state) after every epoch with
+    `data.every_epoch` (rungs by epochs), else at every fold's end and after an epoch whose last
+    report is CHECKPOINT_S ago. Each report says where the trial is (PROGRESS_KEYS), the epochs
+    trained since the last (CURVES_KEY) and the score: the mean over the folds finished (during
+    fold 1, that fold's best epoch so far), so that ASHA can judge trials by folds or by epochs
+    (emit may stop the trial by raising); `state` is where it stands, its checkpoint. The last
+    fold's report carries the out-of-fold predictions (OOF_KEY). `start`: a CVState to go on from.
+    `gpu`: whether the trial reserved one (without, it trains on the CPU). A CUDA out-of-memory is
+    retried once from the last finished epoch at half the micro-batch (the same effective batch);
+    a second fails the trial."""
+    import time
 
-    def on_fold(k: int, summary: dict) -> None:
-        out = scalar_metrics(summary)
-        # The curve travels as JSON text: Ray's TensorBoard logger warns, with the whole value, on a
-        # list of dicts in a result, and skips text quietly.
-        out.update(val_confusion=summary["val_confusion"], fold_curve=json.dumps(summary["fold_curve"]))
-        if k == len(data.folds):
+    trim_freed_memory()  # what the previous trial in this process left behind
+    import torch  # imported by trial processes, not by the driver
+
+    from mmsa.training.crossval import cv_summary, cross_validate
+    from mmsa.training.fit import TrainingError
+    cfg = data.config(config)
+    if not gpu and cfg.train.device == "auto":
+        cfg.train.device = "cpu"
+    max_epochs, monitor, retries = cfg.train.max_epochs, cfg.train.monitor, 0
+    latest = {"state": start, "score": {}, "reported": time.monotonic()}
+    unreported = _curves(start)  # after a resume, the first report carries what was trained before
+    resumed = sum(len(c) for c in unreported.values())
+    if start is not None and start.histories:
+        latest["score"] = scalar_metrics(cv_summary(start.histories, monitor, len(data.folds)))
+
+    def on_epoch(ev) -> None:
+        nonlocal resumed
+        report = ev.report
+        unreported.setdefault(str(ev.fold), {})[str(ev.epoch)] = {k: float(report[k]) for k in CURVE_KEYS
+                                                                  if k in report}
+        latest["state"] = ev.state
+        if ev.summary is not None:
+            latest["score"] = scalar_metrics(ev.summary)
+        due = data.every_epoch or ev.fold_end or time.monotonic() - latest["reported"] >= CHECKPOINT_S
+        if not due:
+            trim_freed_memory()
+            return
+        out = {"fold": ev.fold, "epoch": ev.epoch, "fold_end": int(ev.fold_end), "folds_done": ev.fold - (not ev.fold_end),
+               "epochs_done": (ev.fold - 1) * max_epochs + ev.epoch, "device": cfg.train.device,
+               "n_params": report.get("n_params", 0), CURVES_KEY: json.dumps(unreported)}
+        if latest["score"]:
+            out.update(latest["score"])
+        else:  # fold 1 in training: its best epoch so far
+            out.update({f"best_{monitor}": report[f"best_{monitor}"], "folds_done": 0})
+        if retries:
+            out.update(oom_retries=retries, micro_batch=cfg.train.micro_batch)
+        if resumed:
+            out["resumed_after_epochs"], resumed = resumed, 0
+        if ev.fold_end:
+            out["val_confusion"] = ev.summary["val_confusion"]
+        if ev.fold_end and ev.fold == len(data.folds):
             from mmsa.training import oof
             out[FINAL_KEY] = 1
-            out[OOF_KEY] = oof.to_text(oof.oof_arrays(data.folds, summary["fold_probs"]))
-        emit(out)
+            out[OOF_KEY] = oof.to_text(oof.oof_arrays(data.folds, ev.summary["fold_probs"]))
+        unreported.clear()
+        emit(out, ev.state)
+        latest["reported"] = time.monotonic()
+        trim_freed_memory()
 
-    cross_validate(cfg, data.features(cfg.data), data.folds, on_fold=on_fold, on_epoch=lambda *_: release_freed_memory(),
-                   keep_probs=True)
+    features = data.features(cfg.data)
+    while True:
+        try:
+            cross_validate(cfg, features, data.folds, on_epoch=on_epoch, keep_probs=True, keep_state=True,
+                           start=latest["state"])
+            return
+        except torch.cuda.OutOfMemoryError as e:
+            micro = min(cfg.train.micro_batch or cfg.train.batch_size, cfg.train.batch_size)
+            if retries or micro <= 1:
+                raise TrainingError(
+                    f"CUDA out of memory again at micro-batch {micro} ({str(e).splitlines()[0][:200]}): lower "
+                    f"micro_batch or batch_size, or max_text_len, set grad_checkpointing: true, or give each trial "
+                    f"more of the GPU (resources.gpu); `python -m search.run --dry-run` plans it") from None
+            retries += 1
+            cfg.train.micro_batch = micro // 2
+            print(f"CUDA out of memory at micro-batch {micro}: trying again from the last finished epoch at "
+                  f"micro-batch {cfg.train.micro_batch} (the same effective batch)", flush=True)
+            torch.cuda.empty_cache()
+
+
+def _curves(state) -> dict:
+    """{fold: {epoch: metrics}} of what a trial trained before it was stopped (CURVES_KEY): its
+    finished folds and the epochs of the fold it was in."""
+    if state is None:
+        return {}
+    folds = list(state.histories) + ([state.fit.history] if state.fit is not None else [])
+    return {str(k): {str(e): {key: float(m[key]) for key in CURVE_KEYS if key in m} for e, m in enumerate(h, 1)}
+            for k, h in enumerate(folds, 1)}

@@ -100,6 +100,22 @@ def smoke_search(subset_dir, subset_cache, subset_prepared, tmp_path_factory):
     return tmp, f"sqlite:///{tmp}/mlruns/mlflow.db", last.split("=", 1)[1], out
 
 
+@pytest.fixture(scope="session")
+def registered(smoke_search, subset_dir, subset_cache, tmp_path_factory):
+    """final --register on the smoke search: (tracking uri, its predictions file, final's stdout)."""
+    import subprocess
+    import sys
+
+    from tests.search_helpers import ROOT
+    _, uri, parent_id, _ = smoke_search
+    out_file = tmp_path_factory.mktemp("final") / "pred.txt"
+    out = subprocess.run([sys.executable, "-m", "mmsa.final", "--run-id", parent_id, "--tracking-uri", uri,
+                          "--out", str(out_file), "--members", "ensemble:seeds=2", "--register", "mmsa-test"],
+                         capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return uri, out_file, out.stdout
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A file system of 1 MiB (tmpfs), to fill up for real; skips where mounting is not allowed."""

@@ -83,7 +83,7 @@ class MlflowServer:
 
 class TrialHold:
     """Holds the `nth` trial attempt of a search, alive and before it trains, until release()
-    (tests/trial_hold/sitecustomize.py): a test acts on a running trial without racing it."""
+    (tests/trial_hooks/sitecustomize.py): a test acts on a running trial without racing it."""
 
     def __init__(self, folder: Path, nth: int = 1):
         self.folder, self.nth = folder, nth
@@ -92,7 +92,7 @@ class TrialHold:
     def env(self, base: dict | None = None) -> dict:
         import os
         base = dict(os.environ if base is None else base)
-        path = [str(ROOT / "tests" / "trial_hold"), base.get("PYTHONPATH")]
+        path = [str(ROOT / "tests" / "trial_hooks"), base.get("PYTHONPATH")]
         return {**base, "PYTHONPATH": os.pathsep.join(filter(None, path)),
                 "MMSA_TEST_HOLD": f"{self.folder}:{self.nth}"}
 
@@ -130,3 +130,12 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | No
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(every)
+
+
+def fault_env(kind: str, folder: Path, n: int, base: dict | None = None) -> dict:
+    """The environment of a search whose trials meet a fault (tests/trial_hooks/sitecustomize.py)."""
+    import os
+    folder.mkdir(parents=True, exist_ok=True)
+    base = dict(os.environ if base is None else base)
+    path = [str(ROOT / "tests" / "trial_hooks"), base.get("PYTHONPATH")]
+    return {**base, "PYTHONPATH": os.pathsep.join(filter(None, path)), "MMSA_TEST_FAULT": f"{kind}:{folder}:{n}"}

@@ -29,7 +29,7 @@ def test_predictions_are_scored_against_the_held_out_labels(tmp_path):
     assert s["acc"] == 0.75 and round(s["macro_f1"], 4) == round((0.8 + 1.0 + 0.0) / 3, 4)
 
 
-def test_a_final_variant_names_members_then_flags():
+def test_a_final_variant_is_its_members_flag():
     assert final_flags("ensemble") == ["--members", "ensemble"]
     assert final_flags("best+probe+finetune") == ["--members", "best,probe,finetune"]
-    assert final_flags("ensemble:seeds=1:bag=folds") == ["--members", "ensemble", "--seeds", "1", "--bag", "folds"]
+    assert final_flags("ensemble:seeds=1+probe") == ["--members", "ensemble:seeds=1,probe"]

@@ -17,7 +17,7 @@ def test_flat_keys_route_to_sections():
     ({"batch_size": "lots"}, "key 'batch_size'"),
     ({"d_model": 30, "heads": 4}, "key 'd_model'"),
     ({"lr": -1}, "key 'lr'"),
-    ({"ensemble": 3}, "key 'ensemble' was removed: .*mmsa.final --seeds K"),
+    ({"ensemble": 3}, "key 'ensemble' was removed: .*mmsa.final --members ensemble:seeds=K"),
 ])
 def test_bad_values_are_one_line_errors(values, match):
     with pytest.raises(ConfigError, match=match) as e:

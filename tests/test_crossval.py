@@ -39,11 +39,35 @@ def test_cross_validate_reports_after_every_fold(subset_prepared):
     cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 1})
     labeled = p.train  # every labeled pair of the subset's training part
     folds = cv_splits(labeled, 3, seed=0)
+    with pytest.raises(ValueError, match="whole schedules: patience 1"):  # never cut short quietly
+        cross_validate(cfg, p.features, folds)
+    cfg.update({"patience": 0})
     seen = []
-    final = cross_validate(cfg, p.features, folds, on_fold=lambda k, s: seen.append((k, s["folds_done"])))
-    assert seen == [(1, 1), (2, 2), (3, 3)]
-    assert final["epochs_trained"] == 6  # whole schedules: patience does not cut folds short
-    assert cfg.train.patience == 1  # the caller's config is left as it was
+    final = cross_validate(cfg, p.features, folds, on_epoch=lambda ev: seen.append(
+        (ev.fold, ev.epoch, ev.summary["folds_done"] if ev.fold_end else None)))
+    assert seen == [(1, 1, None), (1, 2, 1), (2, 1, None), (2, 2, 2), (3, 1, None), (3, 2, 3)]
+    assert final["epochs_trained"] == 6
+
+
+def test_a_cross_validation_stopped_anywhere_goes_on_to_the_same_result(subset_prepared):
+    """A trial's checkpoint: the state after any epoch of any fold, resumed, gives the numbers of an
+    uninterrupted run, bit for bit (the weights, optimizer, schedule, EMA and random states)."""
+    import copy
+    data_cfg, p = subset_prepared
+    cfg = Config()
+    cfg.data = data_cfg
+    cfg.update({"max_epochs": 3, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "token_dropout": 0.2})
+    folds = cv_splits(p.train, 2, seed=0)
+    states = []
+    whole = cross_validate(cfg, p.features, folds, keep_probs=True, keep_state=True,
+                           on_epoch=lambda ev: states.append((ev.fold, ev.epoch, copy.deepcopy(ev.state))))
+    for fold, epoch, state in (states[1], states[3]):  # fold 1 epoch 2; fold 2 epoch 1
+        resumed_epochs = []
+        again = cross_validate(cfg, p.features, folds, keep_probs=True, keep_state=True, start=state,
+                               on_epoch=lambda ev: resumed_epochs.append((ev.fold, ev.epoch)))
+        assert resumed_epochs[0] == ((fold, epoch + 1) if epoch < 3 else (fold + 1, 1))  # from the next epoch on
+        assert again["fold_accs"] == whole["fold_accs"] and again["best_epoch"] == whole["best_epoch"]
+        assert all(np.array_equal(a, b) for a, b in zip(again["fold_probs"], whole["fold_probs"]))
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])

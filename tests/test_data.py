@@ -2,7 +2,8 @@ from collections import Counter
 
 import pytest
 
-from mmsa.data.dataset import LABELS, DataReport, decode_text, load_dataset, parse_label_file, split_train_val
+from mmsa.data.dataset import LABELS, DataReport, decode_text, load_dataset, parse_label_file
+from mmsa.data.folds import split_train_val
 from mmsa.errors import DataError
 from tests.conftest import make_synthetic, need_mvsa
 

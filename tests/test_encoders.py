@@ -14,12 +14,16 @@ def minilm():
     return build_text_encoder("minilm")
 
 
+def _tokens(encoder, texts, max_len):
+    return encoder.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+
+
 def test_embedded_minilm_offline_shapes(minilm, monkeypatch):
-    batch = minilm.tokenize(["what a lovely day", ""], max_len=16)
-    hidden, mask = minilm(batch["input_ids"], batch["attention_mask"])
-    assert hidden.shape == (2, 16, 384) and mask.shape == (2, 16) and mask.dtype == torch.bool
-    assert mask[1].sum() == 2  # [CLS] [SEP] of the empty text
-    below, _ = minilm(batch["input_ids"], batch["attention_mask"], layers_from_top=2)
+    batch = _tokens(minilm, ["what a lovely day", ""], 16)
+    out = minilm(batch["input_ids"], batch["attention_mask"], depths=(0, 2))
+    hidden, below = out[0], out[2]
+    assert hidden.shape == (2, 16, 384)
+    assert batch["attention_mask"][1].sum() == 2  # [CLS] [SEP] of the empty text
     assert below.shape == hidden.shape and not torch.allclose(below, hidden)
     assert len(minilm.top_layers(2)) == 2 and minilm.num_layers == 6
 
@@ -27,8 +31,8 @@ def test_embedded_minilm_offline_shapes(minilm, monkeypatch):
 def test_embedded_minilm_is_pretrained(minilm):
     # A pretrained sentence encoder puts paraphrases closer than unrelated sentences.
     texts = ["I love this sunny beach", "What a wonderful sunny beach", "The stock market fell sharply"]
-    batch = minilm.tokenize(texts, max_len=16)
-    hidden, mask = minilm(batch["input_ids"], batch["attention_mask"])
+    batch = _tokens(minilm, texts, 16)
+    hidden, mask = minilm(batch["input_ids"], batch["attention_mask"])[0], batch["attention_mask"].bool()
     pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.2
@@ -78,9 +82,9 @@ def _tiny_bert_dir(path):
 
 def test_hf_text_encoder_tiny_random_bert(tmp_path):
     enc = build_text_encoder(f"hf:{_tiny_bert_dir(tmp_path)}")
-    batch = enc.tokenize(["good day", "bad"], max_len=8)
-    hidden, mask = enc(batch["input_ids"], batch["attention_mask"], layers_from_top=1)
-    assert hidden.shape == (2, 8, 32) and mask.sum().item() == 4 + 3
+    batch = _tokens(enc, ["good day", "bad"], 8)
+    hidden = enc(batch["input_ids"], batch["attention_mask"], depths=(1,))[1]
+    assert hidden.shape == (2, 8, 32) and batch["attention_mask"].sum().item() == 4 + 3
     assert json.loads(enc.fingerprint())["dim"] == 32
     assert len(enc.top_layers(1)) == 1
     with pytest.raises(ConfigError, match="has 2 layers"):
@@ -105,3 +109,49 @@ def test_hf_image_encoder_tiny_random_clip(tmp_path):
 def test_hf_missing_model_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot load"):
         build_text_encoder(f"hf:{tmp_path / 'absent'}")
+
+
+def test_timm_backbones_by_name_built_without_weights():
+    enc = build_image_encoder("timm:resnet18", pretrained=False)
+    assert enc.dim == 512 and enc.preprocess.size == 224  # the model's own preprocessing
+    assert enc(torch.zeros(1, 3, 224, 224)).shape == (1, 49, 512)
+    vit = build_image_encoder("timm:vit_tiny_patch16_224", pretrained=False)
+    assert vit(torch.zeros(1, 3, 224, 224)).shape == (1, 197, 192)  # class token + 14 x 14 patches
+
+
+def test_unknown_or_unreachable_timm_names_are_one_line(monkeypatch):
+    with pytest.raises(ConfigError, match="timm has no model 'convnext_gigantic'") as e:
+        build_image_encoder("timm:convnext_gigantic")
+    assert "\n" not in str(e.value)
+    _offline(monkeypatch)  # as on a machine without internet, at once
+    with pytest.raises(ConfigError, match="timm:resnet18.*cannot load its pretrained weights") as e:
+        build_image_encoder("timm:resnet18")
+    assert "\n" not in str(e.value)
+
+
+def test_hf_cnn_whose_config_has_hidden_sizes(tmp_path):
+    """ConvNeXt and HF's ResNet name their width per stage (hidden_sizes), and give a grid."""
+    from transformers import ConvNextConfig, ConvNextImageProcessor, ConvNextModel
+    ConvNextModel(ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32])).save_pretrained(tmp_path)
+    ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=1.0).save_pretrained(tmp_path)
+    enc = build_image_encoder(f"hf:{tmp_path}")
+    assert enc.dim == 32
+    assert enc(torch.zeros(2, 3, 64, 64)).shape == (2, 4, 32)  # a 2 x 2 grid, flattened
+
+
+def test_well_known_hub_models_are_sized_offline(monkeypatch):
+    """A RoBERTa-size model's architecture, without the hub: what the GPU memory plan builds."""
+    _offline(monkeypatch)
+    from mmsa.features.encoders import text_shape
+    enc = build_text_encoder("hf:FacebookAI/roberta-base", pretrained=False)
+    assert (enc.dim, enc.num_layers) == (768, 12) and enc.tokenizer is None
+    assert text_shape("hf:roberta-base").layers == 12
+    with pytest.raises(ConfigError, match="cannot load"):
+        build_text_encoder("hf:someone/unknown-model", pretrained=False)
+
+
+def _offline(monkeypatch):
+    """The hub unreachable, answered at once (no retries): HF_HUB_OFFLINE, read where it was imported too."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

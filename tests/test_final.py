@@ -35,30 +35,43 @@ def _check_predictions(path, subset_dir):
     assert {t for _, t in rows} <= {"positive", "neutral", "negative"}
 
 
-def test_final_from_the_search_parent_retrains_the_selected_ensemble(smoke_search, subset_dir, tmp_path):
+def _plan(client, run_id, tmp_path):
     import json
     from pathlib import Path
+
+    from mmsa.training.plan import Plan
+    folder = tmp_path / f"plan-{run_id}"
+    folder.mkdir()
+    return Plan.from_dict(json.loads(Path(client.download_artifacts(run_id, "plan.json", str(folder))).read_text()))
+
+
+def _latest_final(client, parent_id):
+    return max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
+               key=lambda r: r.info.start_time)
+
+
+def test_final_from_the_search_parent_executes_its_plan(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
     client = MlflowClient(uri)
-    ensemble = json.loads(Path(client.download_artifacts(parent_id, "ensemble.json", str(tmp_path))).read_text())
+    plan = _plan(client, parent_id, tmp_path)
     out = _final(uri, parent_id, tmp_path / "pred.txt")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"predictions={tmp_path / 'pred.txt'}"
+    assert f"final model of search {parent_id}: {plan.describe()}" in out.stdout
     assert "class balance" in out.stdout
     _check_predictions(tmp_path / "pred.txt", subset_dir)
-    finals = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final")
-    assert len(finals) == 1
-    run_id = finals[0].info.run_id
+    final = _latest_final(client, parent_id)
+    run_id = final.info.run_id
+    assert _plan(client, run_id, tmp_path) == plan  # the plan it executed, recorded
     ckpt = _checkpoint(uri, run_id, tmp_path)
     assert set(ckpt) == {"format", "members", "labels"}
-    from mmsa.app.final import DEFAULT_SEEDS
-    # every selected member, a trial's as DEFAULT_SEEDS models sharing its weight, the probe as one
+    # every member of the plan: a trial's as its seeds' models sharing its weight, the probe as one
     expected = []
-    for m in ensemble["members"]:
-        if m["run_id"] is None:
-            expected.append(("linear probe", m["weight"]))
+    for m in plan.members:
+        if m.seeds == 1:
+            expected.append((m.name, m.weight))
         else:
-            expected += [(f"trial {m['name']}, seed {s}", m["weight"] / DEFAULT_SEEDS) for s in range(DEFAULT_SEEDS)]
+            expected += [(f"{m.name}, seed {s}", m.weight / m.seeds) for s in range(m.seeds)]
     assert [m["name"] for m in ckpt["members"]] == [name for name, _ in expected]
     assert [m["weight"] for m in ckpt["members"]] == pytest.approx([w for _, w in expected])
     assert sum(m["weight"] for m in ckpt["members"]) == pytest.approx(1.0)
@@ -71,33 +84,41 @@ def test_final_from_the_search_parent_retrains_the_selected_ensemble(smoke_searc
 
 def test_members_are_chosen_merged_and_checked(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
-    out = _final(uri, parent_id, tmp_path / "pred.txt", "--members", "best,probe", "--seeds", "2")
+    out = _final(uri, parent_id, tmp_path / "pred.txt", "--members", "best:seeds=2,probe")
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(uri)
-    final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
-                key=lambda r: r.info.start_time)
-    members = _checkpoint(uri, final.info.run_id, tmp_path)["members"]
+    best = client.get_run(client.get_run(parent_id).data.tags["mmsa.best_trial_run_id"]).data.tags["mmsa.trial_id"]
+    members = _checkpoint(uri, _latest_final(client, parent_id).info.run_id, tmp_path)["members"]
     assert [(m["name"], m["weight"]) for m in members] == \
-        [("chosen config, seed 0", 0.25), ("chosen config, seed 1", 0.25), ("linear probe", 0.5)]
+        [(f"trial {best}, seed 0", 0.25), (f"trial {best}, seed 1", 0.25), ("linear probe", 0.5)]
     assert members[0]["config"]["d_model"] == 32
-    for bad, said in ((["--members", "probe,knn"], "--members probe,knn"), (["--seeds", "0"], "--seeds 0"),
-                      (["--blend", "probe"], "--blend: renamed; use --members"),
-                      (["--ensemble", "2"], "--ensemble: renamed; use --seeds")):
+    for bad, said in ((["--members", "probe,knn"], "'knn' is not one of"),
+                      (["--members", "best:seeds=0"], "the one option is seeds=K"),
+                      (["--members", "probe,probe"], "a part is named twice"),
+                      (["--blend", "probe"], "--blend: removed; use --members"),
+                      (["--seeds", "2"], "--seeds: removed; use --members ensemble:seeds=K"),
+                      (["--bag", "folds"], "--bag: removed")):
         refused = _final(uri, parent_id, tmp_path / "q.txt", *bad)
         assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and said in refused.stderr
         assert not (tmp_path / "q.txt").exists()
+
+
+def test_the_members_flag_is_documented_in_help():
+    out = subprocess.run([sys.executable, "-m", "mmsa.final", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    assert "--members PARTS" in out.stdout and "NAME:seeds=K" in out.stdout and "--seeds" not in out.stdout
 
 
 def test_final_from_one_trial(smoke_search, subset_dir, tmp_path):
     tmp, uri, parent_id, _ = smoke_search
     client = MlflowClient(uri)
     trial = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)[0]
-    out = _final(uri, trial.info.run_id, tmp_path / "p.txt", "--seeds", "1")
+    out = _final(uri, trial.info.run_id, tmp_path / "p.txt", "--members", "best:seeds=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"final model of trial {trial.info.run_id}: chosen config (1.00)" in out.stdout
+    assert f"final model of trial {trial.info.run_id}: trial {trial.data.tags['mmsa.trial_id']} (1.00)" in out.stdout
     _check_predictions(tmp_path / "p.txt", subset_dir)
     bad = _final(uri, trial.info.run_id, tmp_path / "q.txt", "--members", "ensemble")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "has no selected ensemble" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no plan of a search" in bad.stderr
 
 
 @pytest.mark.parametrize("case", ["unknown", "no-config", "deleted"])
@@ -152,32 +173,9 @@ def test_a_fully_fine_tuned_config_retrains_and_predicts(smoke_search, subset_di
     uri, run_id = _fully_fine_tuned_trial(smoke_search)
     out = _final(uri, run_id, tmp_path / "p.txt", "--data", str(subset_dir))
     assert out.returncode == 0, out.stderr[-3000:]
+    # one model: each fine-tunes both backbones (its epochs: the peak of its logged curve)
+    assert f"final model of trial {run_id}: trial {run_id} (1.00)" in out.stdout
     _check_predictions(tmp_path / "p.txt", subset_dir)
-
-
-def test_an_ensemble_of_fully_fine_tuned_backbones_is_refused(smoke_search, tmp_path):
-    uri, run_id = _fully_fine_tuned_trial(smoke_search)
-    out = _final(uri, run_id, tmp_path / "p.txt", "--seeds", "3")
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().count("\n") == 0 and "--seeds 3" in out.stderr and "finetune=full" in out.stderr
-
-
-def test_final_can_bag_the_models_of_the_search_folds(smoke_search, subset_dir, tmp_path):
-    tmp, uri, parent_id, _ = smoke_search
-    out = _final(uri, parent_id, tmp_path / "pred.txt", "--bag", "folds", "--members", "best,probe")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "member: chosen config, 3 model(s)" in out.stdout
-    assert [ln for ln in out.stdout.splitlines() if ln.startswith("chosen config: fold")] == \
-        ["chosen config: fold 1", "chosen config: fold 2", "chosen config: fold 3"]
-    _check_predictions(tmp_path / "pred.txt", subset_dir)
-    client = MlflowClient(uri)
-    final = max(child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id, kind="final"),
-                key=lambda r: r.info.start_time)
-    members = _checkpoint(uri, final.info.run_id, tmp_path)["members"]
-    assert [m["name"] for m in members[:3]] == [f"chosen config, fold {k}" for k in (1, 2, 3)]
-    assert [m["weight"] for m in members] == pytest.approx([1 / 6] * 3 + [1 / 2])
-    both = _final(uri, parent_id, tmp_path / "q.txt", "--bag", "folds", "--seeds", "2")
-    assert both.returncode == 2 and "--seeds 2" in both.stderr and both.stderr.strip().count("\n") == 0
 
 
 def test_a_config_below_the_linear_probe_gets_a_warning(tmp_path):
@@ -191,7 +189,7 @@ def test_a_config_below_the_linear_probe_gets_a_warning(tmp_path):
         run_id = client.create_run(exp).info.run_id
         client.log_metric(run_id, "best_val_acc", score)
         trials[name] = client.get_run(run_id)
-    warning = probe_warning(client, trials["below"], parent, "val_acc")
+    warning = probe_warning(client, trials["below"].info.run_id, parent, "val_acc")
     assert warning.startswith("warning:") and "0.7000" in warning and "0.7200" in warning and "\n" not in warning
-    assert probe_warning(client, trials["above"], parent, "val_acc") is None
-    assert probe_warning(client, trials["below"], None, "val_acc") is None  # a trial of no search
+    assert probe_warning(client, trials["above"].info.run_id, parent, "val_acc") is None
+    assert probe_warning(client, trials["below"].info.run_id, None, "val_acc") is None  # a trial of no search

@@ -1,5 +1,7 @@
 """The package boundaries, kept by a test rather than by convention: the model library imports
-no MLflow, Ray or argparse; only mmsa/app (the edges) does; search/ imports no mmsa command line."""
+no MLflow, Ray or argparse; only mmsa/app (the edges) does; search/ imports no mmsa command line;
+no module imports a higher layer, no two modules import each other (at the top or inside
+functions); validating a space file imports neither torch nor Ray."""
 
 import ast
 from pathlib import Path
@@ -52,3 +54,53 @@ def test_every_mmsa_module_is_library_edge_or_entry_point():
         path = ROOT / "mmsa" / name
         assert _imports(path) == {"mmsa.app.commands", "mmsa.app.commands.launch"}
         assert f'launch("mmsa.app.{name[:-3]}")' in path.read_text()
+
+
+# Lowest first; a module may import its own layer and those below it.
+LAYERS = (("mmsa.errors", "mmsa.locks", "mmsa.config"), ("mmsa.data",), ("mmsa.features",), ("mmsa.models",),
+          ("mmsa.training",), ("mmsa.app",), ("mmsa.train", "mmsa.final", "mmsa.predict"), ("search",))
+
+
+def _module(path: Path) -> str:
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _graph() -> dict[str, set[str]]:
+    """Each module of mmsa and search -> the modules of theirs it imports."""
+    modules = {_module(p): p for p in _files("mmsa", "search")}
+    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def _layer(module: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if any(module == p or module.startswith(p + ".") for p in layer))
+
+
+def test_no_module_imports_a_higher_layer():
+    up = sorted(f"{m} -> {d}" for m, deps in _graph().items() for d in deps if _layer(d) > _layer(m))
+    assert not up, f"imports from a lower layer into a higher one: {up}"
+
+
+def test_no_import_cycles():
+    graph, cycles = _graph(), []
+
+    def visit(node, path, seen):
+        for nxt in sorted(graph[node]):
+            if nxt == path[0]:
+                cycles.append(" -> ".join([*path, nxt]))
+            elif nxt not in path and nxt not in seen and nxt > path[0]:  # each cycle once, from its least module
+                seen.add(nxt)
+                visit(nxt, [*path, nxt], seen)
+    for start in sorted(graph):
+        visit(start, [start], set())
+    assert not cycles, f"modules that import each other: {cycles[:5]}"
+
+
+def test_validating_a_space_file_imports_neither_torch_nor_ray():
+    """search.run refuses a bad space file in one line before anything heavy loads."""
+    import subprocess
+    import sys
+    code = ("import sys; from search.space import load_space; load_space('spaces/fusion.yaml'); "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert not {"torch", "ray", "mlflow", "optuna", "numpy"} & set(loaded.stdout.split())

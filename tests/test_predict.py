@@ -10,18 +10,6 @@ from tests.search_helpers import ROOT
 pytestmark = pytest.mark.slow  # a real search, a retrain and a model server
 
 
-@pytest.fixture(scope="module")
-def registered(smoke_search, subset_dir, subset_cache, tmp_path_factory):
-    """final --register on the smoke search: (tracking uri, its predictions file, final's stdout)."""
-    _, uri, parent_id, _ = smoke_search
-    out_file = tmp_path_factory.mktemp("final") / "pred.txt"
-    out = subprocess.run([sys.executable, "-m", "mmsa.final", "--run-id", parent_id, "--tracking-uri", uri,
-                          "--out", str(out_file), "--seeds", "2", "--register", "mmsa-test"],
-                         capture_output=True, text=True, timeout=400, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return uri, out_file, out.stdout
-
-
 def test_final_registers_the_model(registered):
     uri, _, stdout = registered
     assert "registered: models:/mmsa-test/1" in stdout

@@ -38,19 +38,15 @@ def test_a_checkpoint_keeps_names_weights_and_configs(subset_prepared, tmp_path)
         assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
-def test_an_earlier_checkpoint_of_one_entry_holding_an_ensemble_loads_as_weighted_members(subset_prepared, tmp_path):
-    """Format 2: no weights; an entry whose config says `ensemble: K` holds K models as members.<i>.*"""
-    _, p = subset_prepared
-    members = _members(subset_prepared, 2)
-    state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.model.state_dict().items()}
+def test_an_earlier_checkpoint_format_is_one_line_saying_what_to_do(subset_prepared, tmp_path):
+    from mmsa.errors import UserError
+    members = _members(subset_prepared, 1)
     torch.save({"format": 2, "labels": ["positive", "neutral", "negative"],
-                "members": [{"name": "chosen config", "config": {**members[0].cfg.to_flat(), "ensemble": 2},
-                             "model": state}]}, tmp_path / "old.pt")
-    loaded = load_members(tmp_path / "old.pt")
-    assert [(m.name, m.weight) for m in loaded] == [("chosen config, model 1", 0.5), ("chosen config, model 2", 0.5)]
-    rows = p.val.rows
-    expected = np.mean([predict_proba(m.model, p.features, rows, torch.device("cpu")) for m in members], 0)
-    assert np.allclose(predict_members(loaded, lambda _: (p.features, rows), torch.device("cpu")), expected, atol=1e-6)
+                "members": [{"name": "chosen config", "config": members[0].cfg.to_flat(),
+                             "model": members[0].model.state_dict()}]}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="format 2, this version reads format 3; train it again") as e:
+        load_members(tmp_path / "old.pt")
+    assert "\n" not in str(e.value)
 
 
 def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from mmsa.config import DataConfig
 from mmsa.errors import DataError
-from mmsa.features.prepare import _in_child, prepare_in_subprocess
+from mmsa.features.prepare import in_child, prepare_in_subprocess
 
 
 def test_prepare_in_a_child_gives_the_same_splits_and_keeps_torch_out(subset_prepared):
@@ -47,13 +47,13 @@ def _always_die(marker: str) -> str:
 
 
 def test_a_preparing_child_that_dies_is_started_once_more(tmp_path, capsys):
-    assert _in_child(_die_the_first_time, str(tmp_path / "died")) == "answer"
+    assert in_child(_die_the_first_time, str(tmp_path / "died")) == "answer"
     assert "starting it again" in capsys.readouterr().err
 
 
 def test_a_preparing_child_that_keeps_dying_is_one_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="died without an answer, 2 times"):
-        _in_child(_always_die, str(tmp_path / "x"))
+        in_child(_always_die, str(tmp_path / "x"))
 
 
 def test_a_preparing_child_that_cannot_start_is_started_once_more(monkeypatch, capsys):
@@ -69,5 +69,5 @@ def test_a_preparing_child_that_cannot_start_is_started_once_more(monkeypatch, c
         return real(*args, **kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", flaky_pool)
-    assert _in_child(len, "four") == 4 and len(calls) == 2
+    assert in_child(len, "four") == 4 and len(calls) == 2
     assert "could not be started ([Errno 32] Broken pipe); starting it again" in capsys.readouterr().err

@@ -40,7 +40,8 @@ def test_the_probe_as_a_head_gives_the_probe_s_probabilities(subset_prepared, le
     from sklearn.linear_model import LogisticRegression
 
     from mmsa.config import Config, ModelConfig
-    from mmsa.models.factory import probe_config, probe_head
+    from mmsa.models.factory import probe_head
+    from mmsa.models.probe import probe_config
     from mmsa.models.probe import fit_probe, pooled_features
     from mmsa.models.runtime import predict_proba
     data_cfg, data = subset_prepared

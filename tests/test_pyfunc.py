@@ -15,7 +15,8 @@ def model(subset_prepared):
     from mmsa.app.pyfunc import SentimentModel
     from mmsa.config import Config, ModelConfig
     from mmsa.models.ensemble import Member
-    from mmsa.models.factory import create_model, probe_config, probe_head
+    from mmsa.models.factory import create_model, probe_head
+    from mmsa.models.probe import probe_config
     from mmsa.models.probe import fit_probe
     data_cfg, data = subset_prepared
     probe_cfg = probe_config(Config(data=data_cfg)).with_features(data.features)

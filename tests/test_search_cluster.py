@@ -28,9 +28,11 @@ def _ray(*args, env=None):
 
 
 @contextlib.contextmanager
-def _cluster(worker_env: dict | None = None, head_env: dict | None = None, dashboard_port: int | None = None):
+def _cluster(worker_env: dict | None = None, head_env: dict | None = None, dashboard_port: int | None = None,
+             folders: dict | None = None):
     """A head and a worker node, one CPU each; `worker_env` and `head_env` are each node's own
-    environment; the head serves Ray's dashboard (the job API) on `dashboard_port` if given."""
+    environment; the head serves Ray's dashboard (the job API) on `dashboard_port` if given;
+    `folders` gets each node's session folder ("head", "worker")."""
     if shutil.which("ray") is None:
         pytest.skip("the 'ray' command is not on PATH")
     port = free_port()  # the head's GCS port: never one assumed free (another cluster may hold it)
@@ -43,6 +45,8 @@ def _cluster(worker_env: dict | None = None, head_env: dict | None = None, dashb
     # The worker node's own session folder, as on another machine: Ray unpacks a job's working dir
     # there and deletes it when that node is done with it.
     worker_temp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")
+    if folders is not None:
+        folders.update(head=temp, worker=worker_temp)
     try:
         worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                       "--disable-usage-stats", f"--temp-dir={worker_temp}", env={**ENV, **(worker_env or {})})
@@ -60,14 +64,15 @@ def two_node_cluster():
         yield address
 
 
-def _stop_cluster(port: int, *temps: str) -> None:
-    """End this cluster's processes only. `ray stop` would end every Ray process of the machine,
-    a user's own searches among them: pick ours by their session folder or GCS port instead."""
+def _stop_cluster(port: int | None, *temps: str) -> None:
+    """End this cluster's processes only (None: those of the nodes of these session folders).
+    `ray stop` would end every Ray process of the machine, a user's own searches among them: pick
+    ours by their session folder or GCS port instead."""
     import psutil
     ours = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(temp in cmdline for temp in temps) or f"127.0.0.1:{port}" in cmdline:
+        if any(temp in cmdline for temp in temps) or (port is not None and f"127.0.0.1:{port}" in cmdline):
             ours.add(proc)
             try:  # workers and agents rename themselves (ray::IDLE): found as children instead
                 ours.update(proc.children(recursive=True))
@@ -223,3 +228,49 @@ def test_a_submitted_search_stopped_with_ray_job_stop_resumes_from_an_edited_che
     assert parent.info.status == "FINISHED" and parent.data.tags[TAG_SPACE] == "ray-job:spaces/smoke.yaml"
     ended = [c for c in children if c.info.status == "FINISHED"]
     assert len({c.data.tags[TAG_TRIAL] for c in ended}) == len(ended) == 40
+
+
+def test_a_node_lost_mid_search(subset_dir, subset_cache, subset_prepared, tmp_path):
+    """The worker node killed (every process of it) while its trial trains: Ray retries that
+    trial on the head node from its last epoch's checkpoint, the search completes, and each trial
+    ends recorded once (the lost attempt as failed and retried)."""
+    import time
+
+    from mmsa.app.run_tags import TAG_ENDED
+    from tests.search_helpers import search_cmd, wait_until
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=2, cv_folds=2,
+                        max_failures=2, scheduler={"type": "fifo", "rungs": "epochs", "max_epochs": 6})
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    folders: dict = {}
+    with _cluster(folders=folders) as address:
+        nodes = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='%s'); "
+                                "print('\\n'.join(n['NodeID'] + ' ' + n['ObjectStoreSocketName'] for n in ray.nodes()))"
+                                % address], capture_output=True, text=True, timeout=120, env=ENV).stdout
+        worker_node = next(line.split()[0] for line in nodes.splitlines() if folders["worker"] in line)
+        proc = subprocess.Popen(search_cmd(space, tmp_path, "--address", address), cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        client = MlflowClient(uri)
+
+        def trained_on_the_worker():
+            runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                    if r.data.tags.get(TAG_NODE) == worker_node and r.info.status == "RUNNING"]
+            return [r for r in runs if client.get_metric_history(r.info.run_id, "fold1_val_acc")]
+        try:
+            lost, = wait_until(trained_on_the_worker, 300, "a trial trained an epoch on the worker node", proc)
+            _stop_cluster(None, folders["worker"])  # the node goes away, its trial process with it
+            out = proc.communicate(timeout=900)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    parent_id = out.strip().splitlines()[-1].split("=", 1)[1]
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == len({c.data.tags[TAG_TRIAL] for c in finished}) == 2  # each trial once
+    lost_trial = lost.data.tags[TAG_TRIAL]
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert [c.data.tags[TAG_TRIAL] for c in failed] == [lost_trial]
+    assert failed[0].data.tags[TAG_ENDED] == "failed (retried)"
+    resumed, = [c for c in finished if c.data.tags[TAG_TRIAL] == lost_trial]
+    assert resumed.data.tags[TAG_NODE] != worker_node and resumed.data.metrics["resumed_after_epochs"] >= 1
+    assert resumed.data.metrics["epochs_trained"] == 12  # both folds' whole schedules in its one record

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mmsa.app.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
 from search.tracking import KILLED, child_runs
-from tests.search_helpers import ROOT, TrialHold, search_cmd, wait_until, write_space
+from tests.search_helpers import ROOT, TrialHold, fault_env, search_cmd, wait_until, write_space
 
 pytestmark = pytest.mark.slow  # real searches in subprocesses
 
@@ -31,7 +31,7 @@ def _trial_runs(uri: str) -> list:
 def test_a_trial_process_killed_from_outside_is_recorded_and_retried(subset_dir, subset_cache, subset_prepared,
                                                                      tmp_path):
     """SIGKILL to the trial's worker, as the kernel's out-of-memory killer sends it. The first
-    trial is held alive (tests/trial_hold) until it is recorded and killed: no race with its end."""
+    trial is held alive (tests/trial_hooks) until it is recorded and killed: no race with its end."""
     space = _long_trials_space(tmp_path, subset_dir, subset_cache, epochs=20, num_samples=2, max_concurrent=1,
                                max_failures=1)
     hold = TrialHold(tmp_path / "hold", nth=1)
@@ -133,3 +133,60 @@ def test_without_address_a_search_starts_its_own_ray_beside_a_dead_cluster(subse
                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("parent_run_id=")
+
+
+def _attempts(uri: str) -> list:
+    """The trial runs, oldest first."""
+    return sorted(_trial_runs(uri), key=lambda r: r.info.start_time)
+
+
+def _steps(client, run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def test_a_trial_killed_mid_fold_goes_on_from_its_last_epoch(subset_dir, subset_cache, subset_prepared, tmp_path):
+    """With rungs by epochs every epoch is a checkpoint: the trial process killed after epoch 2 of
+    fold 1 (of 3); Ray's retry goes on from epoch 3, not from fold 1, and its run holds the whole curve."""
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), cv_folds=2, num_samples=1,
+                        max_concurrent=1, max_failures=1, scheduler={"type": "fifo", "rungs": "epochs", "max_epochs": 3})
+    out = subprocess.run(search_cmd(space, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=fault_env("kill-after-epoch", tmp_path / "faults", 2))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"trying again: {KILLED}" in out.stdout
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    client = MlflowClient(uri)
+    killed, retried = _attempts(uri)
+    assert killed.data.tags[TAG_ENDED] == "failed (retried)" and retried.data.tags[TAG_ENDED] == "completed"
+    assert _steps(client, killed, "fold1_val_acc") == [1, 2]  # what it trained before it died
+    assert retried.data.metrics["resumed_after_epochs"] == 2  # it went on from there ...
+    assert _steps(client, retried, "fold1_val_acc") == [1, 2, 3] and _steps(client, retried, "fold2_val_acc") == [1, 2, 3]
+    assert retried.data.metrics["epochs_trained"] == 6  # ... to the end of both folds
+
+
+def _one_trial_meeting(fault: str, n: int, subset_dir, subset_cache, tmp_path):
+    """A search of one trial (2 folds of 2 epochs) whose trial meets a fault n times: (its output, its run)."""
+    space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), cv_folds=2, num_samples=1,
+                        max_concurrent=1, scheduler={"type": "fifo", "max_epochs": 2})
+    out = subprocess.run(search_cmd(space, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=fault_env(fault, tmp_path / "faults", n))
+    run, = _trial_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    return out, run
+
+
+def test_a_cuda_out_of_memory_is_retried_once_at_half_the_micro_batch(subset_dir, subset_cache, subset_prepared,
+                                                                      tmp_path):
+    out, run = _one_trial_meeting("oom", 1, subset_dir, subset_cache, tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "CUDA out of memory at micro-batch 16: trying again from the last finished epoch at micro-batch 8" in \
+        out.stdout + out.stderr
+    assert run.data.tags[TAG_ENDED] == "completed"
+    assert run.data.metrics["oom_retries"] == 1 and run.data.metrics["micro_batch"] == 8  # recorded on its run
+
+
+def test_a_second_cuda_out_of_memory_fails_the_trial_naming_the_fix(subset_dir, subset_cache, subset_prepared,
+                                                                    tmp_path):
+    out, run = _one_trial_meeting("oom", 2, subset_dir, subset_cache, tmp_path)
+    assert run.data.tags[TAG_ENDED] == "failed"
+    error = run.data.tags[TAG_ERROR].splitlines()[0]
+    assert "CUDA out of memory again at micro-batch 8" in error and "--dry-run" in error and "micro_batch" in error
+    assert "no trial produced a score" in out.stdout

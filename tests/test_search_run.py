@@ -78,7 +78,9 @@ def test_the_search_keeps_out_of_fold_predictions_and_selects_an_ensemble(smoke_
     import numpy as np
 
     from mmsa.training import oof
+    from mmsa.training.plan import Plan
     from mmsa.training.selection import blend, score
+    from search.report import config_from_params
     tmp, uri, parent_id, out = smoke_search
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
@@ -101,13 +103,18 @@ def test_the_search_keeps_out_of_fold_predictions_and_selects_an_ensemble(smoke_
         # its predictions at its best epoch are what its score was measured on
         assert fold_mean_acc(got) == pytest.approx(child.data.metrics["best_val_acc"])
         candidates[child.data.tags[TAG_TRIAL]] = got["probs"]
-    ensemble = json.loads(Path(client.download_artifacts(parent_id, "ensemble.json", str(tmp_path))).read_text())
-    weights = {m["name"]: m["weight"] for m in ensemble["members"]}
+    plan = Plan.from_dict(json.loads(Path(client.download_artifacts(parent_id, "plan.json", str(tmp_path))).read_text()))
+    weights = {"probe" if m.kind == "probe" else m.name.removeprefix("trial "): m.weight for m in plan.members}
     assert sum(weights.values()) == pytest.approx(1.0) and set(weights) <= set(candidates)
-    assert ensemble["candidates"] == len(candidates)
-    assert ensemble["score"] == pytest.approx(score("val_acc", probe["labels"], blend(candidates, weights)))
-    assert parent.data.metrics["ensemble_val_acc"] == pytest.approx(ensemble["score"])
-    assert ensemble["score"] >= max(score("val_acc", probe["labels"], p) for p in candidates.values())
+    for m in plan.members:  # each trial member: its run's whole config, for the epoch its folds peaked at
+        if m.kind == "model":
+            run = client.get_run(m.source)
+            assert m.epochs == run.data.metrics["best_epoch"] and m.seeds == 5
+            assert m.config.to_flat() == config_from_params(run.data.params)
+    assert parent.data.metrics["ensemble_candidates"] == len(candidates)
+    blended = score("val_acc", probe["labels"], blend(candidates, weights))
+    assert parent.data.metrics["ensemble_val_acc"] == pytest.approx(blended)
+    assert blended >= max(score("val_acc", probe["labels"], p) for p in candidates.values())
     assert "ensemble: " in out.stdout and "chosen without each fold in turn" in out.stdout
 
 
@@ -143,7 +150,7 @@ def test_smoke_search_records_what_a_user_needs_in_the_ui(smoke_search, subset_d
 
 
 def _start_long_search(tmp_path, subset_dir, subset_cache, epochs: int = 40, **popen):
-    """A 5-trial search, returned while its third trial is held alive (tests/trial_hold), recorded
+    """A 5-trial search, returned while its third trial is held alive (tests/trial_hooks), recorded
     as running, and after Ray has saved the first two as finished: a kill then lands mid-search
     with a trial running, by construction. Returns (space, uri, process, hold)."""
     space = write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=5, cv_folds=1,
@@ -199,8 +206,7 @@ def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[
     # every trial's out-of-fold predictions, those of the trials before the kill too, are candidates
     import json
     from pathlib import Path
-    ensemble = json.loads(Path(client.download_artifacts(parent_id, "ensemble.json", str(tmp_path))).read_text())
-    assert ensemble["candidates"] == 5 + 1 and not ensemble["skipped"]
+    assert parent.data.metrics["ensemble_candidates"] == 5 + 1  # none skipped
     # the time budget went on from what was left: at least the finished trials' run times are spent
     ran = sum((c.info.end_time - c.info.start_time) / 1000 for c in done)
     assert 0 < parent.data.metrics["time_budget_left_s"] <= 600 - ran + 3
@@ -273,8 +279,9 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(subset_dir, subset_c
 
 
 def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, tmp_path):
-    """finetune=full: no cache anywhere; each trial reads the files and trains both backbones."""
-    space = write_space(tmp_path / "full.yaml", str(subset_dir), str(tmp_path / "never"), num_samples=2,
+    """finetune=full: each trial reads the files and trains both backbones; the frozen features are
+    cached for the linear probe alone, the yardstick of every search."""
+    space = write_space(tmp_path / "full.yaml", str(subset_dir), str(tmp_path / "cache"), num_samples=2,
                         max_epochs=1, cv_folds=1, scheduler={"type": "fifo", "max_epochs": 1}, searcher={"type": "random"})
     import yaml
     spec = yaml.safe_load(space.read_text())
@@ -283,7 +290,7 @@ def test_full_finetuning_search_trains_the_backbones_in_its_trials(subset_dir, t
     space.write_text(yaml.safe_dump(spec))
     out = run_search(space, tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert not (tmp_path / "never").exists() and "finetune=full: no feature cache" in out.stdout
+    assert "finetune=full trials read the pairs themselves" in out.stdout and "baseline: linear probe" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     parent_id = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
     children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)

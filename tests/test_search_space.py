@@ -39,27 +39,31 @@ def test_shipped_spaces_load():
 def test_the_metric_decides_what_trials_monitor(tmp_path):
     spec = load_space(_write(tmp_path, GOOD + "metric: val_macro_f1\n"))
     assert spec.base_config().train.monitor == "val_macro_f1"
-    assert spec.trial_config({"lr": 1e-3}).train.monitor == "val_macro_f1"
+    # what the search decides itself: trials train whole schedules, scored on the folds' mean curve
+    assert (spec.base_config().train.patience, spec.base_config().train.stop_epoch) == (0, 0)
     assert load_space(_write(tmp_path, GOOD)).base_config().train.monitor == "val_acc"
 
 
 def test_a_searched_schedule_length_overrides_the_schedulers(tmp_path):
     spec = load_space(_write(tmp_path, GOOD + "  max_epochs: {type: choice, values: [2, 4]}\n"))
-    assert spec.base_config().train.max_epochs == 3 and spec.trial_config({"max_epochs": 4}).train.max_epochs == 4
+    assert spec.base_config().train.max_epochs == 3 and spec.params["max_epochs"].values == [2, 4]
 
 
 def test_good_space(tmp_path):
     spec = load_space(_write(tmp_path, GOOD))
     assert spec.num_samples == 3 and spec.max_epochs == 3 and spec.fixed == {"d_model": 64}
-    cfg = spec.trial_config({"lr": 1e-3, "pooling": "attention", "fusion_depth": 2})
+    from search.trainable import TrialData
+    trial = TrialData(guids=[], text_dir="", image_dir="", folds=[], base=spec.base_config().to_flat(), threads=2)
+    cfg = trial.config({"lr": 1e-3, "pooling": "attention", "fusion_depth": 2})
     assert cfg.model.d_model == 64 and cfg.model.pooling == "attention" and cfg.train.max_epochs == 3
+    assert cfg.train.num_threads == 2
 
 
 @pytest.mark.parametrize("text,match", [
     ("num_samples: 3\nwhatever: 1\n", "unknown key 'whatever'"),
     ("params:\n  learning_rate: {type: uniform, low: 0, high: 1}\n", "unknown key 'params.learning_rate'"),
-    ("params:\n  lr: {type: uniform, low: 0.1, high: 0.01}\n", "params.lr.*`low <= high` must hold"),
-    ("params:\n  lr: {type: loguniform, low: 0, high: 0.01}\n", "params.lr.*`low > 0` must hold for `log=True`"),
+    ("params:\n  lr: {type: uniform, low: 0.1, high: 0.01}\n", "params.lr': low 0.1 is above high 0.01"),
+    ("params:\n  lr: {type: loguniform, low: 0, high: 0.01}\n", "params.lr': low 0 must be > 0 on a log scale"),
     ("params:\n  lr: {type: gaussian, low: 0, high: 1}\n", "unknown distribution 'gaussian'"),
     ("params:\n  pooling: {type: choice, values: [mean, max]}\n", "params.pooling.*'pooling'"),
     ("params:\n  fusion_depth: {type: int, low: 0.5, high: 2}\n", "whole numbers"),
@@ -71,7 +75,7 @@ def test_good_space(tmp_path):
     ("fixed: {text_encoder: bert-nope}\n", "fixed.*'text_encoder' = 'bert-nope'"),
     ("params:\n  text_encoder: {type: choice, values: [minilm, bert-base-uncased]}\n", "params.text_encoder.*under 'fixed'"),
     ("params:\n  max_text_len: {type: choice, values: [32, 64]}\n", "params.max_text_len.*prepared once per search"),
-    ("params:\n  finetune: {type: choice, values: [none, full]}\n", "params.finetune.*a choice among none and last_k"),
+    ("params:\n  finetune: {type: choice, values: [none, most]}\n", "params.finetune.*a choice among none, last_k and full"),
     ("params:\n  text_finetune_layers: {type: int, low: 1, high: 6}\n", "params.text_finetune_layers.*a choice of"),
     ("scheduler: {type: hyperband}\n", "scheduler.type"),
     ("fork_trials: false\n", "key 'fork_trials' was removed: every trial runs as a plain Ray worker"),
@@ -132,6 +136,8 @@ def test_a_space_that_searches_fine_tuning_lists_every_kind_of_features_its_tria
                             "  text_finetune_layers: {type: choice, values: [2, 6]}\n")
     kinds = [(d.finetune, d.text_finetune_layers) for d in load_space(path).feature_configs()]
     assert kinds == [("none", 2), ("last_k", 2), ("last_k", 6)]  # the base first; none reads one cache
+    full = _write(tmp_path, "params:\n  finetune: {type: choice, values: [none, full]}\n")
+    assert [d.finetune for d in load_space(full).feature_configs()] == ["none", "full"]  # full: searched beside
     plain = _write(tmp_path, "params:\n  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n")
     assert len(load_space(plain).feature_configs()) == 1
 
@@ -140,17 +146,23 @@ def test_command_line_flags_override_the_space_file():
     from search.space import apply_flags
     spec = load_space(ROOT / "spaces" / "fusion.yaml")
     assert "head" in spec.params and "lr" in spec.params
-    unsearched = apply_flags(spec, cpus=2, gpus=0.5, max_concurrent=3, seed=7,
-                             sets={"head": "mlp", "warmup_frac": "0.2"})
+    flagged, unsearched = apply_flags(spec, cpus=2, gpus=0.5, max_concurrent=3, seed=7,
+                                      sets={"head": "mlp", "warmup_frac": "0.2"})
+    assert "head" in spec.params and spec.cpu == 1  # the space as loaded is never changed
+    spec = flagged
     assert unsearched == ["head"] and "head" not in spec.params and "lr" in spec.params
-    assert (spec.cpu, spec.gpu, spec.max_concurrent, spec.seed) == (2, 0.5, 3, 7)
+    assert (spec.cpu, spec.gpu, spec.max_concurrent, spec.seed) == (2, 0.5, 3, 7) and not spec.gpu_auto
+    auto, _ = apply_flags(spec, gpus="auto")
+    assert auto.gpu_auto and auto.gpu == 1.0
     cfg = spec.base_config()
     assert cfg.model.head == "mlp" and cfg.train.warmup_frac == 0.2 and spec.fixed["warmup_frac"] == 0.2
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"cpus": 0}, r"--cpus-per-trial 0: must be > 0"),
-    ({"gpus": -1}, r"--gpus-per-trial -1: must be >= 0"),
+    ({"gpus": -1}, r"--gpus-per-trial -1: must be in \[0, 1\], or auto"),
+    ({"gpus": 2}, r"--gpus-per-trial 2: must be in \[0, 1\], or auto: a share of one GPU \(a trial trains on one"),
+    ({"sets": {"device": "cuda"}}, r"device: cuda, but resources.gpu is 0"),
     ({"max_concurrent": 0}, r"--max-concurrent 0: must be > 0"),
     ({"sets": {"nope": "1"}}, r"--set: unknown key 'nope'"),
     ({"sets": {"head": "cnn"}}, r"--set: key 'head' = 'cnn'"),

@@ -5,7 +5,8 @@ import pickle
 import pytest
 
 from mmsa.errors import UserError
-from search.time_budget import FoldBoundaryStopper, TimeBudget, parse_duration
+from tests.search_helpers import ROOT
+from search.time_budget import TimeBudget, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("20m", 1200), ("1h30m", 5400), ("90s", 90), ("1.5h", 5400),
@@ -23,24 +24,45 @@ def test_bad_durations_are_one_line(text, said):
 
 
 def test_the_budget_counts_running_time_and_not_the_time_between_a_kill_and_a_resume(monkeypatch):
+    from search.driver import BudgetStopper
+    from search.searcher import make_searcher
+    from search.space import load_space
     now = [1000.0]
     monkeypatch.setattr("search.time_budget.time.monotonic", lambda: now[0])
-    budget = TimeBudget(100, "search-a")
+    budget = TimeBudget(100)
     assert not budget.spent()  # the clock starts at the first look
     now[0] += 60
     assert not budget.spent() and budget.left == 40
-    saved = pickle.dumps(budget)
-    now[0] += 3600  # the driver was killed; an hour later the search resumes
-    resumed = pickle.loads(saved)  # its clock runs from the restore: trials Ray restarts count
-    assert TimeBudget.live["search-a"] is resumed and resumed.left == 40
+    stopper = BudgetStopper(budget)
+    saved = stopper.get_state()  # what Ray's experiment checkpoint holds
+    # The driver was killed; an hour later the search resumes. Ray restores the searcher, the
+    # stopper and the logger from one pickle (so they share one budget), then the stopper's state.
+    now[0] += 3600
+    searcher = make_searcher(load_space(ROOT / "spaces" / "smoke.yaml"), TimeBudget(100))
+    restored_stopper, restored_searcher = pickle.loads(pickle.dumps((BudgetStopper(searcher.budget), searcher)))
+    assert restored_stopper.budget is restored_searcher.budget
+    restored_stopper.set_state(saved)
+    resumed = restored_searcher.budget
+    assert resumed.left == 40  # its clock runs from the restore: trials Ray restarts count
     now[0] += 10
     assert not resumed.spent() and resumed.left == 30
     now[0] += 29
-    assert not resumed.spent()
-    stopper = FoldBoundaryStopper("search-a")
-    assert not stopper("trial", {}) and not stopper.stop_all()
+    assert not restored_stopper("trial", {}) and not restored_stopper.stop_all()
     now[0] += 2
-    assert stopper("trial", {}) and resumed.spent() and not stopper.stop_all()  # trials stop; the search ends them
+    assert restored_stopper("trial", {}) and resumed.spent() and not restored_stopper.stop_all()
+
+
+def test_the_searcher_saves_its_own_state_and_keeps_the_shared_budget(tmp_path):
+    from search.searcher import make_searcher
+    from search.space import load_space
+    budget = TimeBudget(100)
+    searcher = make_searcher(load_space(ROOT / "spaces" / "smoke.yaml"), budget)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    assert searcher.budget is budget
+    other = TimeBudget(50)
+    restored = make_searcher(load_space(ROOT / "spaces" / "smoke.yaml"), other)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.budget is other  # Ray's restore keeps the budget the stopper shares
 
 
 def test_the_searcher_proposes_nothing_once_the_budget_is_spent(tmp_path, monkeypatch):
@@ -52,7 +74,7 @@ def test_the_searcher_proposes_nothing_once_the_budget_is_spent(tmp_path, monkey
     assert spec.time_budget == "2m"
     now = [0.0]
     monkeypatch.setattr("search.time_budget.time.monotonic", lambda: now[0])
-    searcher = make_searcher(spec, TimeBudget(120, "search-b"))
+    searcher = make_searcher(spec, TimeBudget(120))
     searcher.set_search_properties("best_val_acc", "max", {})
     assert isinstance(searcher.suggest("t1"), dict)
     now[0] += 121

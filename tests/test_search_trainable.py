@@ -1,38 +1,7 @@
 """search/trainable.py: what a trial process does besides calling fit."""
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim and /proc are Linux")
-
-CHILD = textwrap.dedent("""
-    from search.trainable import release_freed_memory
-
-    def anon_mib():
-        for line in open("/proc/self/smaps_rollup"):
-            if line.startswith("Anonymous:"):
-                return int(line.split()[1]) / 1024
-
-    # 64 KiB blocks live on the heap (under glibc's mmap threshold); keeping every 8th one alive
-    # pins the heap's top, so freeing the rest does not shrink it on its own.
-    blocks = [bytearray(64 * 1024) for _ in range(6000)]
-    kept = blocks[::8]
-    del blocks
-    before = anon_mib()
-    release_freed_memory()
-    print(before, anon_mib(), len(kept))
-""")
-
-
-def test_release_freed_memory_returns_freed_heap_to_the_os():
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True).stdout
-    before, after, _ = map(float, out.split())
-    freed = 6000 * 7 / 8 * 64 / 1024  # MiB freed by `del blocks`: about 328
-    assert before - after > 0.5 * freed, (before, after)
 
 
 def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared):
@@ -50,12 +19,14 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     from search.trainable import TrialData, fit_trial
 
     data_cfg, p = subset_prepared
-    base = Config(data=data_cfg).to_flat() | {"max_epochs": 1, "d_model": 16, "heads": 2, "batch_size": 16}
+    spec = SearchSpec(path=Path("space.yaml"), cv_folds=3, n_startup_trials=2, max_epochs=1,
+                      fixed={"d_model": 16, "heads": 2, "batch_size": 16},
+                      params={"lr": Param("lr", "loguniform", 1e-4, 1e-2)})
+    base = spec.base_config().to_flat() | {k: v for k, v in Config(data=data_cfg).to_flat().items()
+                                           if k in vars(data_cfg)}
     f = p.features
     data = TrialData(guids=f.guids, text_dir=str(f.text_dir), image_dir=str(f.image_dir),
                      folds=cv_splits(p.train, 3, seed=0), base=base, threads=1)
-    spec = SearchSpec(path=Path("space.yaml"), cv_folds=3, n_startup_trials=2,
-                      params={"lr": Param("lr", "loguniform", 1e-4, 1e-2)})
     searcher = make_searcher(spec)
 
     class Stopped(Exception):
@@ -65,7 +36,7 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     for trial_id in reports:
         config = searcher.suggest(trial_id)
 
-        def emit(metrics, trial_id=trial_id):
+        def emit(metrics, state, trial_id=trial_id):
             result = {**metrics, "training_iteration": metrics["folds_done"]}
             reports[trial_id].append(result)
             searcher.on_trial_result(trial_id, result)
@@ -99,7 +70,7 @@ def test_a_node_without_the_cache_and_nothing_offered_says_which_node_and_what(t
                      folds=[], base=Config().to_flat(), threads=1)
     with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*node-cache: the search's feature cache "
                                         f"is not here") as e:
-        data.features()
+        data.features(Config().data)
     assert "\n" not in str(e.value)
 
 
@@ -121,11 +92,12 @@ def test_a_node_receives_the_offered_cache_into_its_own_folder_once(subset_prepa
     monkeypatch.setattr(ray, "get", lambda ref: (calls.append(1), ref)[1])
     data = TrialData(guids=f.guids, text_dir=str(f.text_dir), image_dir=str(f.image_dir), folds=[],
                      base={}, threads=1, cache_files=offered)
-    got = data.features()
+    from mmsa.config import DataConfig
+    got = data.features(DataConfig())
     assert got.text_dir.parent == node and np.array_equal(got.text, f.text) and np.array_equal(got.image, f.image)
     assert sorted(p.name for p in node.iterdir()) == sorted([f.text_dir.name, f.image_dir.name])
     fetched = len(calls)
-    data.features()  # a second trial on this node: nothing fetched again
+    data.features(DataConfig())  # a second trial on this node: nothing fetched again
     assert len(calls) == fetched == len(offered)
 
 
@@ -141,7 +113,7 @@ def test_full_finetuning_on_a_node_without_the_images_says_so_rather_than_train_
     data = TrialData(guids=["1"], text_dir="", image_dir="", folds=[], base={}, threads=1, raw=raw)
     with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*not-here: the dataset's images are not "
                                         f"here"):
-        data.features()
+        data.features(raw.cfg)
     (tmp_path / "not-here").mkdir()
     (tmp_path / "not-here" / "1.jpg").write_bytes(b"")
-    assert data.features() is raw
+    assert data.features(raw.cfg) is raw

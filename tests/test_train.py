@@ -173,8 +173,10 @@ def test_full_finetune_trains_the_backbones_at_a_scaled_learning_rate(subset_dir
     data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), max_text_len=16,
                           finetune="full")
     cfg = _cfg(data_cfg, lr=1e-3, backbone_lr_scale=0.05)
-    model = create_model(cfg.with_features(prepare(data_cfg).features))
-    head, backbones = _new_trainee(model, cfg, np.random.default_rng(0), 10).optimizer.param_groups
+    data = prepare(data_cfg)
+    model = create_model(cfg.with_features(data.features))
+    head, backbones = _new_trainee(model, cfg, data.features, data.train, torch.device("cpu"),
+                                   progress=False).optimizer.param_groups
     assert head["initial_lr"] == 1e-3 and backbones["initial_lr"] == pytest.approx(5e-5)
     assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
     n_backbone = sum(1 for _ in model.text_backbone.parameters()) + sum(1 for _ in model.image_backbone.parameters())

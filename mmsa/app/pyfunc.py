@@ -76,7 +76,7 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
 
         from mmsa.app.pairs import RequestError, pairs_from_frame
         from mmsa.features.resident import backbone_key
-        from mmsa.models.ensemble import feature_key, predict_members
+        from mmsa.models.ensemble import predict_members
         served = self._serving()
         try:
             pairs = pairs_from_frame(model_input, served["limits"], served["image_root"])
@@ -86,8 +86,8 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         features = {}  # feature key -> features: each backbone pair runs once for all its members
         for key, backbones in served["backbones"].items():
             cfgs = [m.cfg.data for m in self.members if backbone_key(m.cfg.data) == key]
-            features.update(zip(map(feature_key, cfgs), backbones.features(cfgs, pairs.texts, pairs.images)))
-        out = _table(predict_members(self.members, lambda cfg: (features[feature_key(cfg)], rows),
+            features.update(zip((cfg.feature_key() for cfg in cfgs), backbones.features(cfgs, pairs.texts, pairs.images)))
+        out = _table(predict_members(self.members, lambda cfg: (features[cfg.feature_key()], rows),
                                      served["device"]))
         out["image_status"] = pairs.image_status
         return out

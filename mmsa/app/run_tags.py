@@ -18,6 +18,7 @@ TAG_ENDED = "mmsa.ended"  # on a trial: completed | stopped early | failed | int
 TAG_ERROR = "mmsa.error"
 TAG_NOT_RESUMED = "mmsa.not_resumed"  # on an interrupted trial that Ray did not know when resuming
 TAG_NODE = "mmsa.node_id"  # the Ray node a trial ran on
+TAG_DEVICE = "mmsa.device"  # what a trial trained on: cpu, or cuda (where it reserved a GPU)
 TAG_SPACE = "mmsa.space"
 TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"
@@ -40,6 +41,6 @@ def experiment_name(flag: str | None) -> str:
     return flag or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
-# A search's parent-run artifact: the members mmsa.final retrains, with their weights
-# (search/ensemble.py writes it).
-ENSEMBLE_ARTIFACT = "ensemble.json"
+# A search's parent-run artifact: the plan of the final model, the members mmsa.final retrains
+# (mmsa.training.plan; search/ensemble.py writes it). A final run logs the plan it executed too.
+PLAN_ARTIFACT = "plan.json"

@@ -182,13 +182,15 @@ def _read_pair(data_dir: Path, guid: str, label: int | None, report: DataReport)
 
 def load_dataset(root: str | Path) -> Dataset:
     """Read the course layout under `root`. Unusable training pairs are skipped and reported;
-    every test pair is kept (it gets a prediction from whichever modality is present)."""
+    every test pair is kept (it gets a prediction from whichever modality is present). Its pairs'
+    files are named by absolute paths: what reads them may run elsewhere (a search's trials)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
+    if not (root / DATA_SUBDIR).is_dir():
+        raise DataError(f"{root / DATA_SUBDIR}: missing 'data/' folder with GUID.jpg and GUID.txt pairs")
+    root = root.absolute()
     data_dir = root / DATA_SUBDIR
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: missing 'data/' folder with GUID.jpg and GUID.txt pairs")
     report = DataReport()
     train: list[Example] = []
     for guid, label in parse_label_file(root / TRAIN_FILE, labeled=True, report=report):
@@ -204,13 +206,3 @@ def load_dataset(root: str | Path) -> Dataset:
     if not train:
         raise DataError(f"{root / TRAIN_FILE}: no usable labeled pairs")
     return Dataset(root=root, train=train, test=test, report=report)
-
-
-def split_train_val(examples: list[Example], val_fraction: float, seed: int
-                    ) -> tuple[list[Example], list[Example]]:
-    """Seeded stratified split (mmsa.folds.holdout_indices). `val_fraction=0` returns (all, [])."""
-    if val_fraction <= 0:
-        return list(examples), []
-    from mmsa.data.folds import holdout_indices
-    train, val = holdout_indices([ex.label for ex in examples], val_fraction, seed)
-    return [examples[i] for i in train], [examples[i] for i in val]

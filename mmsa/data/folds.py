@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 
+from mmsa.data.dataset import LABELS, Example
 from mmsa.errors import DataError
 
 
@@ -38,9 +39,17 @@ def cv_indices(labels: np.ndarray, k: int, seed: int, val_fraction: float = 0.2
     counts = Counter(labels.tolist())
     rarest, count = min(counts.items(), key=lambda kv: kv[1])
     if count < k:
-        from mmsa.data.dataset import LABELS
         name = LABELS[rarest] if 0 <= rarest < len(LABELS) else rarest
         raise DataError(f"cv_folds={k} needs at least {k} labeled pairs of every class; '{name}' has {count}")
     from sklearn.model_selection import StratifiedKFold
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(labels)), labels)]
+
+
+def split_train_val(examples: list[Example], val_fraction: float, seed: int
+                    ) -> tuple[list[Example], list[Example]]:
+    """Seeded stratified split (holdout_indices). `val_fraction=0` returns (all, [])."""
+    if val_fraction <= 0:
+        return list(examples), []
+    train, val = holdout_indices([ex.label for ex in examples], val_fraction, seed)
+    return [examples[i] for i in train], [examples[i] for i in val]

@@ -15,25 +15,19 @@ if TYPE_CHECKING:
 
 
 class ImageFiles:
-    """Map-style dataset of preprocessed images for torch's DataLoader."""
+    """Map-style dataset of the examples' preprocessed images for torch's DataLoader:
+    (pixels, whether the image was read). `of_file(path)` and `blank(None)` are an image
+    featurizer's (mmsa.features.featurize.ImageFeaturizer): the one way images become pixels."""
 
-    def __init__(self, examples: list[Example], transform, size: int):
-        self.examples, self.transform, self.size = examples, transform, size
+    def __init__(self, examples: list[Example], of_file, blank):
+        self.examples, self.of_file, self.blank = examples, of_file, blank
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int):
         ex = self.examples[i]
-        if ex.has_image:
-            try:
-                with Image.open(ex.image_path) as img:
-                    return self.transform(to_rgb(img)), True
-            except (OSError, ValueError, Image.DecompressionBombError):
-                pass
-        # A blank (mean-coloured) image: the features then say "no picture".
-        import torch
-        return torch.zeros(3, self.size, self.size), False
+        return self.of_file(ex.image_path) if ex.has_image else self.blank(None)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -46,7 +40,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def loader_workers(device: torch.device, on_cpu: int) -> int:
-    """Processes decoding images ahead of the model: up to 8 on a GPU, where decoding bounds the
-    speed; `on_cpu` on a CPU, where the model needs the cores itself."""
-    return min(8 if device.type == "cuda" else on_cpu, os.cpu_count() or 1)
+def loader_workers(device: torch.device, on_cpu: int, share: int | None = None) -> int:
+    """Processes decoding images ahead of the model: on a GPU, where decoding bounds the speed, the
+    cores the process may use (`share`, e.g. a trial's resources.cpu; default all) less the one
+    feeding the GPU, at least 1 and at most 8; `on_cpu` on a CPU, where the model needs the cores."""
+    cores = os.cpu_count() or 1
+    if device.type != "cuda":
+        return min(on_cpu, cores)
+    return max(1, min(8, (share or cores) - 1))

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmsa.config import DataConfig
-from mmsa.data.dataset import Dataset, Example, normalize_tweet
+from mmsa.data.dataset import Dataset, Example
 from mmsa.errors import DISK_FULL, DiskFullError
 from mmsa.features.featureset import FeatureSet, digest
 from mmsa.data.images import ImageFiles, loader_workers
@@ -177,18 +177,21 @@ def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
     return fill
 
 
-def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 64) -> tuple[dict, Path]:
-    from mmsa.features.encoders import build_text_encoder
-    from mmsa.features.lexicon import LEXICON_DIM, lexicon_scores, lexicon_version
-    layers = cfg.text_finetune_layers if cfg.finetune == "last_k" else 0
+def build_text_cache(cfg: DataConfig, examples: list[Example]) -> tuple[dict, Path]:
+    from mmsa.features.featurize import TextFeaturizer, clean_texts
+    from mmsa.features.lexicon import LEXICON_DIM, lexicon_version
+    layers = cfg.text_depth
     n, L = len(examples), cfg.max_text_len
-    texts = [normalize_tweet(ex.text) if cfg.text_clean else ex.text for ex in examples]
+    raw = [ex.text for ex in examples]
+    texts = clean_texts(cfg, raw)
     # The lexicon reads the raw text (hashtags, @mentions, capitals), so both are in the key.
     items = [digest(f"{ex.guid}\t{text}\t{ex.text}") for ex, text in zip(examples, texts)]
     content = digest(*items)
 
     def prepare():
+        from mmsa.features.encoders import build_text_encoder
         encoder = build_text_encoder(cfg.text_encoder)
+        featurizer = TextFeaturizer(cfg, encoder)
 
         @_reusing_freed_memory
         def fill(tmp: Path) -> list[str]:
@@ -197,15 +200,13 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
             tokens = _new_array(tmp / "tokens.npy", np.float16, (n, L, encoder.dim))
             mask = _new_array(tmp / "mask.npy", np.bool_, (n, L))
             with _progress(n, f"text features ({cfg.text_encoder}, {device})") as bar:
-                for s in range(0, n, batch_size):
-                    batch = encoder.tokenize(texts[s:s + batch_size], L)
-                    hidden, m = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device), layers)
-                    tokens[s:s + len(hidden)] = hidden.float().cpu().numpy().astype(np.float16)
-                    mask[s:s + len(hidden)] = m.cpu().numpy()
-                    bar.update(len(hidden))
+                for s, hidden, m in featurizer.encode_batches(texts, [layers], device):
+                    tokens[s:s + len(m)] = hidden[layers]
+                    mask[s:s + len(m)] = m
+                    bar.update(len(m))
             tokens.flush(), mask.flush()
             lexicon = _new_array(tmp / "lexicon.npy", np.float32, (n, LEXICON_DIM))
-            lexicon[:] = lexicon_scores([ex.text for ex in examples])
+            lexicon[:] = featurizer.lexicon(raw)
             lexicon.flush()
             return ["tokens", "mask", "lexicon"]
         model = digest(encoder.fingerprint(), str(L), str(layers), lexicon_version())
@@ -215,34 +216,35 @@ def build_text_cache(cfg: DataConfig, examples: list[Example], batch_size: int =
     return _get_or_build(Path(cfg.cache_dir), base, items, prepare)
 
 
-def build_image_cache(cfg: DataConfig, examples: list[Example], batch_size: int = 32,
-                      workers: int | None = None) -> tuple[dict, Path]:
-    from mmsa.features.encoders import build_image_encoder
+def build_image_cache(cfg: DataConfig, examples: list[Example], workers: int | None = None) -> tuple[dict, Path]:
+    from mmsa.features.featurize import IMAGE_BATCH, ImageFeaturizer
     n = len(examples)
     content, items = image_content_hash(examples)
 
     def prepare():
         import torch
+
+        from mmsa.features.encoders import build_image_encoder
         encoder = build_image_encoder(cfg.image_encoder)
-        pre = encoder.preprocess
+        featurizer = ImageFeaturizer(cfg, encoder)
 
         @_reusing_freed_memory
         def fill(tmp: Path) -> list[str]:
             device = _extraction_device()
             encoder.to(device)
             n_workers = workers if workers is not None else loader_workers(device, on_cpu=2)
-            loader = torch.utils.data.DataLoader(ImageFiles(examples, pre.transform(), pre.size),
-                                                 batch_size=batch_size, num_workers=n_workers,
+            loader = torch.utils.data.DataLoader(ImageFiles(examples, featurizer.pixels_of_file, featurizer.pixels),
+                                                 batch_size=IMAGE_BATCH, num_workers=n_workers,
                                                  pin_memory=device.type == "cuda")
             tokens = valid = None
             with _progress(n, f"image features ({cfg.image_encoder}, {device})") as bar:
                 s = 0
-                for images, ok in loader:
-                    feats = encoder(images.to(device, non_blocking=True)).float().cpu()
+                for pixels, ok in loader:
+                    feats = featurizer.encode(pixels, device)
                     if tokens is None:
                         tokens = _new_array(tmp / "tokens.npy", np.float16, (n, feats.shape[1], feats.shape[2]))
                         valid = _new_array(tmp / "valid.npy", np.bool_, (n,))
-                    tokens[s:s + len(feats)] = feats.numpy().astype(np.float16)
+                    tokens[s:s + len(feats)] = feats
                     valid[s:s + len(feats)] = ok.numpy()
                     s += len(feats)
                     bar.update(len(feats))

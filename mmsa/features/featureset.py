@@ -1,7 +1,7 @@
 """The feature cache, read: memory-mapped token features of a dataset's pairs, batch by batch.
 
 `Features` is what training reads from: the cache (`FeatureSet`, built by mmsa.features.cache) or, for
-finetune=full, the dataset files themselves (mmsa.features.rawsource.RawSource). The cache's float16
+finetune=full, the pairs themselves (mmsa.features.rawsource.RawSource). The cache's float16
 `.npy` arrays are opened memory-mapped, so concurrent trials share one copy through the page
 cache. torch is imported only where batches are made, so a process that just opens the cache
 (the search driver) does not pay for torch's memory.
@@ -34,11 +34,13 @@ class Features(Protocol):
 
     def lexicon_of(self, rows: np.ndarray) -> np.ndarray: ...
 
+    def text_lengths(self, rows: np.ndarray) -> np.ndarray: ...
+
     def rows(self, guids: list[str]) -> np.ndarray: ...
 
     def batch(self, rows: np.ndarray, device: torch.device) -> tuple: ...
 
-    def iter_batches(self, row_batches: list[np.ndarray], device: torch.device): ...
+    def iter_batches(self, row_batches: list[np.ndarray], device: torch.device, augment: float = 0.0): ...
 
     def content_digest(self, rows: np.ndarray, labels: np.ndarray) -> str: ...
 
@@ -94,8 +96,9 @@ class FeatureSet:
         return (t(self.text[rows, :length]).float(), t(mask[:, :length]), t(self.image[rows]).float(),
                 t(self.lexicon_of(rows)))
 
-    def iter_batches(self, row_batches: list[np.ndarray], device: torch.device):
-        """`batch(rows)` for each of `row_batches`, in order."""
+    def iter_batches(self, row_batches: list[np.ndarray], device: torch.device, augment: float = 0.0):
+        """`batch(rows)` for each of `row_batches`, in order (cached features are fixed: `augment`
+        applies to finetune=full's images only)."""
         for rows in row_batches:
             yield self.batch(rows, device)
 

@@ -43,10 +43,20 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
 
 
+def trim_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim), thresholds untouched.
+    A trial process that Ray reuses for the next trial (reuse_actors) otherwise carries each
+    earlier trial's largest batches (search.trainable calls it after every epoch)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def release_freed_memory() -> None:
-    """After a long pass (building a cache): hand the heap's free pages back to the kernel, and set
-    the thresholds where glibc's adaptation would have taken them (mmap above 32 MB, trim above
-    64 MB), so that the rest of the process (a search's driver) keeps no more than it would have."""
+    """After a long pass with `keep_freed_memory` (building a cache): hand the heap's free pages back
+    to the kernel, and set the thresholds where glibc's adaptation would have taken them (mmap above
+    32 MB, trim above 64 MB), so that the rest of the process (a search's driver) keeps no more
+    than it would have."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmsa.config import DataConfig
-from mmsa.data.dataset import Dataset, Example, load_dataset, split_train_val
+from mmsa.data.dataset import Dataset, Example, load_dataset
+from mmsa.data.folds import split_train_val
 from mmsa.features.featureset import Features, FeatureSet
 from mmsa.features.rawsource import RawSource
 
@@ -74,6 +75,21 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None) -> Prepared:
                     test=Split.of(features, dataset.test))
 
 
+class Preparations:
+    """`prepare(cfg, val_fraction=0)` once per kind of features (DataConfig.feature_key): every
+    labeled pair as `train`, the test pairs as `test`. What training the members of a final model
+    reads (mmsa.training.plan.train_plan), the features of each kind built or loaded once."""
+
+    def __init__(self):
+        self._done: dict[tuple, Prepared] = {}
+
+    def __call__(self, cfg: DataConfig) -> Prepared:
+        key = (cfg.data_dir, cfg.cache_dir, cfg.feature_key())
+        if key not in self._done:
+            self._done[key] = prepare(cfg, val_fraction=0.0)
+        return self._done[key]
+
+
 def _prepare_for_parent(cfg: DataConfig, val_fraction: float | None = None) -> tuple | Prepared:
     data = prepare(cfg, val_fraction)
     f = data.features
@@ -92,7 +108,7 @@ def prepare_in_subprocess(cfg: DataConfig, val_fraction: float | None = None) ->
     With finetune=full there is no cache (backbones run per batch): the child only reads the
     dataset and splits it.
     """
-    result = _in_child(_prepare_for_parent, cfg, val_fraction)
+    result = in_child(_prepare_for_parent, cfg, val_fraction)
     if isinstance(result, Prepared):
         return result
     dataset, guids, text_dir, image_dir, train, val, test = result
@@ -100,8 +116,9 @@ def prepare_in_subprocess(cfg: DataConfig, val_fraction: float | None = None) ->
                     test=test)
 
 
-def _in_child(fn, *args, attempts: int = 2):
-    """fn(*args) in a fresh (spawned) child process. A child that dies without an answer (killed
+def in_child(fn, *args, attempts: int = 2):
+    """fn(*args) in a fresh (spawned) child process (what a process that must not hold torch, the
+    search driver, asks of torch). A child that dies without an answer (killed
     by a signal, a crash in native code), or that cannot be started because multiprocessing's own
     helper process (its resource tracker) died as it started, is tried once more, a second later,
     before giving up. Test runs saw both, with no trace of why, while a two-node Ray cluster ran
@@ -126,8 +143,7 @@ def _in_child(fn, *args, attempts: int = 2):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         if attempt == attempts:
-            raise RuntimeError(f"preparing the features: the child process {failure}, {attempts} times "
+            raise RuntimeError(f"{fn.__name__}: the child process {failure}, {attempts} times "
                                "(killed, or out of memory?)")
-        print(f"preparing the features: the child process {failure}; starting it again",
-              file=sys.stderr, flush=True)
+        print(f"{fn.__name__}: the child process {failure}; starting it again", file=sys.stderr, flush=True)
         time.sleep(1)

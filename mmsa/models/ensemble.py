@@ -1,11 +1,12 @@
 """The one ensemble mechanism: a final model is a list of weighted members, whose class
 probabilities are averaged with their weights. Each member is a trained model with its own
-config, and so with the features (cache) it reads: the models of several seeds, of each fold of
-a search, the linear probe and any blend are all members.
+config, and so with the features (cache) it reads: the models of several seeds, the linear probe
+and the selected trials of a search are all members (mmsa.training.plan.train_plan trains them).
 
 Checkpoint: {"format": 3, "labels": [...], "members": [{"name", "weight", "config": flat config,
-"model": state_dict}]}, loadable with torch.load(weights_only=True). The backbones are never in it:
-they load from their packages (or the hub) by the names in each member's config.
+"model": state_dict}]}, loadable with torch.load(weights_only=True). A member on cached features
+holds its head only (the frozen backbones load from their packages, or the hub, by the names in
+its config); a finetune=full member holds its fine-tuned backbones too.
 """
 
 from __future__ import annotations
@@ -45,43 +46,26 @@ def save_members(path: Path, members: list[Member]) -> None:
 
 
 def load_members(path: str | Path, device: torch.device | None = None) -> list[Member]:
-    """The members of a checkpoint, in eval mode. Earlier formats load too: one model (1), and
-    members without weights whose config may hold an `ensemble` of K models in one state dict (2)."""
+    """The members of a checkpoint, in eval mode."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: not a loadable mmsa checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ("members" not in ckpt and "model" not in ckpt):
-        raise UserError(f"{path}: not an mmsa checkpoint (no 'members' or 'model')")
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise UserError(f"{path}: not an mmsa checkpoint (no 'format')")
+    if ckpt["format"] != FORMAT:
+        raise UserError(f"{path}: checkpoint format {ckpt['format']}, this version reads format {FORMAT}; "
+                        f"train it again with this version's mmsa.final")
     if list(ckpt.get("labels", LABELS)) != list(LABELS):
         raise UserError(f"{path}: labels {ckpt['labels']} differ from this version's {list(LABELS)}")
-    entries = ckpt.get("members") or [{"name": "chosen config", "config": ckpt["config"], "model": ckpt["model"]}]
     from mmsa.models.factory import create_model
     members = []
-    for entry in entries:
+    for entry in ckpt["members"]:
         cfg = Config.from_stored(entry["config"], source=f"{path}: member '{entry['name']}'")
-        for name, weight, state in _split_ensemble(entry):
-            model = create_model(cfg)
-            model.load_state_dict(state)
-            members.append(Member(name, cfg, model.to(device or "cpu").eval(), weight))
+        model = create_model(cfg)
+        model.load_state_dict(entry["model"])
+        members.append(Member(entry["name"], cfg, model.to(device or "cpu").eval(), float(entry["weight"])))
     return members
-
-
-def _split_ensemble(entry: dict) -> list[tuple[str, float, dict]]:
-    """(name, weight, state_dict) of each model in a checkpoint entry: a format-2 entry whose
-    config has `ensemble: K` holds K models as `members.<i>.*`, each 1/K of the entry's weight."""
-    weight, k = float(entry.get("weight", 1.0)), int(entry["config"].get("ensemble", 1))
-    if k == 1:
-        return [(entry["name"], weight, entry["model"])]
-    return [(f"{entry['name']}, model {i + 1}", weight / k,
-             {key.split(".", 2)[2]: v for key, v in entry["model"].items() if key.startswith(f"members.{i}.")})
-            for i in range(k)]
-
-
-def feature_key(cfg: DataConfig) -> tuple:
-    """Members with equal keys read the same features."""
-    return (cfg.text_encoder, cfg.image_encoder, cfg.max_text_len, cfg.text_clean, cfg.finetune,
-            cfg.text_finetune_layers if cfg.finetune == "last_k" else 0)
 
 
 def average_probabilities(probs, weights=None) -> np.ndarray:
@@ -100,7 +84,7 @@ def predict_members(members: list[Member], features_for: FeaturesFor, device: to
     from mmsa.models.runtime import on_device, predict_proba_each
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
-        groups.setdefault(feature_key(m.cfg.data), []).append(i)
+        groups.setdefault(m.cfg.data.feature_key(), []).append(i)
     probs: list = [None] * len(members)
     for indices in groups.values():
         group = [members[i] for i in indices]

@@ -11,29 +11,19 @@ from mmsa.features.lexicon import LEXICON_DIM
 from mmsa.models.heads import LEXICON_GAIN, FusionModel, Head, PooledHead
 
 
-def create_model(cfg: Config) -> nn.Module:
-    """The one model factory (training, final, the predictor): the configured `head` on cached
-    features, or with finetune=full both backbones and the head. The config is read, never
-    changed; its feature sizes come from `Config.with_features`."""
+def create_model(cfg: Config, pretrained: bool = True) -> nn.Module:
+    """The one model factory (training, final, the predictor, the memory planner): the configured
+    `head` on cached features, or with finetune=full both backbones and the head (`pretrained=False`:
+    backbones with random weights, for sizing a model). The config is read, never changed; its
+    feature sizes come from `Config.with_features`."""
     if cfg.data.finetune == "full":
         from mmsa.models.finetune import FullFusion
-        return FullFusion(cfg, create_head(cfg.model))
+        return FullFusion(cfg, create_head(cfg.model), pretrained=pretrained)
     return create_head(cfg.model)
 
 
 def create_head(cfg: ModelConfig) -> Head:
     return FusionModel(cfg) if cfg.head == "fusion" else PooledHead(cfg)
-
-
-PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
-              "image_grid": 0, "text_layers": 0}
-
-
-def probe_config(cfg: Config) -> Config:
-    """`cfg` (its data and feature sizes) with the linear probe's head: see probe_head."""
-    import dataclasses
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, finetune="none"),
-                               model=dataclasses.replace(cfg.model, **PROBE_HEAD))
 
 
 def probe_head(cfg: Config, coef, intercept) -> PooledHead:

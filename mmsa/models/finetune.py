@@ -1,29 +1,48 @@
 """Full fine-tuning (finetune=full): both backbones run on every batch and train with the head.
 
-No feature cache: `mmsa.features.rawsource.RawSource` reads and preprocesses the files of each batch, and
-`FullFusion` is backbones + FusionModel. Meant for GPU machines (AMP is on under CUDA, see
-mmsa.models.runtime); on a CPU it works, slowly.
+No feature cache: `mmsa.features.rawsource.RawSource` makes each batch's inputs from the pairs, and
+`FullFusion` is backbones + the configured head. Meant for GPU machines (mixed precision under
+CUDA, see mmsa.models.runtime); on a CPU it works, slowly.
 """
 
 from __future__ import annotations
+
+import copy
+import functools
 
 from torch import nn
 
 from mmsa.config import Config
 
 
+@functools.lru_cache(maxsize=1)
+def _pretrained(text: str, image: str) -> tuple:
+    """The two pretrained backbones, loaded once per process: each model of a trial (one per fold)
+    starts from a copy of them instead of reading the weights again."""
+    from mmsa.features.encoders import build_image_encoder, build_text_encoder
+    return build_text_encoder(text), build_image_encoder(image)
+
+
 class FullFusion(nn.Module):
     """Text backbone + image backbone + a head (mmsa.models.factory.create_model builds it), trained end to end."""
 
-    def __init__(self, cfg: Config, head: nn.Module):
+    def __init__(self, cfg: Config, head: nn.Module, pretrained: bool = True):
         super().__init__()
-        from mmsa.features.encoders import build_image_encoder, build_text_encoder
-        text_enc, image_enc = build_text_encoder(cfg.data.text_encoder), build_image_encoder(cfg.data.image_encoder)
-        self.text_backbone = text_enc.model
+        if pretrained:
+            text_enc, image_enc = _pretrained(cfg.data.text_encoder, cfg.data.image_encoder)
+        else:  # the architectures alone, random weights, nothing read or downloaded (sizing a model)
+            from mmsa.features.encoders import build_image_encoder, build_text_encoder
+            text_enc = build_text_encoder(cfg.data.text_encoder, pretrained=False)
+            image_enc = build_image_encoder(cfg.data.image_encoder, pretrained=False)
+        self.text_backbone = copy.deepcopy(text_enc.model)
+        image_enc = copy.deepcopy(image_enc)
         self.image_backbone = image_enc.backbone
         self._image_features = image_enc._features
         self.head = head
         self.cfg = cfg.model
+        if cfg.train.grad_checkpointing:
+            _checkpoint_activations(self.text_backbone)
+            _checkpoint_activations(self.image_backbone)
 
     def pretrained_parameters(self) -> tuple[list[nn.Parameter], float]:
         """Both backbones train, at backbone_lr_scale times the head's lr."""
@@ -35,3 +54,15 @@ class FullFusion(nn.Module):
         if image.dim() == 4:
             image = image.flatten(2).transpose(1, 2)
         return self.head(text, attention_mask.bool(), image, lexicon)
+
+
+def _checkpoint_activations(backbone: nn.Module) -> None:
+    """Recompute a backbone's activations in the backward pass (transformers' and timm's own
+    switches); a backbone that has neither keeps them."""
+    backbone = getattr(backbone, "model", backbone)  # a transformers vision model inside its wrapper
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers 5
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(backbone, "gradient_checkpointing_enable"):  # transformers 4
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(backbone, "set_grad_checkpointing"):  # timm
+        backbone.set_grad_checkpointing(True)

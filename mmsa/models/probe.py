@@ -9,9 +9,23 @@ so the search driver can score it on the cache it memory-maps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from mmsa.config import Config
 from mmsa.features.prepare import Split
+
+PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
+              "image_grid": 0, "text_layers": 0}
+
+
+def probe_config(cfg: Config) -> Config:
+    """`cfg` (its data and feature sizes) with the linear probe's head, reading cached features:
+    the model mmsa.models.factory.probe_head builds from the probe's weights."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, finetune="none"),
+                               model=dataclasses.replace(cfg.model, **PROBE_HEAD))
+
 
 CHUNK = 256  # rows pooled at a time: float32 copies of a chunk stay small
 

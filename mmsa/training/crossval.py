@@ -10,15 +10,18 @@ and would leave no single epoch count to retrain with.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmsa.config import Config
 from mmsa.features.prepare import Split
 
-FoldCallback = Callable[[int, dict], None]
+if TYPE_CHECKING:
+    from mmsa.training.fit import FitState
+
 CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")  # those present
 
 
@@ -49,22 +52,75 @@ def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> d
     return out
 
 
+@dataclass
+class CVState:
+    """Where a cross-validation stands after a finished epoch: the per-epoch histories of the folds
+    finished, and the state of the fold in training (None between folds). `cross_validate(start=)`
+    goes on from it."""
+
+    histories: list[list[dict]]
+    fit: FitState | None = None
+
+
+@dataclass
+class CVEpoch:
+    """What cross_validate says after every epoch of every fold."""
+
+    fold: int  # 1-based
+    epoch: int
+    report: dict  # the fold's epoch metrics (mmsa.training.fit's on_epoch report)
+    summary: dict | None  # at a fold's last epoch: cv_summary of the folds finished; else None
+    state: CVState | None  # where it stands now (with keep_state); else None
+
+    @property
+    def fold_end(self) -> bool:
+        return self.summary is not None
+
+
 def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]],
-                   on_fold: FoldCallback | None = None, on_epoch=None, keep_probs: bool = False) -> dict:
-    """Train `cfg` on each (train, val) fold in turn; after each, on_fold(folds done, cv_summary).
-    Returns the summary over all folds. `on_epoch` is passed to every fold's `fit`.
-    `keep_probs`: the last summary's `fold_probs` holds each fold's validation class probabilities
-    at the chosen epoch (out-of-fold predictions, in the order of each fold's `val.rows`)."""
+                   on_epoch: Callable[[CVEpoch], None] | None = None, keep_probs: bool = False,
+                   keep_state: bool = False, start: CVState | None = None) -> dict:
+    """Train `cfg` on each (train, val) fold in turn; on_epoch(CVEpoch) after every epoch, with the
+    summary over the folds finished (cv_summary) at each fold's last one. Returns the summary over
+    all folds. `keep_probs`: the last summary's `fold_probs` holds each fold's validation class
+    probabilities at the chosen epoch (out-of-fold predictions, in the order of each fold's
+    `val.rows`). `keep_state`: every CVEpoch carries where the cross-validation stands, and
+    `start=` such a state goes on from there (a trial resumed from its checkpoint).
+    Every fold trains the whole schedule (the curves are averaged epoch by epoch): `cfg` must have
+    `patience` and `stop_epoch` 0 (search.space.SearchSpec.base_config sets them so)."""
     from mmsa.training.fit import fit
-    cfg = copy.deepcopy(cfg)
-    cfg.train.patience, cfg.train.stop_epoch = 0, 0  # whole schedules: curves are averaged epoch by epoch
-    histories: list[list[dict]] = []
-    summary: dict = {}
-    for k, (train, val) in enumerate(folds, 1):
-        histories.append(fit(cfg, features, train, val, on_epoch=on_epoch, keep_probs=keep_probs).history)
+    if cfg.train.patience or cfg.train.stop_epoch:
+        raise ValueError(f"cross_validate trains whole schedules: patience {cfg.train.patience} and stop_epoch "
+                         f"{cfg.train.stop_epoch} must be 0")
+    histories: list[list[dict]] = list(start.histories) if start is not None else []
+    summary: dict = cv_summary(histories, cfg.train.monitor, len(folds)) if histories else {}
+    if len(histories) == len(folds):  # a start that had finished every fold: its end told again
+        if keep_probs:
+            summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
+        if on_epoch is not None:
+            last = {k: v for k, v in histories[-1][-1].items() if k != "probs"}
+            on_epoch(CVEpoch(len(folds), len(histories[-1]), {**last, "final": 1}, summary,
+                             CVState(list(histories)) if keep_state else None))
+        return summary
+    for k in range(len(histories) + 1, len(folds) + 1):
+        train, val = folds[k - 1]
+        latest: dict = {}  # the fold's last epoch: its report and state, told once the fold is summed up
+
+        def fold_epoch(epoch: int, report: dict, k: int = k) -> None:
+            if report["final"]:
+                latest["report"] = report
+            elif on_epoch is not None:
+                state = CVState(list(histories), latest.pop("state")) if keep_state else None
+                on_epoch(CVEpoch(k, epoch, report, None, state))
+
+        result = fit(cfg, features, train, val, on_epoch=fold_epoch, keep_probs=keep_probs,
+                     start=start.fit if start is not None and k == len(start.histories) + 1 else None,
+                     on_state=(lambda s: latest.__setitem__("state", s)) if keep_state else None)
+        histories.append(result.history)
         summary = cv_summary(histories, cfg.train.monitor, len(folds))
         if keep_probs and k == len(folds):
             summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
-        if on_fold is not None:
-            on_fold(k, summary)
+        if on_epoch is not None:
+            on_epoch(CVEpoch(k, len(result.history), latest["report"], summary,
+                             CVState(list(histories)) if keep_state else None))
     return summary

@@ -89,23 +89,37 @@ def length_grouped_batches(order: np.ndarray, lengths: np.ndarray, batch: int, r
 
 @dataclass
 class _Trainee:
-    """The model being trained, with its optimizer, schedule, weight average and batch order."""
+    """What one model's training holds from epoch to epoch: the model, its optimizer, schedule,
+    weight average, gradient scaler and batch order, and how it steps through its features."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: torch.nn.Module | None
     rng: np.random.Generator
-    scaler: torch.amp.GradScaler | None = None  # fp16 training only
+    scaler: torch.amp.GradScaler | None  # fp16 training only
+    features: Features
+    weights: torch.Tensor  # each class's loss weight
+    batch: int  # the effective batch, one optimizer step
+    micro: int  # the part of it in memory at once (gradient accumulation)
+    label_smoothing: float
+    device: torch.device
+    precision: str
+    progress: bool  # a progress bar over each epoch's steps on stderr (epochs of minutes, finetune=full)
+    grad_clip: float  # the gradients' global norm at most this; 0: not clipped
+    augment: float  # the training pairs' image augmentation (finetune=full)
 
     @property
     def evaluated(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
 
-def _new_trainee(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, total_steps: int) -> _Trainee:
+def _new_trainee(model: torch.nn.Module, cfg: Config, features: Features, train: Split, device: torch.device,
+                 progress: bool) -> _Trainee:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     t = cfg.train
+    batch = min(t.batch_size, len(train))
+    total_steps = math.ceil(len(train) / batch) * t.max_epochs
     pretrained, scale = model.pretrained_parameters()
     slow = set(pretrained)
     groups = [{"params": [p for p in model.parameters() if p not in slow], "lr": t.lr}]
@@ -114,18 +128,17 @@ def _new_trainee(model: torch.nn.Module, cfg: Config, rng: np.random.Generator, 
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True) if t.ema > 0 else None
     scheduler = warmup_cosine(optimizer, int(t.warmup_frac * total_steps), total_steps)
-    device = next(model.parameters()).device
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, t.precision) == torch.float16 else None
-    return _Trainee(model, optimizer, scheduler, ema, rng, scaler)
+    return _Trainee(model, optimizer, scheduler, ema, np.random.default_rng(t.seed), scaler, features,
+                    class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device), batch,
+                    min(t.micro_batch or batch, batch), t.label_smoothing, device, t.precision, progress,
+                    t.grad_clip, t.augment)
 
 
-def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor, batch: int, micro: int,
-                 label_smoothing: float, device: torch.device, epoch: int, progress: bool = False,
-                 precision: str = "auto"
-                 ) -> tuple[float, int]:
-    """One pass over `train` in the member's own order; returns (summed loss, examples seen).
-    `progress`: a progress bar over the steps on stderr (for epochs of minutes, finetune=full)."""
-    model = member.model
+def _train_epoch(member: _Trainee, train: Split, epoch: int) -> tuple[float, int]:
+    """One pass over `train` in the member's own order; returns (summed loss, examples seen)."""
+    model, features, batch, micro, device = member.model, member.features, member.batch, member.micro, member.device
+    weights = member.weights
     model.train()
     order = member.rng.permutation(len(train))
     if getattr(model.cfg, "text_layers", 0) > 0:  # cached text layers train (last_k): cost grows with the longest text
@@ -134,10 +147,11 @@ def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor
         steps = [order[s:s + batch] for s in range(0, len(order), batch)]
     # Each step's micro-batches (sorted rows: locality in the cache); inputs arrive in this order.
     plan = [[np.sort(step[m:m + micro]) for m in range(0, len(step), micro)] for step in steps]
-    inputs = features.iter_batches([train.rows[idx] for micros in plan for idx in micros], device)
+    inputs = features.iter_batches([train.rows[idx] for micros in plan for idx in micros], device,
+                                   augment=member.augment)
     loss_sum, seen = 0.0, 0
     planned = zip(steps, plan)
-    if progress:
+    if member.progress:
         import sys
 
         from tqdm.auto import tqdm
@@ -148,9 +162,9 @@ def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor
         member.optimizer.zero_grad(set_to_none=True)
         for idx in micros:
             y = torch.from_numpy(train.labels[idx]).to(device)
-            with autocast(device, precision):
+            with autocast(device, member.precision):
                 logits = model(*next(inputs))
-            per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
+            per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=member.label_smoothing)
             # Weighted mean over the whole effective batch, however it is split.
             loss = (per_example * weights[y]).sum() / weight_total
             if not torch.isfinite(loss):
@@ -158,6 +172,10 @@ def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor
             (member.scaler.scale(loss) if member.scaler is not None else loss).backward()
             loss_sum += per_example.detach().sum().item()
             seen += len(idx)
+        if member.grad_clip > 0:
+            if member.scaler is not None:
+                member.scaler.unscale_(member.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), member.grad_clip)
         if member.scaler is not None:  # skips the step where fp16 gradients overflowed
             member.scaler.step(member.optimizer)
             member.scaler.update()
@@ -169,53 +187,117 @@ def _train_epoch(member: _Trainee, features, train: Split, weights: torch.Tensor
     return loss_sum, seen
 
 
+@dataclass
+class FitState:
+    """Where a fit stands after a finished epoch, enough to go on from there as if never stopped
+    (a search trial's checkpoint, search/trainable.py): every tensor copied to the CPU."""
+
+    epoch: int
+    history: list[dict]
+    best: dict | None
+    stale: int
+    best_state: dict  # the evaluated model's weights at the best epoch so far
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    ema: dict | None
+    scaler: dict | None
+    rng: dict  # the batch order's generator
+    torch_rng: torch.Tensor  # dropout, token dropout, DataLoader workers' seeds
+    cuda_rng: list | None
+
+
+def _on_cpu(state):
+    """A (nested) state dict with every tensor copied to the CPU: a copy that training on does not change."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def _snapshot(trainee: _Trainee, epoch: int, history: list[dict], best: dict | None, stale: int,
+              best_state: dict) -> FitState:
+    return FitState(epoch, copy.deepcopy(history), copy.deepcopy(best), stale, best_state,
+                    _on_cpu(trainee.model.state_dict()), _on_cpu(trainee.optimizer.state_dict()),
+                    trainee.scheduler.state_dict(), _on_cpu(trainee.ema.state_dict()) if trainee.ema else None,
+                    trainee.scaler.state_dict() if trainee.scaler is not None else None,
+                    copy.deepcopy(trainee.rng.bit_generator.state), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if trainee.device.type == "cuda" else None)
+
+
+def _restore(trainee: _Trainee, state: FitState) -> None:
+    trainee.model.load_state_dict(state.model)
+    trainee.optimizer.load_state_dict(state.optimizer)  # its tensors go to each parameter's device
+    trainee.scheduler.load_state_dict(state.scheduler)
+    if trainee.ema is not None and state.ema is not None:
+        trainee.ema.load_state_dict(state.ema)
+    if trainee.scaler is not None and state.scaler is not None:
+        trainee.scaler.load_state_dict(state.scaler)
+    trainee.rng.bit_generator.state = state.rng
+    torch.set_rng_state(state.torch_rng)
+    if state.cuda_rng is not None and trainee.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state.cuda_rng)
+
+
+StateCallback = Callable[[FitState], None]
+
+
 def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
-        on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False) -> FitResult:
+        on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False,
+        start: FitState | None = None, on_state: StateCallback | None = None) -> FitResult:
     """Train one model of `cfg` for up to `max_epochs` (fewer with early stopping on `monitor`);
     keep the best epoch. `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on
     for finetune=full). `keep_probs`: every epoch's history entry keeps `probs`, the validation
-    rows' class probabilities (for out-of-fold blends). The result's config is `cfg` with the
-    feature sizes its model was built with."""
+    rows' class probabilities (for out-of-fold blends). `on_state(FitState)` after every epoch,
+    before `on_epoch`: where the fit stands; `start`: such a state to go on from (the same config
+    and data; the micro-batch may differ). The result's config is `cfg` with the feature sizes its
+    model was built with."""
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
     cfg = cfg.with_features(features)
-    weights = class_weights(t.class_weights, train.labels, cfg.model.num_classes).to(device)
-    batch = min(t.batch_size, len(train))
-    micro = min(t.micro_batch or batch, batch)
-    total_steps = math.ceil(len(train) / batch) * t.max_epochs
-    trainee = _new_trainee(create_model(cfg).to(device), cfg, np.random.default_rng(t.seed), total_steps)
+    trainee = _new_trainee(create_model(cfg).to(device), cfg, features, train, device, progress)
 
     history: list[dict] = []
     best: dict | None = None
     best_state: dict = {}
     stale = 0
+    if start is not None:
+        _restore(trainee, start)
+        history, best, stale, best_state = copy.deepcopy(start.history), copy.deepcopy(start.best), start.stale, \
+            start.best_state
     last_epoch = t.stop_epoch or t.max_epochs
-    for epoch in range(1, last_epoch + 1):
-        start = time.perf_counter()
-        loss_sum, seen = _train_epoch(trainee, features, train, weights, batch, micro, t.label_smoothing, device,
-                                      epoch, progress, t.precision)
+    for epoch in range(len(history) + 1, last_epoch + 1):
+        began = time.perf_counter()
+        loss_sum, seen = _train_epoch(trainee, train, epoch)
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                   "lr": trainee.scheduler.get_last_lr()[0]}
+                   "lr": trainee.scheduler.get_last_lr()[0], "n_params": sum(p.numel() for p in trainee.model.parameters())}
         if val is not None and len(val):
             probs = predict_proba(trainee.evaluated, features, val.rows, device, precision=t.precision)
             metrics.update(classification_metrics(val.labels, probs.argmax(1)))
             if keep_probs:
                 metrics["probs"] = probs
-        metrics["epoch_seconds"] = time.perf_counter() - start
+        metrics["epoch_seconds"] = time.perf_counter() - began
         if device.type == "cuda":
             metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             metrics["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
         history.append(metrics)
         improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
         if improved:
+            # on the CPU: beside the model, its gradients, AdamW's moments and the EMA on the GPU,
+            # a fourth copy of the weights there would buy nothing but memory
             best, stale = metrics, 0
-            best_state = copy.deepcopy(trainee.evaluated.state_dict())
+            best_state = _on_cpu(trainee.evaluated.state_dict())
         else:
             stale += 1
         stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
+        if on_state is not None:
+            on_state(_snapshot(trainee, epoch, history, best, stale, best_state))
         if on_epoch is not None:
             report = {**{k: v for k, v in metrics.items() if k != "probs"}, "final": int(stop)}
             if val is not None:

@@ -1,0 +1,197 @@
+"""The plan of a final model: the members to train on all labeled pairs, each with its full
+config, the epochs of its schedule to train, its weight, its seeds and the run it came from.
+
+The search writes one (search/ensemble.py: the members ensemble selection chose, as `plan.json` on
+its parent run); `mmsa.final` resolves a run to one, or builds one from `--members`, and executes
+it with `train_plan`. One versioned document, read back by `Plan.from_dict` alone:
+
+    {"format": "mmsa-plan", "version": 1, "metric": "val_acc", "origin": "search <run id>",
+     "members": [{"name": "trial 3f2a_00004", "kind": "model", "config": {flat config},
+                  "epochs": 4, "weight": 0.6, "seeds": 5, "source": "<trial run id>"},
+                 {"name": "linear probe", "kind": "probe", "config": {...}, "epochs": 0,
+                  "weight": 0.4, "seeds": 1, "source": "<search run id>"}]}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mmsa.config import Config, DataConfig
+from mmsa.errors import ConfigError
+
+FORMAT = "mmsa-plan"
+VERSION = 1
+KINDS = ("model", "probe")  # model: trained by mmsa.training.fit; probe: the linear probe (mmsa.models.probe)
+# Models of a member trained on cached features, from consecutive seeds, sharing its weight (5 seeds
+# were worth 0.91 points over one in nested CV: docs/results.md); one where it fine-tunes both
+# backbones (finetune=full), whose every model costs a whole fine-tuning and a copy of both backbones.
+CACHED_SEEDS = 5
+
+
+def default_seeds(cfg: Config) -> int:
+    return 1 if cfg.data.finetune == "full" else CACHED_SEEDS
+
+
+@dataclass(frozen=True)
+class PlanMember:
+    name: str  # what users read: "trial 3f2a_00004", "linear probe", "fine-tuning recipe"
+    kind: str  # one of KINDS
+    config: Config  # the whole config it trains with (the probe: the data it reads and its head)
+    epochs: int  # epochs of its schedule to train (where its folds' mean peaked); 0 for the probe
+    weight: float  # its share of the final model's averaged probabilities
+    seeds: int = 1  # models trained from seeds config.seed, +1, ..., sharing `weight`
+    source: str = ""  # the run it comes from: a trial's run id, the search's for the probe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "config": self.config.to_flat(), "epochs": self.epochs,
+                "weight": self.weight, "seeds": self.seeds, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, entry: Any, where: str) -> PlanMember:
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: a member must be a mapping")
+        missing = [k for k in ("name", "kind", "config", "epochs", "weight") if k not in entry]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        name = str(entry["name"])
+        if not isinstance(entry["config"], dict):
+            raise ConfigError(f"{where} ({name}): 'config' must be a mapping of config keys")
+        member = cls(name=name, kind=str(entry["kind"]),
+                     config=Config.from_stored(entry["config"], source=f"{where} ({name}) config"),
+                     epochs=_number(entry["epochs"], int, f"{where} ({name}) epochs"),
+                     weight=_number(entry["weight"], float, f"{where} ({name}) weight"),
+                     seeds=_number(entry.get("seeds", 1), int, f"{where} ({name}) seeds"),
+                     source=str(entry.get("source") or ""))
+        member.check(where)
+        return member
+
+    def check(self, where: str) -> None:
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"kind '{self.kind}' is not one of {', '.join(KINDS)}")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            problems.append(f"weight {self.weight} must be > 0")
+        if self.seeds < 1:
+            problems.append(f"seeds {self.seeds} must be >= 1")
+        if self.kind == "model" and not 1 <= self.epochs <= self.config.train.max_epochs:
+            problems.append(f"epochs {self.epochs} must be in [1, max_epochs = {self.config.train.max_epochs}]")
+        if problems:
+            raise ConfigError(f"{where} ({self.name}): {'; '.join(problems)}")
+
+    def stopping(self) -> Config:
+        """Its config, stopping after `epochs` of its schedule."""
+        cfg = copy.deepcopy(self.config)
+        cfg.train.stop_epoch = self.epochs if self.kind == "model" else 0
+        return cfg
+
+
+def _number(value: Any, typ: type, where: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)):
+        raise ConfigError(f"{where}: {value!r} is not a{'' if typ is float else ' whole'} number")
+    return typ(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    members: tuple[PlanMember, ...]
+    metric: str = "val_acc"  # what the search selected by
+    origin: str = ""  # what it was made from, for the user: "search <id>", "trial <id>", "--members ..."
+
+    def __post_init__(self):
+        if not self.members:
+            raise ConfigError(f"plan of {self.origin or 'a run'}: no members")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "metric": self.metric, "origin": self.origin,
+                "members": [m.to_dict() for m in self.members]}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> Plan:
+        """The one loader: every field checked, each problem one line naming `where`."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ConfigError(f"{where}: not an mmsa plan (no \"format\": \"{FORMAT}\")")
+        version = data.get("version")
+        if version != VERSION:
+            raise ConfigError(f"{where}: plan version {version!r}; this mmsa reads version {VERSION}"
+                              + (" (written by a newer mmsa: upgrade it)" if isinstance(version, int)
+                                 and version > VERSION else ""))
+        entries = data.get("members")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{where}: 'members' must be a non-empty list")
+        members = tuple(PlanMember.from_dict(e, f"{where}: member {i + 1}") for i, e in enumerate(entries))
+        return cls(members, metric=str(data.get("metric", "val_acc")), origin=str(data.get("origin", "")))
+
+    def describe(self) -> str:
+        return " + ".join(f"{m.name} ({m.weight:.2f}" + (f", {m.seeds} seeds" if m.seeds > 1 else "") + ")"
+                          for m in self.members)
+
+    def reading(self, data_dir: str) -> Plan:
+        """The same plan, every member reading `data_dir`."""
+        return dataclasses.replace(self, members=tuple(
+            dataclasses.replace(m, config=_with_data_dir(m.config, data_dir)) for m in self.members))
+
+    def chosen(self) -> PlanMember:
+        """The member of most weight (the first of equals): whose config the final run shows."""
+        return max(self.members, key=lambda m: m.weight)
+
+
+def _with_data_dir(cfg: Config, data_dir: str) -> Config:
+    cfg = copy.deepcopy(cfg)
+    cfg.data.data_dir = data_dir
+    return cfg
+
+
+def merge(parts: list[tuple[float, Plan]], origin: str) -> Plan:
+    """Plans joined, each taking its share of the weight; the same member in two of them (the probe
+    named and also selected, a trial selected and named as the best one, with as many seeds)
+    becomes one member with both shares."""
+    merged: dict[tuple, PlanMember] = {}
+    for share, plan in parts:
+        total = sum(m.weight for m in plan.members)
+        for m in plan.members:
+            key = ("probe",) if m.kind == "probe" else (m.source or m.name, m.seeds)
+            weight = share * m.weight / total
+            merged[key] = dataclasses.replace(merged[key], weight=merged[key].weight + weight) if key in merged \
+                else dataclasses.replace(m, weight=weight)
+    return Plan(tuple(merged.values()), metric=parts[0][1].metric, origin=origin)
+
+
+# ---------------------------------------------------------------- executing a plan
+
+def train_plan(plan: Plan, prepared: Callable[[DataConfig], Any], on_epoch=None,
+               log: Callable[[str], None] = lambda line: None) -> tuple[list, list[float]]:
+    """Every member of `plan` trained on all labeled pairs: (the final model's members, each a
+    weighted model (mmsa.models.ensemble.Member), and their last training losses).
+    `prepared(data config)` -> the Prepared data whose `train` is every labeled pair
+    (mmsa.features.prepare.Preparations)."""
+    from mmsa.models.ensemble import Member
+    from mmsa.training.fit import fit
+    members, losses = [], []
+    for m in plan.members:
+        data = prepared(m.config.data)
+        if m.kind == "probe":
+            from mmsa.models.factory import probe_head
+            from mmsa.models.probe import fit_probe
+            log(f"member: {m.name}")
+            cfg = m.config.with_features(data.features)
+            weights = fit_probe(data.features, data.train, lexicon=cfg.model.lexicon)
+            members.append(Member(m.name, cfg, probe_head(cfg, *weights), m.weight))
+            continue
+        cfg = m.stopping()
+        log(f"member: {m.name}, {m.seeds} model(s) for {m.epochs} of {cfg.train.max_epochs} scheduled epochs")
+        for i in range(m.seeds):
+            seeded = copy.deepcopy(cfg)
+            seeded.train.seed = cfg.train.seed + i
+            if m.seeds > 1:
+                log(f"{m.name}: seed {seeded.train.seed}")
+            result = fit(seeded, data.features, data.train, None, on_epoch=on_epoch,
+                         progress=cfg.data.finetune == "full")
+            members.append(Member(f"{m.name}, seed {seeded.train.seed}" if m.seeds > 1 else m.name, result.cfg,
+                                  result.model, weight=m.weight / m.seeds))
+            losses.append(result.metrics["train_loss"])
+    return members, losses

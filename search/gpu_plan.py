@@ -1,0 +1,123 @@
+"""GPU memory planned before a search's trials start: what one trial holds (mmsa.models.memory,
+measured in a child process on the architectures of the space's most demanding trial, no weights
+downloaded), against the card (torch's view of this machine's GPU, or --gpu-memory); the
+micro-batch (gradient accumulation keeps the searched batch) and, with `resources: {gpu: auto}`,
+the trials per GPU; refused in one line where not even one example fits. `--dry-run` prints the
+plan (the line starting `plan:`) and runs nothing.
+
+Beside the measured parts, two allowances of the kind Hugging Face accelerate's estimates state:
+CUDA's own context (outside torch's allocator) and the caching allocator's rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from mmsa.errors import UserError
+
+GIB = 2 ** 30
+CUDA_CONTEXT = int(0.5 * GIB)  # a process's CUDA context and kernels, outside torch's allocator
+ALLOCATOR_SLACK = 1.10  # torch's caching allocator: blocks rounded up, fragments kept
+MIN_MICRO = 8  # trials share a GPU only where each keeps micro-batches of this size (or its whole batch)
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    card: int  # bytes of the card planned for
+    trials_per_gpu: int
+    micro_batch: int  # examples in memory at once
+    batch: int  # the searched batch at most (the effective batch, one optimizer step)
+    per_trial: int  # bytes one trial needs at that micro-batch
+    parts: str  # where they go
+    precision: str
+
+    def line(self) -> str:
+        accumulate = f"micro-batch {self.micro_batch} of batch {self.batch}" if self.micro_batch < self.batch \
+            else f"whole batches of {self.batch}"
+        return (f"plan: {self.per_trial / GIB:.1f} GiB of GPU memory per trial at {accumulate}, {self.precision} "
+                f"({self.parts}; CUDA context {CUDA_CONTEXT / GIB:.1f} GiB, allocator slack "
+                f"{ALLOCATOR_SLACK - 1:.0%}); {self.trials_per_gpu} trial(s) per {self.card / GIB:.0f} GiB GPU")
+
+
+def need(memory, micro: int) -> int:
+    """Bytes one trial holds on its GPU at this micro-batch."""
+    return int(memory.total(micro) * ALLOCATOR_SLACK) + CUDA_CONTEXT
+
+
+def plan(memory, card: int, batch: int, share: float | None, max_concurrent: int, precision: str) -> GpuPlan:
+    """The micro-batch, and the trials per GPU where `share` is None (resources.gpu: auto): as many
+    as fit with micro-batches of at least MIN_MICRO (or the whole batch), up to max_concurrent;
+    else each trial gets `share` of the card."""
+    def largest_micro(available: int) -> int:
+        micro = batch
+        while micro > 1 and need(memory, micro) > available:
+            micro = (micro + 1) // 2
+        return micro if need(memory, micro) <= available else 0
+
+    if share is None:
+        floor = min(MIN_MICRO, batch)
+        k = max_concurrent
+        while k > 1 and largest_micro(card // k) < floor:
+            k -= 1
+        trials, available = k, card // k
+    else:
+        trials, available = max(1, int(1 / share)), int(card * share)
+    micro = largest_micro(available)
+    if micro == 0:
+        raise UserError(f"GPU memory: one trial needs {need(memory, 1) / GIB:.1f} GiB even one example at a time "
+                        f"({memory.parts(1)}), more than the {available / GIB:.1f} GiB it has of a {card / GIB:.0f} "
+                        f"GiB card: lower max_text_len, set grad_checkpointing: true, choose smaller backbones, or "
+                        f"give each trial more of the GPU (resources.gpu)")
+    return GpuPlan(card, trials, micro, batch, need(memory, micro), memory.parts(micro), precision)
+
+
+def _measure(cfg, half: bool):
+    from mmsa.models.memory import measure_training_memory
+    return measure_training_memory(cfg, half)
+
+
+def _visible_card() -> int | None:
+    """Bytes of this machine's first GPU, as torch sees it; None without one."""
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def demanding_config(spec):
+    """The space's most demanding trial: its base config with the largest width, depth and batch
+    a trial may sample, fine-tuning both backbones where any trial does."""
+    cfg = spec.base_config()
+    flat = cfg.to_flat()
+    for name in ("batch_size", "fusion_depth", "d_model", "max_epochs"):
+        p = spec.params.get(name)
+        if p is not None:
+            flat[name] = max(p.values) if p.kind == "choice" else p.high
+    if "full" in (getattr(spec.params.get("finetune"), "values", None) or []):
+        flat["finetune"] = "full"
+    from mmsa.config import Config
+    return Config.from_flat(flat, source=f"{spec.path}: the most demanding trial")
+
+
+def plan_for_space(spec, card: int | None) -> GpuPlan:
+    """The plan of `spec`'s trials on a card of `card` bytes (None: this machine's GPU)."""
+    from mmsa.features.prepare import in_child
+    if card is None:
+        card = in_child(_visible_card)
+        if card is None:
+            raise UserError("GPU memory: no GPU on this machine to plan for: give the card's size, e.g. "
+                            "--gpu-memory 16GB")
+    cfg = demanding_config(spec)
+    half = cfg.train.precision != "fp32"
+    precision = {"auto": "bf16/fp16 (auto)", "fp32": "fp32"}.get(cfg.train.precision, cfg.train.precision)
+    memory = in_child(_measure, cfg, half)
+    return plan(memory, card, cfg.train.batch_size, None if spec.gpu_auto else spec.gpu, spec.max_concurrent,
+                precision)
+
+
+def applied(spec, chosen: GpuPlan):
+    """The space with the plan's micro-batch and trials per GPU."""
+    from search.space import apply_flags
+    if chosen.micro_batch < chosen.batch:
+        spec = apply_flags(spec, sets={"micro_batch": chosen.micro_batch})[0]
+    if spec.gpu_auto:
+        spec = replace(spec, gpu=1 / chosen.trials_per_gpu)
+    return spec

@@ -1,0 +1,91 @@
+"""Every benchmark, run as a user runs it (`python -m bench.NAME`) on a tiny subset, so that none
+rots unseen: it ends well and writes its table with the command that made it. The numbers are
+not checked (a few pairs and seconds measure nothing); bench/results/ holds the real runs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.search_helpers import ROOT, write_space
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bench(subset_cache, tmp_path):
+    """run(module, *args) -> the text of the result file it wrote (in tmp_path, not bench/results)."""
+    env = {**os.environ, "MMSA_CACHE_DIR": str(subset_cache), "MMSA_BENCH_RESULTS": str(tmp_path / "results")}
+
+    def run(module: str, *args: str, out: str, timeout: int = 600) -> str:
+        done = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        text = (tmp_path / "results" / f"{out}.md").read_text()
+        assert f"Command: `python -m bench.{module} " in text and "|---" in text, text[:2000]
+        return text
+    return run
+
+
+@pytest.fixture
+def tiny_space(subset_dir, subset_cache, tmp_path):
+    return write_space(tmp_path / "space.yaml", str(subset_dir), str(subset_cache), num_samples=2, max_epochs=1,
+                       cv_folds=2)
+
+
+def test_cv(bench, subset_dir, subset_prepared):
+    text = bench("cv", "--data", str(subset_dir), "--folds", "2", "--workers", "1",
+                 "--config", "tiny:max_epochs=1,d_model=16,heads=2,batch_size=16", "--out", "cv-tiny", out="cv-tiny")
+    assert "linear probe" in text and "tiny (max_epochs=1" in text
+
+
+def test_nested_cv(bench, subset_dir, tiny_space, tmp_path):
+    text = bench("nested_cv", "--data", str(subset_dir), "--space", str(tiny_space), "--outer", "2",
+                 "--work", str(tmp_path / "work"), "--final", "ensemble", "probe", "--out", "nested-tiny",
+                 out="nested-tiny")
+    assert "pipeline, final ensemble" in text and "pipeline, final probe" in text
+
+
+def test_vs_stock(bench, subset_dir, tiny_space, tmp_path):
+    text = bench("vs_stock", "--data", str(subset_dir), "--space", str(tiny_space), "--budgets", "1m", "--outer", "2",
+                 "--only", "0", "--systems", "project", "stock_tune", "optuna", "--work", str(tmp_path / "work"),
+                 "--out", "vs-tiny", out="vs-tiny", timeout=900)
+    assert "stock_tune" in text or "stock Ray Tune" in text
+
+
+def test_search_cost(bench, subset_dir, subset_prepared):
+    text = bench("search_cost", "--data", str(subset_dir), "--batches", "1", "--out", "cost-tiny", out="cost-tiny")
+    assert "speed-up of the cache" in text
+
+
+def test_finetune_speed(bench, subset_dir, subset_prepared):
+    text = bench("finetune_speed", "--data", str(subset_dir), "--layers", "1", "--epochs", "1",
+                 "--set", "batch_size=16", "--out", "ft-tiny", out="ft-tiny")
+    assert "text layers trained" in text
+
+
+def test_memory(bench, subset_dir, tiny_space, subset_prepared):
+    text = bench("memory", "--data", str(subset_dir), "--space", str(tiny_space), "--num-samples", "2",
+                 "--out", "memory-tiny", out="memory-tiny")
+    assert "2 concurrent trial(s)" in text
+
+
+def test_cluster_cache(bench, subset_dir, tiny_space, subset_prepared):
+    text = bench("cluster_cache", "--data", str(subset_dir), "--space", str(tiny_space), "--out", "cluster-tiny",
+                 out="cluster-tiny", timeout=900)
+    assert "shared disk" in text
+
+
+def test_serve(bench, registered, subset_dir):
+    uri, _, _ = registered
+    text = bench("serve", "--model", "models:/mmsa-test/1", "--tracking-uri", uri, "--data", str(subset_dir),
+                 "--requests", "3", "--out", "serve-tiny", out="serve-tiny")
+    assert "single pair, p50 / p99" in text
+
+
+def test_gpu_check_on_the_cpu(bench, subset_dir):
+    """On a machine without a GPU the check still runs its whole path (search, final, predict), on the CPU."""
+    text = bench("gpu_check", "--data", str(subset_dir), "--cpu", "--minutes", "1", "--precisions", "fp32",
+                 "--num-samples", "1", "--out", "gpu-tiny", out="gpu-tiny", timeout=900)
+    assert "predictions identical to final's" in text
