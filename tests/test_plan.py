@@ -81,3 +81,24 @@ def test_train_plan_trains_each_member_on_all_labeled_pairs(subset_prepared):
     assert epochs == [1, 2, 1, 2] and len(losses) == 2 and all(np.isfinite(losses))
     assert members[0].cfg.train.seed == 0 and members[1].cfg.train.seed == 1
     assert lines[0] == "member: trial a, 2 model(s) for 2 of 3 scheduled epochs"
+
+
+def test_models_trained_apart_are_the_plan_s_in_its_order(subset_prepared):
+    """jobs=2: the models on cached features train two at a time in processes of their own; the
+    final model's members are the same ones, in the same order, with the same weights."""
+    import dataclasses
+
+    from mmsa.features.prepare import Preparations
+    from mmsa.models.probe import probe_config
+    from mmsa.training.plan import train_plan
+    data_cfg, _ = subset_prepared
+    cfg = dict(dataclasses.asdict(data_cfg), d_model=16, heads=2, batch_size=32, max_epochs=2)
+    plan = Plan((PlanMember("trial a", "model", Config.from_flat(cfg), 1, 0.6, 2, "run-a"),
+                 PlanMember("linear probe", "probe", probe_config(Config.from_flat(cfg)), 0, 0.4, 1, "run-s")))
+    lines = []
+    apart, _ = train_plan(plan, Preparations(), log=lines.append, jobs=2)
+    here, _ = train_plan(plan, Preparations(), jobs=1)
+    assert [(m.name, m.weight) for m in apart] == [(m.name, m.weight) for m in here] == [
+        ("trial a, seed 0", 0.3), ("trial a, seed 1", 0.3), ("linear probe", 0.4)]
+    assert all(a.cfg.to_flat() | {"num_threads": 0} == h.cfg.to_flat() | {"num_threads": 0} for a, h in zip(apart, here))
+    assert sorted(ln.split(": trained")[0] for ln in lines if ": trained" in ln) == ["trial a, seed 0", "trial a, seed 1"]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 DEFAULT_MODEL_NAME = "mmsa-sentiment"  # what --register names the model when given no name
+DEFAULT_JOBS = 2  # models trained at once: on 2 cores, 2 processes of 1 thread each (docs/results.md: final's time)
 PARTS = ("ensemble", "best", "probe", "finetune")
 # The fixed fine-tuning recipe (--members ...,finetune), kept for comparison with what the search
 # selects: the whole text backbone trains at lr * text_lr_scale = 3e-5 on the cached embedding
@@ -78,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlruns/mlflow.db)")
     p.add_argument("--members", metavar="PARTS", help=MEMBERS_HELP)
+    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+                   help=f"models on cached features trained N at a time, each in a process of its own with its\n"
+                        f"share of the cores (default {DEFAULT_JOBS}; models that fine-tune both backbones train one\n"
+                        f"at a time)")
     p.add_argument("--register", nargs="?", const=DEFAULT_MODEL_NAME, metavar="NAME",
                    help="register the logged model in the MLflow model registry as NAME (a new version\n"
                         f"each time; bare --register: {DEFAULT_MODEL_NAME}). Without it the model is\n"
@@ -245,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     data = prepared(plan.chosen().config.data)
     if not data.test.guids:
         raise UserError(f"{data.dataset.root}: test_without_label.txt is missing or empty")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be >= 1")
     members, losses = train_plan(plan, prepared, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True),
-                                 log=lambda line: print(line, flush=True))
+                                 log=lambda line: print(line, flush=True), jobs=args.jobs)
     probs = predict_members(members, lambda c: (prepared(c).features, prepared(c).test.rows),
                             resolve_device(plan.chosen().config.train.device))
     tags = [LABELS[i] for i in probs.argmax(1)]

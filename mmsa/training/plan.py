@@ -164,13 +164,17 @@ def merge(parts: list[tuple[float, Plan]], origin: str) -> Plan:
 # ---------------------------------------------------------------- executing a plan
 
 def train_plan(plan: Plan, prepared: Callable[[DataConfig], Any], on_epoch=None,
-               log: Callable[[str], None] = lambda line: None) -> tuple[list, list[float]]:
+               log: Callable[[str], None] = lambda line: None, jobs: int = 1) -> tuple[list, list[float]]:
     """Every member of `plan` trained on all labeled pairs: (the final model's members, each a
-    weighted model (mmsa.models.ensemble.Member), and their last training losses).
-    `prepared(data config)` -> the Prepared data whose `train` is every labeled pair
-    (mmsa.features.prepare.Preparations)."""
+    weighted model (mmsa.models.ensemble.Member), in the plan's order, and their last training
+    losses). `prepared(data config)` -> the Prepared data whose `train` is every labeled pair
+    (mmsa.features.prepare.Preparations). `jobs` > 1: the models on cached features train that many
+    at a time, each in a process of its own with its share of the cores (one line per model, not
+    per epoch); models that fine-tune both backbones train one at a time, here."""
     from mmsa.models.ensemble import Member
-    from mmsa.training.fit import fit
+    models = [(m, i) for m in plan.members if m.kind == "model" for i in range(m.seeds)]
+    apart = [job for job in models if job[0].config.data.finetune != "full"] if jobs > 1 else []
+    trained = _train_apart(apart, jobs, log) if apart else {}
     members, losses = [], []
     for m in plan.members:
         data = prepared(m.config.data)
@@ -182,16 +186,74 @@ def train_plan(plan: Plan, prepared: Callable[[DataConfig], Any], on_epoch=None,
             weights = fit_probe(data.features, data.train, lexicon=cfg.model.lexicon)
             members.append(Member(m.name, cfg, probe_head(cfg, *weights), m.weight))
             continue
-        cfg = m.stopping()
-        log(f"member: {m.name}, {m.seeds} model(s) for {m.epochs} of {cfg.train.max_epochs} scheduled epochs")
+        if not any(job[0] is m for job in apart):
+            log(f"member: {m.name}, {m.seeds} model(s) for {m.epochs} of {m.config.train.max_epochs} scheduled epochs")
         for i in range(m.seeds):
-            seeded = copy.deepcopy(cfg)
-            seeded.train.seed = cfg.train.seed + i
-            if m.seeds > 1:
-                log(f"{m.name}: seed {seeded.train.seed}")
-            result = fit(seeded, data.features, data.train, None, on_epoch=on_epoch,
-                         progress=cfg.data.finetune == "full")
-            members.append(Member(f"{m.name}, seed {seeded.train.seed}" if m.seeds > 1 else m.name, result.cfg,
-                                  result.model, weight=m.weight / m.seeds))
-            losses.append(result.metrics["train_loss"])
+            seeded = _seeded(m, i)
+            if (id(m), i) in trained:
+                model, cfg, loss = trained[id(m), i]
+            else:
+                from mmsa.training.fit import fit
+                if m.seeds > 1:
+                    log(f"{m.name}: seed {seeded.train.seed}")
+                result = fit(seeded, data.features, data.train, None, on_epoch=on_epoch,
+                             progress=seeded.data.finetune == "full")
+                model, cfg, loss = result.model, result.cfg, result.metrics["train_loss"]
+            members.append(Member(f"{m.name}, seed {seeded.train.seed}" if m.seeds > 1 else m.name, cfg, model,
+                                  weight=m.weight / m.seeds))
+            losses.append(loss)
     return members, losses
+
+
+def _seeded(m: PlanMember, i: int) -> Config:
+    """The config of model i of a member: stopping at its epochs, from seed config.seed + i."""
+    cfg = m.stopping()
+    cfg.train.seed = m.config.train.seed + i
+    return cfg
+
+
+def _train_apart(jobs: list, workers: int, log) -> dict:
+    """{(id(member), i): (model, its config, loss)}: each job (member, i) trained in one of
+    `workers` processes (spawned: torch's threads and memory stay theirs), each with its share of
+    the cores."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from mmsa.models.factory import create_model
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    out = {}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, _seeded(m, i).to_flat(), threads): (m, i) for m, i in jobs}
+        for done in as_completed(futures):
+            m, i = futures[done]
+            flat, state, loss, seconds = done.result()
+            cfg = Config.from_flat(flat, source=f"{m.name}, trained")
+            model = create_model(cfg)
+            model.load_state_dict(state)
+            out[id(m), i] = (model.eval(), cfg, loss)
+            log(f"{m.name}, seed {cfg.train.seed}: trained {m.epochs} epoch(s) in {seconds:.0f}s, loss {loss:.4f}")
+    return out
+
+
+_PREPARED: dict = {}  # in a training process: the data of each kind of features, prepared once
+
+
+def _train_one(flat: dict, threads: int) -> tuple[dict, dict, float, float]:
+    """One model of a plan, in a process of train_plan's: (its config with its feature sizes, its
+    weights, its last training loss, seconds)."""
+    import time
+
+    import torch
+
+    from mmsa.features.prepare import Preparations
+    from mmsa.training.fit import fit
+    torch.set_num_threads(threads)
+    cfg = Config.from_flat(flat, source="a plan's model")
+    cfg.train.num_threads = threads
+    data = _PREPARED.setdefault("prepared", Preparations())(cfg.data)
+    start = time.time()
+    result = fit(cfg, data.features, data.train, None)
+    cfg = result.cfg
+    cfg.train.num_threads = flat["num_threads"]
+    return cfg.to_flat(), result.model.state_dict(), result.metrics["train_loss"], time.time() - start
