@@ -146,11 +146,12 @@ def make_tuner(search, data, parent_id: str, ray_path: str) -> tune.Tuner:
                                data.datasets, budget)
     callbacks = [logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds), CSVLoggerCallback(),
                  JsonLoggerCallback(), *([stopper] if stopper is not None else [])]
+    searcher = make_searcher(spec, budget, data.warm)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=metric, mode="max", num_samples=spec.num_samples,
-            search_alg=ConcurrencyLimiter(make_searcher(spec, budget), max_concurrent=spec.max_concurrent),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
             scheduler=make_scheduler(spec), reuse_actors=True),
         run_config=tune.RunConfig(
             name=os.path.basename(ray_path), storage_path=os.path.dirname(ray_path), callbacks=callbacks,

@@ -45,7 +45,8 @@ class Ensemble:
                 f"{held}; best single: {self.best_single} {self.best_single_score:.4f}{probe}")
 
 
-def _download(client, run_id: str, name: str) -> dict | None:
+def download(client, run_id: str, name: str) -> dict | None:
+    """A run's out-of-fold predictions artifact (mmsa.training.oof), or None where it has none."""
     from mlflow.exceptions import MlflowException
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -65,17 +66,18 @@ def member_size(trial) -> float:
 
 def select_ensemble(client, parent_id: str, trials: list, metric: str, max_members: int = 0,
                     max_params: float = 0, probe_params: int = 0) -> Ensemble | None:
-    """Ensemble selection over the completed `trials` (search.report.TrialRecord) and the probe
+    """Ensemble selection over the completed `trials` (search.report.TrialRecord: this search's,
+    and earlier searches' on the same labeled pairs and folds, search.warm_start) and the probe
     (its `probe_params` parameters), the blend at most `max_members` distinct members of at most
     `max_params` parameters in all (0: no limit); its metrics logged on the parent run. None where
     no candidate has out-of-fold predictions, or none fits the limits."""
     arrays: dict[str, dict] = {}
-    probe = _download(client, parent_id, PROBE_OOF_ARTIFACT)
+    probe = download(client, parent_id, PROBE_OOF_ARTIFACT)
     if probe is not None:
         arrays[PROBE] = probe
     skipped = []
     for t in sorted((t for t in trials if t.ended == "completed"), key=lambda t: t.trial_id):
-        got = _download(client, t.run_id, OOF_ARTIFACT)
+        got = download(client, t.run_id, OOF_ARTIFACT)
         reference = next(iter(arrays.values()), got)
         if got is None or not oof.same_rows(got, reference):
             skipped.append(t.trial_id)

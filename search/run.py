@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mmsa.features.prepare import Prepared, Split
     from mmsa.features.rawsource import RawSource
     from search.space import SearchSpec
+    from search.warm_start import WarmStart
 
 RAY_STORAGE = os.path.join(os.path.expanduser("~"), "ray_results")  # Ray Tune's own default
 
@@ -70,6 +71,10 @@ def parse_args(argv):
                         "per GPU as its memory holds (default: resources.gpu of the space)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="plan the trials' GPU memory for a card of this size, e.g. "
                    "16GB (default: this machine's GPU, where it has one)")
+    p.add_argument("--warm-start", action="append", default=[], metavar="RUN_ID",
+                   help="an earlier search's parent run id (repeatable; also warm_start: in the space file): its "
+                        "finished trials tell the searcher where they lie in this space, and enter the ensemble "
+                        "where they were scored on the same labeled pairs and folds; none is trained again")
     p.add_argument("--dry-run", action="store_true", help="print the plan (GPU memory per trial, micro-batch, trials "
                    "per GPU: a line starting `plan:`) and stop: no data read, no trial, nothing recorded")
     p.add_argument("--max-concurrent", type=int, help="trials running at once at most (default: from the space)")
@@ -104,6 +109,7 @@ class Search:
     tracking: Tracking
     space_key: str  # what --resume matches a search by
     resumed: Run | None  # the parent run to continue
+    warm_runs: tuple = ()  # the earlier searches' parent runs it starts from (search.warm_start)
 
     def with_spec(self, spec: SearchSpec) -> Search:
         return replace(self, spec=spec, base=spec.base_config())
@@ -119,6 +125,8 @@ class SearchData:
     text_dirs: dict[str, str]  # the other text caches trials read (TrialData.text_dirs)
     datasets: dict[str, str]  # {context: digest} of the pairs, logged on every run (mmsa.app.records)
     raw: RawSource | None = None  # what finetune=full trials read, where the space has them
+    fingerprint: str = ""  # of the labeled pairs, fold seed and cv_folds (TAG_FOLDS)
+    warm: WarmStart | None = None  # what the earlier searches give (search.warm_start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "ray" in sys.modules:  # stops a local Ray; only disconnects from a cluster
             sys.modules["ray"].shutdown()
-    return report(search, parent_id, interrupted, time.time() - t0)
+    return report(search, data, parent_id, interrupted, time.time() - t0)
 
 
 def dry_run(args: argparse.Namespace) -> int:
@@ -221,13 +229,21 @@ def resolve(args: argparse.Namespace) -> Search:
     if job_dir is not None and inside(Path(space_key), job_dir):  # the copy's folder differs from job to job
         space_key = f"ray-job:{Path(space_key).relative_to(job_dir)}"
     resumed = None
+    from search.warm_start import check_runs, recorded_ids, run_ids
+    warm_ids = run_ids(args.warm_start, spec)
     if args.resume:
         resumed = find_resumable_search(client, experiment_id, space_key)
         if resumed is None:
             raise UserError(f"{args.space}: --resume found no unfinished search of this space file "
                             f"in experiment '{experiment}'")
+        began_with = recorded_ids(resumed)
+        if warm_ids and set(warm_ids) != set(began_with):
+            raise UserError(f"--warm-start {','.join(warm_ids)}: a search's warm start is fixed when it starts; "
+                            f"this one began with {','.join(began_with) or 'none'} (give no --warm-start with --resume)")
+        warm_ids = began_with
+    warm_runs = check_runs(client, warm_ids, own_id=resumed.info.run_id if resumed is not None else None)
     return Search(args, spec, spec.base_config(), address, job_dir, Tracking(uri, client, experiment, experiment_id),
-                  space_key, resumed)
+                  space_key, resumed, tuple(warm_runs))
 
 
 def _space_with_flags(args: argparse.Namespace) -> SearchSpec:
@@ -314,7 +330,16 @@ def prepare_data(search: Search) -> SearchData:
            else f"one held-out split of {len(folds[0][1])}")
     print(f"data: {len(data.train)} labeled pairs, trials scored by {how} (seed {base.data.split_seed}); "
           f"features ready in {time.time() - t0:.1f}s; {data.dataset.report.summary()}", flush=True)
-    return SearchData(data, folds, how, text_dirs, fold_digests(data.features, folds), raw)
+    datasets = fold_digests(data.features, folds)
+    from mmsa.features.featureset import digest
+    fingerprint = digest(datasets["train"], datasets["validation"], str(spec.cv_folds), str(base.data.split_seed),
+                         str(base.data.val_fraction) if spec.cv_folds == 1 else "")
+    warm = None
+    if search.warm_runs:
+        from search.warm_start import gather
+        warm = gather(search.tracking.client, list(search.warm_runs), spec, fingerprint)
+        print(warm.line(), flush=True)
+    return SearchData(data, folds, how, text_dirs, datasets, raw, fingerprint, warm)
 
 
 def plan_memory(search: Search, data: SearchData) -> Search:
@@ -342,7 +367,7 @@ def open_parent_run(search: Search, data: SearchData) -> tuple[str, str]:
     """The search's MLflow run, new (with its params, data report and the probe's score on the
     folds) or the one --resume continues: (its id, Ray's state path)."""
     from mmsa.app.records import context_tags, log_datasets
-    from mmsa.app.run_tags import TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE
+    from mmsa.app.run_tags import TAG_FOLDS, TAG_KIND, TAG_RAY_PATH, TAG_SPACE, TAG_STATE
     from search.tracking import log_params
     args, spec, base, client = search.args, search.spec, search.base, search.tracking.client
     if search.resumed is not None:
@@ -353,7 +378,8 @@ def open_parent_run(search: Search, data: SearchData) -> tuple[str, str]:
         print(f"resuming search {parent_id} from {ray_path}", flush=True)
         return parent_id, ray_path
     parent = client.create_run(search.tracking.experiment_id, run_name=f"search-{Path(args.space).stem}",
-                               tags=context_tags({TAG_KIND: "search", TAG_SPACE: search.space_key, TAG_STATE: "running"}))
+                               tags=context_tags({TAG_KIND: "search", TAG_SPACE: search.space_key, TAG_STATE: "running",
+                                                  TAG_FOLDS: data.fingerprint}))
     parent_id = parent.info.run_id
     log_datasets(client, parent_id, base.data.data_dir, data.datasets)
     ray_path = os.path.join(os.path.abspath(args.storage) if "://" not in args.storage else args.storage,
@@ -366,7 +392,11 @@ def open_parent_run(search: Search, data: SearchData) -> tuple[str, str]:
         "metric": spec.metric, "max_concurrent": spec.max_concurrent, "data_dir": base.data.data_dir,
         "cv_folds": spec.cv_folds, "split_seed": base.data.split_seed,
         "n_labeled": len(prepared.train), "n_test": len(prepared.test),
-        "ray_results_path": ray_path, "address": search.address or "local", "time_budget": spec.time_budget})
+        "ray_results_path": ray_path, "address": search.address or "local", "time_budget": spec.time_budget,
+        "warm_start": ",".join(r.info.run_id for r in search.warm_runs)})
+    if data.warm is not None:
+        from search.warm_start import record
+        record(client, parent_id, data.warm)
     client.log_artifact(parent_id, str(spec.path), artifact_path="space")
     client.log_dict(parent_id, prepared.dataset.report.as_dict(), "data_report.json")
     # the yardstick, for every search: the linear probe on the same folds, on the frozen backbones' features
@@ -384,7 +414,7 @@ def open_parent_run(search: Search, data: SearchData) -> tuple[str, str]:
     return parent_id, ray_path
 
 
-def report(search: Search, parent_id: str, interrupted: bool, seconds: float) -> int:
+def report(search: Search, data: SearchData, parent_id: str, interrupted: bool, seconds: float) -> int:
     """The end: how to continue an interrupted search, or the chosen trial, the top trials, the
     probe and the cost; last line `parent_run_id=<id>`."""
     from mmsa.app.run_tags import TAG_STATE
@@ -408,14 +438,18 @@ def report(search: Search, parent_id: str, interrupted: bool, seconds: float) ->
         print(budget_line(client, parent_id, trials), flush=True)
     from mmsa.models.probe import probe_config
     from search.ensemble import select_ensemble, write_plan
-    ensemble = select_ensemble(client, parent_id, trials, spec.metric, spec.max_members, spec.max_params,
+    warm = data.warm.candidates if data.warm is not None else []
+    if warm:
+        print(f"reused: {len(warm)} trial(s) of earlier searches are candidates of the ensemble, beside this "
+              f"search's {len(trials)}; none was trained again", flush=True)
+    ensemble = select_ensemble(client, parent_id, trials + warm, spec.metric, spec.max_members, spec.max_params,
                                probe_params=int(client.get_run(parent_id).data.metrics.get("probe_params", 0)))
     if ensemble is not None:
         print(ensemble.line(), flush=True)
         if ensemble.skipped:
             print(f"note: trial(s) {', '.join(ensemble.skipped)} ran every fold but left no out-of-fold predictions "
                   f"on these folds (recorded by an earlier version?): not candidates", flush=True)
-    write_plan(client, parent_id, spec.metric, ensemble, best, trials, probe_config(search.base))
+    write_plan(client, parent_id, spec.metric, ensemble, best, trials + warm, probe_config(search.base))
     if best is None:
         print("no trial produced a score; see the failed runs in MLflow", flush=True)
     else:

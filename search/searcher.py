@@ -58,15 +58,24 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-def make_searcher(spec, budget=None) -> PruneAwareOptunaSearch:
+def make_searcher(spec, budget=None, warm=None) -> PruneAwareOptunaSearch:
+    """TPE (or random search) over the space; `warm` (search.warm_start.WarmStart): earlier trials
+    it starts from, its history; the default config is not trained again where one of them is it."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.searcher == "tpe":
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
-    return PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}", mode="max",
-                                  sampler=sampler, points_to_evaluate=default_point(spec), budget=budget)
+    first = default_point(spec)
+    if warm is not None and first and any(p.params == first[0] for p in warm.sampler):
+        first = None
+    searcher = PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}", mode="max",
+                                      sampler=sampler, points_to_evaluate=first, budget=budget)
+    if warm is not None:
+        from search.warm_start import tell
+        tell(searcher, warm)
+    return searcher
 
 
 def default_point(spec) -> list[dict] | None:

@@ -83,7 +83,7 @@ def refuse_search_decided(keys, where: str) -> None:
     for key in keys:
         if key in SEARCH_DECIDES:
             raise ConfigError(f"{where}: key '{key}' cannot be set here: {SEARCH_DECIDES[key]}")
-TOP_KEYS = tuple(k.path for k in KEYS if "." not in k.path) + SECTIONS + ("fixed", "params")
+TOP_KEYS = tuple(k.path for k in KEYS if "." not in k.path) + SECTIONS + ("fixed", "params", "warm_start")
 
 
 @dataclass
@@ -139,6 +139,7 @@ class SearchSpec:
     time_budget: str | None = None  # e.g. 20m: no trial starts after it, trials in flight end at a fold
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
+    warm_start: tuple[str, ...] = ()  # earlier searches' parent run ids (search.warm_start)
 
     @property
     def longest_schedule(self) -> int:
@@ -285,7 +286,10 @@ def load_space(path: str | Path) -> SearchSpec:
     for name in params:
         if name in fixed:
             raise ConfigError(f"{path}: key '{name}' is both fixed and searched")
-    values: dict[str, Any] = {"path": path, "fixed": dict(fixed),
+    warm = data.get("warm_start") or []
+    if not isinstance(warm, list) or not all(isinstance(r, str) and r for r in warm):
+        raise ConfigError(f"{path}: 'warm_start' must be a list of earlier searches' run ids")
+    values: dict[str, Any] = {"path": path, "fixed": dict(fixed), "warm_start": tuple(warm),
                               "params": {name: _parse_param(path, name, p, fixed) for name, p in params.items()}}
     allowed = {name: tuple(k.path.split(".")[1] for k in KEYS if k.path.startswith(name + ".")) for name in SECTIONS}
     sections = {"": data, **{name: _check_keys(path, name, data.get(name) or {}, allowed[name]) for name in SECTIONS}}

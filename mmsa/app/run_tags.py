@@ -23,6 +23,9 @@ TAG_SPACE = "mmsa.space"
 TAG_RAY_PATH = "mmsa.ray_path"
 TAG_BEST_RUN = "mmsa.best_trial_run_id"
 TAG_SOURCE = "mmsa.source"  # on a final run: which search or trial its config came from
+# On a search: a fingerprint of its labeled pairs (their content and labels), fold seed and
+# cv_folds: two searches with the same one scored their trials on the same folds (search.warm_start).
+TAG_FOLDS = "mmsa.folds_fingerprint"
 TAG_PARENT = "mlflow.parentRunId"
 
 
