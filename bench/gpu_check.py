@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-encoder", default="minilm")
     p.add_argument("--image-encoder", default="efficientnet_lite0")
     p.add_argument("--num-samples", type=int, default=40)
+    p.add_argument("--max-epochs", type=int, help="each fold's epochs (spaces/gpu.yaml's otherwise)")
     p.add_argument("--cpu", action="store_true", help="on the CPU, no GPU reserved (to try the bench itself)")
     p.add_argument("--out", default="gpu_check", help="the result's name: bench/results/OUT.md")
     args = p.parse_args(argv)
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = f"sqlite:///{work}/mlflow.db"
     stand_ins = ["--set", f"text_encoder={args.text_encoder}", "--set", f"image_encoder={args.image_encoder}"]
     space = ["--space", "spaces/gpu.yaml", "--data", args.data, *stand_ins, *gpu_flags]
+    if args.max_epochs:
+        space += ["--max-epochs", str(args.max_epochs)]
     rows, parents, plans = [], {}, []
     for precision in args.precisions:
         out, seconds = run([sys.executable, "-m", "search.run", *space, "--set", f"precision={precision}",

@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="re-run each stored search's ensemble selection with this code before final (it rewrites "
                         "the search's plan.json: copy --work first to keep it); the earlier finals' scores stay "
                         "as variant ensemble@LABEL, paired with the new ones")
+    p.add_argument("--warm-budget", metavar="DURATION",
+                   help="after each outer fold's search, a second one of this budget warm-started from it "
+                        "(--warm-start, another searcher seed: --warm-seed), then final: variant 'warm'")
+    p.add_argument("--warm-seed", type=int, default=1, help="the warm-started searches' searcher seed (default 1)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="LABEL=WORK",
+                   help="another run's work folder (the same outer folds): its pipeline's scores as column LABEL, "
+                        "paired by outer fold")
     p.add_argument("--out", default="nested_cv")
     args = p.parse_args(argv)
     data, work = Path(args.data).resolve(), (ROOT / args.work).resolve()
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             results[str(i)] = row
             results_file.write_text(json.dumps(results, indent=1))
         missing = [v for v in args.final if row is None or f"final_{v}" not in row]
-        if not missing:
+        if not missing and not (args.warm_budget and "warm" not in row):
             continue
         if row is None:  # the search; kept, so that other final variants reuse it later
             print(f"outer fold {i}: {len(truth)} held-out pairs; searching ...", flush=True)
@@ -162,9 +169,29 @@ def main(argv: list[str] | None = None) -> None:
                               "--tracking-uri", uri, "--out", str(pred), *final_flags(variant)])
             row[f"final_{variant}"] = {**score(pred, truth), "seconds": final_s}
             print(f"outer fold {i}: final {variant}: {row[f'final_{variant}']}, probe {row['probe']}", flush=True)
+        if args.warm_budget and "warm" not in row:
+            row["warm"] = warm_started(args, row, folder, truth, uri, work, i)
+            print(f"outer fold {i}: warm-started: {row['warm']}", flush=True)
         results[str(i)] = row
         results_file.write_text(json.dumps(results, indent=1))
     report(results, args, argv)
+
+
+def warm_started(args, row: dict, folder: Path, truth: dict, uri: str, work: Path, i: int) -> dict:
+    """A search of --warm-budget warm-started from `row`'s (another searcher seed), then final."""
+    out, search_s = run([sys.executable, "-m", "search.run", "--space", args.space, "--data", str(folder),
+                         "--tracking-uri", uri, "--storage", str(work / "ray_results"), "--time-budget", args.warm_budget,
+                         "--seed", str(args.warm_seed), "--warm-start", row["parent"]])
+    parent = out.strip().splitlines()[-1].split("=", 1)[1]
+    said = next((ln for ln in out.splitlines() if ln.startswith("warm start:")), "")
+    pred = work / f"outer{i}" / "pred-warm.txt"
+    _, final_s = run([sys.executable, "-m", "mmsa.final", "--run-id", parent, "--data", str(folder),
+                      "--tracking-uri", uri, "--out", str(pred)])
+    from mlflow.tracking import MlflowClient
+    m = MlflowClient(uri).get_run(parent).data.metrics
+    return {**score(pred, truth), "seconds": final_s, "search_seconds": search_s, "parent": parent,
+            "reused_candidates": m.get("warm_trials_candidates"), "reused_told": m.get("warm_trials_told"),
+            "said": said}
 
 
 def reselect(row: dict, uri: str, label: str) -> dict:
@@ -208,6 +235,13 @@ def report(results: dict, args, argv: list[str] | None) -> None:
               "search min (cache built in it)", "final min",
               "folds trained / without ASHA"]
     body = table(header, rows)
+    extra = {}  # label -> {outer fold: pipeline acc}
+    if all("warm" in results[i] for i in done):
+        extra["warm-started"] = {i: results[i]["warm"] for i in done}
+    for spec in args.compare:
+        label, _, folder = spec.partition("=")
+        other = json.loads(((ROOT / folder).resolve() / "results.json").read_text())
+        extra[label] = {i: other[i]["final_ensemble"] for i in done if i in other and "final_ensemble" in other[i]}
     summary = []
     for m in modes:
         acc = [results[i][f"final_{m}"]["acc"] for i in done]
@@ -218,7 +252,24 @@ def report(results: dict, args, argv: list[str] | None) -> None:
         summary.append([{"probe": "linear probe", "probe_lexicon": "linear probe with lexicon scores"}[probe],
                         mean_std([results[i][probe]["acc"] for i in done]),
                         mean_std([results[i][probe]["macro_f1"] for i in done])])
+    for label, got in extra.items():
+        if len(got) == len(done):
+            summary.append([label, mean_std([got[i]["acc"] for i in done]), mean_std([got[i]["macro_f1"] for i in done])])
     body += "\n\n" + table(["", "accuracy (mean ± std over outer folds)", "macro-F1"], summary)
+    for label, got in extra.items():
+        if len(got) != len(done):
+            continue
+        body += "\n\n" + f"{label}, per outer fold: " + ", ".join(f"{got[i]['acc']:.4f}" for i in done)
+        for other_label, other in [(f"pipeline ({modes[0]})", {i: results[i][f"final_{modes[0]}"] for i in done}),
+                                   *[(k, v) for k, v in extra.items() if k != label and len(v) == len(done)]]:
+            diff = np.array([got[i]["acc"] - other[i]["acc"] for i in done])
+            body += (f"\n\n{label} minus {other_label}, accuracy, paired by outer fold: {diff.mean() * 100:+.2f} points "
+                     f"(standard error {diff.std(ddof=1) / np.sqrt(len(diff)) * 100 if len(diff) > 1 else 0:.2f}); "
+                     f"below it in {int((diff < 0).sum())} of {len(diff)} outer folds.")
+        if label == "warm-started":
+            body += ("\n\nThe warm-started searches: " + "; ".join(
+                f"fold {i}: {got[i]['search_seconds'] / 60:.1f} min, {got[i]['reused_told']:.0f} earlier trials told "
+                f"the searcher, {got[i]['reused_candidates']:.0f} ensemble candidates" for i in done))
     first = modes[0]
     for other in [*modes[1:], *probes]:
         diff = np.array([results[i][f"final_{first}"]["acc"] - (results[i][other] if other in probes else

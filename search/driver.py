@@ -125,6 +125,8 @@ RAY_TUNE_ENV = {
     # more by default; a driver killed outright (SIGKILL, out of memory) then re-ran the trials that
     # had finished since, and lost the ones started since. Every second costs little: it is small.
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    # ... and, so saved, Ray would warn at every few trial checkpoints that it saves often: by design.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     # Ray's default TensorBoard logger imports torch into the driver (tensorboardX does). Loaded that
     # late, after Ray, grpc and pyarrow, torch once died loading its MKL in a submitted job. MLflow
     # is the record; Ray's own JSON and CSV logs per trial are kept.

@@ -304,24 +304,25 @@ def prepare_data(search: Search) -> SearchData:
     from dataclasses import replace as replaced
 
     from mmsa.app.records import fold_digests
-    from mmsa.features.prepare import cv_splits, prepare_in_subprocess
+    from mmsa.features.prepare import at_text_depth, cv_splits, prepare_in_subprocess
     from mmsa.features.rawsource import RawSource
     from search.space import check_against_data
     spec, base, t0 = search.spec, search.base, time.time()
     kinds = spec.feature_configs()
     print(f"data: {base.data.data_dir}; preparing features (built once, then cached)", flush=True)
-    # every labeled pair comes back as `train`
-    data = prepare_in_subprocess(replaced(base.data, finetune="none"), val_fraction=0.0)
-    text_dirs, raw = {}, None
+    # every labeled pair comes back as `train`; the text caches of finetune=last_k (the hidden
+    # states entering the layers that train) are built in the same pass of the text backbone
+    depths = tuple(sorted({kind.text_depth for kind in kinds if kind.finetune == "last_k"}))
+    if depths:
+        print(f"data: caching the text features of finetune=last_k ({', '.join(map(str, depths))} text layers "
+              f"train) beside the frozen ones", flush=True)
+    data = prepare_in_subprocess(replaced(base.data, finetune="none"), val_fraction=0.0, also_depths=depths)
     from search.trainable import text_variant
-    for kind in kinds:
-        if kind.finetune == "last_k":  # the hidden states entering the layers that train
-            print(f"data: caching the text features of finetune=last_k ({kind.text_finetune_layers} text layers "
-                  f"train)", flush=True)
-            text_dirs[text_variant(kind)] = str(prepare_in_subprocess(kind, val_fraction=0.0).features.text_dir.resolve())
-        elif kind.finetune == "full" and raw is None:
-            print("data: finetune=full trials read the pairs themselves (backbones trained per batch)", flush=True)
-            raw = RawSource(data.dataset.all_examples, kind)
+    text_dirs = {text_variant(at_text_depth(base.data, d)): folder for d, folder in data.text_dirs.items()}
+    raw = None
+    if any(kind.finetune == "full" for kind in kinds):
+        print("data: finetune=full trials read the pairs themselves (backbones trained per batch)", flush=True)
+        raw = RawSource(data.dataset.all_examples, next(k for k in kinds if k.finetune == "full"))
     if spec.cv_folds == 1 and base.data.val_fraction <= 0:
         raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
     folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
@@ -451,7 +452,11 @@ def report(search: Search, data: SearchData, parent_id: str, interrupted: bool, 
                   f"on these folds (recorded by an earlier version?): not candidates", flush=True)
     write_plan(client, parent_id, spec.metric, ensemble, best, trials + warm, probe_config(search.base))
     if best is None:
-        print("no trial produced a score; see the failed runs in MLflow", flush=True)
+        if trials and spec.time_budget and not any(t.ended == "failed" for t in trials):
+            print(f"no trial finished a fold within the time budget ({len(trials)} stopped on the way): give it more "
+                  f"time (--time-budget) or shorter folds (--max-epochs)", flush=True)
+        else:
+            print("no trial produced a score; see the failed runs in MLflow", flush=True)
     else:
         print(f"best: trial {best.trial_id}, cv_{spec.metric} {best.score:.4f} over {best.folds} fold(s) at epoch "
               f"{best.best_epoch} (run {best.run_id}); best_config.yaml logged on the parent run", flush=True)

@@ -110,15 +110,11 @@ def scalar_metrics(metrics: dict) -> dict:
 
 
 CHECKPOINT_FILE = "cv_state.pt"
-# Reported besides the metrics: where the trial is, for the scheduler (its time attribute), the
-# stopper and the MLflow logger; not metrics of the model.
-PROGRESS_KEYS = ("fold", "epoch", "fold_end", "folds_done", "epochs_done")
 CURVES_KEY = "curves"  # JSON {fold: {epoch: metrics}} of every epoch trained since the last report
-CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")
 # With rungs by folds a trial reports (and checkpoints) at every fold's end, and after an epoch
-# only where its last report is this long ago: a report costs a round trip through Ray's driver
-# (about 0.45 s on a 2-core CPU, as long as a quarter of a cheap epoch), which an epoch of minutes
-# does not notice and an epoch of two seconds does. With rungs by epochs, after every epoch.
+# only where its last report is this long ago: a report costs a round trip through Ray's driver,
+# which an epoch of minutes does not notice and an epoch of two seconds does
+# (`python -m bench.search_cost --reports` measures it). With rungs by epochs, after every epoch.
 CHECKPOINT_S = 30.0
 
 
@@ -141,10 +137,14 @@ def load_state(folder: str):
 def train_trial(config: dict, data: TrialData) -> None:
     """The Ray Tune function trainable: a report with a checkpoint after every epoch; resumed from
     the last one where Ray restarts the trial (a retry after a failure, or --resume)."""
+    import logging
     import tempfile
 
     import ray
     from ray import tune
+    # Ray logs every checkpoint's path, one line per report on the user's screen; where a trial
+    # stands is search.progress's line, and the checkpoints are in Ray's state folder.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     node = ray.get_runtime_context().get_node_id()
     gpu = bool(ray.get_gpu_ids())
     if not gpu:  # a trial that reserved no GPU uses none, even where one is visible
@@ -166,7 +166,8 @@ def train_trial(config: dict, data: TrialData) -> None:
 def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False) -> None:
     """One trial: cross-validation over `data.folds`; emit(metrics, state) after every epoch with
     `data.every_epoch` (rungs by epochs), else at every fold's end and after an epoch whose last
-    report is CHECKPOINT_S ago. Each report says where the trial is (PROGRESS_KEYS), the epochs
+    report is CHECKPOINT_S ago. Each report says where the trial is (fold, epoch, fold_end,
+    folds_done, epochs_done: for the scheduler, the stopper and the MLflow logger), the epochs
     trained since the last (CURVES_KEY) and the score: the mean over the folds finished (during
     fold 1, that fold's best epoch so far), so that ASHA can judge trials by folds or by epochs
     (emit may stop the trial by raising); `state` is where it stands, its checkpoint. The last
@@ -179,7 +180,7 @@ def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False
     trim_freed_memory()  # what the previous trial in this process left behind
     import torch  # imported by trial processes, not by the driver
 
-    from mmsa.training.crossval import cv_summary, cross_validate
+    from mmsa.training.crossval import CURVE_KEYS, cv_summary, cross_validate
     from mmsa.training.fit import TrainingError
     cfg = data.config(config)
     if not gpu and cfg.train.device == "auto":
@@ -248,6 +249,7 @@ def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False
 def _curves(state) -> dict:
     """{fold: {epoch: metrics}} of what a trial trained before it was stopped (CURVES_KEY): its
     finished folds and the epochs of the fold it was in."""
+    from mmsa.training.crossval import CURVE_KEYS
     if state is None:
         return {}
     folds = list(state.histories) + ([state.fit.history] if state.fit is not None else [])

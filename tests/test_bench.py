@@ -42,9 +42,13 @@ def test_cv(bench, subset_dir, subset_prepared):
 
 def test_nested_cv(bench, subset_dir, tiny_space, tmp_path):
     text = bench("nested_cv", "--data", str(subset_dir), "--space", str(tiny_space), "--outer", "2",
-                 "--work", str(tmp_path / "work"), "--final", "ensemble", "probe", "--out", "nested-tiny",
-                 out="nested-tiny")
+                 "--work", str(tmp_path / "work"), "--final", "ensemble", "probe", "--warm-budget", "1m",
+                 "--out", "nested-tiny", out="nested-tiny")
     assert "pipeline, final ensemble" in text and "pipeline, final probe" in text
+    assert "warm-started minus pipeline (ensemble)" in text
+    curve = bench("anytime", "--runs", f"1m={tmp_path / 'work'}", "--plot", str(tmp_path / "curve.png"),
+                  "--out", "anytime-tiny", out="anytime-tiny")
+    assert "The smallest budget within one standard error" in curve and (tmp_path / "curve.png").stat().st_size
 
 
 def test_vs_stock(bench, subset_dir, tiny_space, tmp_path):
@@ -55,8 +59,9 @@ def test_vs_stock(bench, subset_dir, tiny_space, tmp_path):
 
 
 def test_search_cost(bench, subset_dir, subset_prepared):
-    text = bench("search_cost", "--data", str(subset_dir), "--batches", "1", "--out", "cost-tiny", out="cost-tiny")
-    assert "speed-up of the cache" in text
+    text = bench("search_cost", "--data", str(subset_dir), "--batches", "1", "--reports", "--out", "cost-tiny",
+                 out="cost-tiny", timeout=900)
+    assert "speed-up of the cache" in text and "rungs: epochs (30 reports" in text and "one report" in text
 
 
 def test_finetune_speed(bench, subset_dir, subset_prepared):
@@ -86,6 +91,6 @@ def test_serve(bench, registered, subset_dir):
 
 def test_gpu_check_on_the_cpu(bench, subset_dir):
     """On a machine without a GPU the check still runs its whole path (search, final, predict), on the CPU."""
-    text = bench("gpu_check", "--data", str(subset_dir), "--cpu", "--minutes", "1", "--precisions", "fp32",
-                 "--num-samples", "1", "--out", "gpu-tiny", out="gpu-tiny", timeout=900)
+    text = bench("gpu_check", "--data", str(subset_dir), "--cpu", "--minutes", "3", "--max-epochs", "1",
+                 "--precisions", "fp32", "--num-samples", "1", "--out", "gpu-tiny", out="gpu-tiny", timeout=900)
     assert "predictions identical to final's" in text

@@ -23,8 +23,6 @@ def test_one_epoch_for_all_folds_chosen_on_their_mean():
     assert s["fold_accs"] == [0.78, 0.70] and s["fold_val_acc"] == 0.70
     assert s["val_acc_fold_std"] == pytest.approx(0.04)
     assert s["val_confusion"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]]
-    assert [p["val_acc"] for p in s["fold_curve"]] == [0.60, 0.70, 0.71]  # the last fold's own curve
-    assert set(s["fold_curve"][0]) == {"val_acc", "val_macro_f1", "train_loss", "epoch_seconds"}  # no GPU here
 
 
 def test_equal_means_choose_the_earlier_epoch():

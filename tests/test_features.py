@@ -188,3 +188,35 @@ def test_two_processes_building_one_cache_take_turns_and_build_it_once(tiny):
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     assert sum("text features (" in e for e in errs) == 1 and sum("image features (" in e for e in errs) == 1
+
+
+def test_the_text_caches_of_other_depths_built_in_one_pass_equal_those_built_apart(tiny, tmp_path, monkeypatch):
+    import json
+    from dataclasses import replace
+
+    from mmsa.features.prepare import at_text_depth, prepare
+    real, calls = mmsa.features.encoders.TextEncoder.forward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(mmsa.features.encoders.TextEncoder, "forward", counted)
+    together = prepare(tiny, 0.0, also_depths=(2, 1))
+    passes_together = len(calls)
+    apart_cfg = replace(tiny, cache_dir=str(tmp_path / "apart"))
+    calls.clear()
+    apart = {d: prepare(at_text_depth(apart_cfg, d), 0.0).features.text_dir for d in (0, 1, 2)}
+    assert passes_together > 0 and len(calls) == 3 * passes_together  # one pass of the text backbone, not three
+    folders = {0: together.features.text_dir, **{d: Path(p) for d, p in together.text_dirs.items()}}
+    assert sorted(folders) == [0, 1, 2] and len(set(folders.values())) == 3
+    for d, folder in folders.items():
+        assert folder.name == apart[d].name  # the same key: a later search or final finds it
+        for name in ("tokens", "mask", "lexicon"):
+            a, b = np.load(folder / f"{name}.npy"), np.load(apart[d] / f"{name}.npy")
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (d, name)
+        meta, meta_apart = (json.loads((f / "meta.json").read_text()) for f in (folder, apart[d]))
+        assert {k: v for k, v in meta.items() if k != "created"} == {k: v for k, v in meta_apart.items() if k != "created"}
+    assert not [p for p in Path(tiny.cache_dir).iterdir() if ".tmp-" in p.name]
+    calls.clear()  # all there: found, not built again
+    again = prepare(tiny, 0.0, also_depths=(1, 2))
+    assert calls == [] and again.text_dirs == together.text_dirs

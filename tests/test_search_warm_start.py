@@ -130,3 +130,29 @@ def test_what_cannot_be_used_is_refused_in_one_line_before_anything_is_recorded(
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert f"--warm-start {run_id}: {said}" in out.stderr
     assert len(client.search_runs([experiment], max_results=5000)) == before  # nothing recorded
+
+
+@pytest.mark.slow
+def test_a_warm_started_search_resumes_with_the_warm_start_it_began_with(smoke_search, subset_dir, subset_cache,
+                                                                         tmp_path):
+    import signal
+
+    from tests.search_helpers import TrialHold
+    tmp, uri, earlier, _ = smoke_search
+    store = tmp_path / "store"
+    shutil.copytree(tmp / "mlruns", store / "mlruns")
+    space = write_space(tmp_path / "s.yaml", str(subset_dir), str(subset_cache), num_samples=2, max_epochs=2)
+    hold = TrialHold(tmp_path / "hold", nth=1)
+    proc = subprocess.Popen(search_cmd(space, store, "--warm-start", earlier), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=hold.env())
+    hold.wait_held(proc)
+    proc.send_signal(signal.SIGTERM)
+    first = proc.communicate(timeout=120)[0]
+    hold.release()
+    assert "search interrupted" in first, first[-3000:]
+    other = _warm_search(store, space, "--resume", "--warm-start", "0" * 32)
+    assert other.returncode == 2 and "a search's warm start is fixed when it starts" in other.stderr
+    resumed = _warm_search(store, space, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "warm start: 4 finished trial(s) of 1 earlier search(es)" in resumed.stdout
+    assert "trial(s) of earlier searches are candidates of the ensemble" in resumed.stdout

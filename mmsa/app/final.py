@@ -252,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{data.dataset.root}: test_without_label.txt is missing or empty")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be >= 1")
+    ready = time.time()
     members, losses = train_plan(plan, prepared, on_epoch=lambda e, m: print(format_epoch(e, m), flush=True),
                                  log=lambda line: print(line, flush=True), jobs=args.jobs)
+    trained = time.time()
+    print(f"trained {len(members)} model(s) in {trained - ready:.0f}s ({args.jobs} at a time; data ready in "
+          f"{ready - t0:.0f}s)", flush=True)
     probs = predict_members(members, lambda c: (prepared(c).features, prepared(c).test.rows),
                             resolve_device(plan.chosen().config.train.device))
     tags = [LABELS[i] for i in probs.argmax(1)]
@@ -272,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"seconds": time.time() - t0, "n_single_modality": len(partial)}
     if losses:
         metrics["train_loss"] = sum(losses) / len(losses)
+    recording = time.time()
     record_final_run(client, uri, source, plan, members, data, tags, metrics, out, args.register)
-    print(f"done in {time.time() - t0:.0f}s", flush=True)
+    print(f"done in {time.time() - t0:.0f}s (predicted in {recording - trained:.0f}s, model logged in "
+          f"{time.time() - recording:.0f}s)", flush=True)
     print(f"predictions={out}", flush=True)
     return 0
 

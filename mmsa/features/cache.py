@@ -103,14 +103,23 @@ def write_folder_atomically(folder: Path, fill) -> None:
         raise
 
 
+def _meta(tmp: Path, key: str, n: int, names: list[str], extra: dict | None) -> None:
+    """A cache folder's meta.json, written last: without it no reader trusts the folder."""
+    meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def _finish(tmp: Path, folder: Path, key: str, n: int, names: list[str], extra: dict | None) -> None:
+    """A temporary cache folder whose arrays are written: its meta.json, then renamed into place."""
+    _meta(tmp, key, n, names, extra)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def _build_atomically(folder: Path, key: str, n: int, fill, extra: dict | None = None) -> dict[str, np.ndarray]:
     """Run `fill(tmp_folder) -> array names` in a temporary folder, then rename into place."""
-    def fill_then_meta(tmp: Path) -> None:
-        names = fill(tmp)
-        meta = {"key": key, "n": n, "format": FORMAT_VERSION, "arrays": names,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-    write_folder_atomically(folder, fill_then_meta)
+    write_folder_atomically(folder, lambda tmp: _meta(tmp, key, n, fill(tmp), extra))
     arrays = _load_if_complete(folder, key, n)
     assert arrays is not None, f"{folder}: cache just written does not load"
     return arrays
@@ -177,7 +186,11 @@ def _copy_rows(source: Path, rows: np.ndarray, chunk: int = 512):
     return fill
 
 
-def build_text_cache(cfg: DataConfig, examples: list[Example]) -> tuple[dict, Path]:
+def build_text_cache(cfg: DataConfig, examples: list[Example], also_depths: tuple[int, ...] = ()) -> tuple[dict, Path]:
+    """The text cache of `cfg` (the hidden states entering its top `text_depth` layers, masks,
+    lexicon scores). Where it is built, the caches of `also_depths` that are missing are built in
+    the same pass of the backbone (a search that trains the top layers beside frozen heads reads
+    both): the same bits as apart, one pass instead of several."""
     from mmsa.features.featurize import TextFeaturizer, clean_texts
     from mmsa.features.lexicon import LEXICON_DIM, lexicon_version
     layers = cfg.text_depth
@@ -187,33 +200,54 @@ def build_text_cache(cfg: DataConfig, examples: list[Example]) -> tuple[dict, Pa
     # The lexicon reads the raw text (hashtags, @mentions, capitals), so both are in the key.
     items = [digest(f"{ex.guid}\t{text}\t{ex.text}") for ex, text in zip(examples, texts)]
     content = digest(*items)
+    root = Path(cfg.cache_dir)
 
     def prepare():
         from mmsa.features.encoders import build_text_encoder
         encoder = build_text_encoder(cfg.text_encoder)
         featurizer = TextFeaturizer(cfg, encoder)
 
+        def where(depth: int) -> tuple[str, str, Path]:
+            model = digest(encoder.fingerprint(), str(L), str(depth), lexicon_version())
+            key = digest(model, content)
+            return model, key, root / f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{depth}-{key}"
+
         @_reusing_freed_memory
         def fill(tmp: Path) -> list[str]:
             device = _extraction_device()
             encoder.to(device)
-            tokens = _new_array(tmp / "tokens.npy", np.float16, (n, L, encoder.dim))
-            mask = _new_array(tmp / "mask.npy", np.bool_, (n, L))
-            with _progress(n, f"text features ({cfg.text_encoder}, {device})") as bar:
-                for s, hidden, m in featurizer.encode_batches(texts, [layers], device):
-                    tokens[s:s + len(m)] = hidden[layers]
-                    mask[s:s + len(m)] = m
-                    bar.update(len(m))
-            tokens.flush(), mask.flush()
-            lexicon = _new_array(tmp / "lexicon.npy", np.float32, (n, LEXICON_DIM))
-            lexicon[:] = featurizer.lexicon(raw)
-            lexicon.flush()
+            extra = {d: where(d) for d in dict.fromkeys(also_depths) if d != layers}
+            extra = {d: w for d, w in extra.items() if _load_if_complete(w[2], w[1], n) is None}
+            folders = {layers: tmp, **{d: w[2].with_name(f"{w[2].name}.tmp-{os.getpid()}") for d, w in extra.items()}}
+            try:
+                for folder in list(folders.values())[1:]:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    folder.mkdir(parents=True)
+                tokens = {d: _new_array(f / "tokens.npy", np.float16, (n, L, encoder.dim)) for d, f in folders.items()}
+                masks = {d: _new_array(f / "mask.npy", np.bool_, (n, L)) for d, f in folders.items()}
+                with _progress(n, f"text features ({cfg.text_encoder}, {device})") as bar:
+                    for s, hidden, m in featurizer.encode_batches(texts, list(folders), device):
+                        for d in folders:
+                            tokens[d][s:s + len(m)] = hidden[d]
+                            masks[d][s:s + len(m)] = m
+                        bar.update(len(m))
+                scores = featurizer.lexicon(raw)
+                for d, folder in folders.items():
+                    tokens[d].flush(), masks[d].flush()
+                    lexicon = _new_array(folder / "lexicon.npy", np.float32, (n, LEXICON_DIM))
+                    lexicon[:] = scores
+                    lexicon.flush()
+                for d, (model, key, final) in extra.items():  # each whole, then renamed into place
+                    _finish(folders[d], final, key, n, ["tokens", "mask", "lexicon"], {"model": model, "items": items})
+            except BaseException:
+                for folder in list(folders.values())[1:]:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             return ["tokens", "mask", "lexicon"]
-        model = digest(encoder.fingerprint(), str(L), str(layers), lexicon_version())
-        return model, digest(model, content), fill
+        model, key, _ = where(layers)
+        return model, key, fill
 
-    base = f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{layers}"
-    return _get_or_build(Path(cfg.cache_dir), base, items, prepare)
+    return _get_or_build(root, f"text-{_safe_name(cfg.text_encoder)}-L{L}-k{layers}", items, prepare)
 
 
 def build_image_cache(cfg: DataConfig, examples: list[Example], workers: int | None = None) -> tuple[dict, Path]:
@@ -277,18 +311,19 @@ def _extraction_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def features_of(cfg: DataConfig, examples: list[Example]) -> FeatureSet:
-    """The cached features of `examples` (guids unique), building what is missing."""
+def features_of(cfg: DataConfig, examples: list[Example], also_depths: tuple[int, ...] = ()) -> FeatureSet:
+    """The cached features of `examples` (guids unique), building what is missing (and the text
+    caches of `also_depths`, in the same pass: build_text_cache)."""
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-    _, text_dir = build_text_cache(cfg, examples)
+    _, text_dir = build_text_cache(cfg, examples, also_depths)
     _, image_dir = build_image_cache(cfg, examples)
     return FeatureSet.open([ex.guid for ex in examples], text_dir, image_dir)
 
 
-def load_features(cfg: DataConfig, dataset: Dataset) -> FeatureSet:
+def load_features(cfg: DataConfig, dataset: Dataset, also_depths: tuple[int, ...] = ()) -> FeatureSet:
     """Load the cached features of every example of `dataset`, building what is missing."""
     examples = dataset.all_examples
-    feats = features_of(cfg, examples)
+    feats = features_of(cfg, examples, also_depths)
     for ex, ok in zip(examples, feats.has_image):
         if ex.has_image and not ok:
             dataset.report.unreadable_image.append(ex.guid)

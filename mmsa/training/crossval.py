@@ -22,13 +22,14 @@ from mmsa.features.prepare import Split
 if TYPE_CHECKING:
     from mmsa.training.fit import FitState
 
-CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")  # those present
+# What a fold's learning curve records per epoch (those present: gpu_peak_mb on a GPU only).
+CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")
 
 
 def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> dict:
     """Scalars of the folds trained so far (each a list of per-epoch metrics from `fit`): the
-    metrics at the epoch whose mean over folds is best, their spread over folds, the summed
-    confusion matrix there, and the last fold's own curve."""
+    metrics at the epoch whose mean over folds is best, their spread over folds, and the summed
+    confusion matrix there."""
     epochs = min(len(h) for h in histories)
     mean_curve = [np.mean([h[e][monitor] for h in histories]) for e in range(epochs)]
     best = int(np.argmax(mean_curve))  # the earliest of equal means
@@ -47,7 +48,6 @@ def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> d
         "epochs_trained": sum(len(h) for h in histories),
         "mean_epoch_seconds": float(np.mean([m["epoch_seconds"] for h in histories for m in h])),
         "val_confusion": np.sum([m["val_confusion"] for m in at_best], 0).tolist(),
-        "fold_curve": [{k: float(m[k]) for k in CURVE_KEYS if k in m} for m in histories[-1]],
     })
     return out
 
