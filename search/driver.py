@@ -17,6 +17,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from mmsa.errors import UserError
 from mmsa.app.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
 from search import cache_transfer
+from search.checkpoints import delete_trial_state, state_dir
 from search.progress import ProgressPrinter
 from search.searcher import make_searcher
 from search.time_budget import TimeBudget, parse_duration
@@ -59,16 +60,30 @@ class BudgetStopper(Callback, Stopper):
         self.budget.restore(state)
 
 
-def make_trainable(search, data, offer_cache: bool = False):
-    """`search` (search.run.Search) over `data` (search.run.SearchData). `offer_cache` (on a
-    cluster): the cache's files go into Ray's object store once, for the nodes that do not share
-    the driver's disk."""
+class CheckpointCleaner(Callback):
+    """Deletes a trial's checkpoint when it ends, completed or stopped (by ASHA or the time budget):
+    Ray keeps the last one of every trial (num_to_keep counts per trial), gigabytes each for a
+    fine-tuned trial. A failed trial's stays, for its retry and for --resume (search.checkpoints)."""
+
+    def __init__(self, ray_path: str):
+        self.ray_path = ray_path
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        delete_trial_state(self.ray_path, trial.trial_id, trial.checkpoint)
+
+
+def make_trainable(search, data, ray_path: str, offer_cache: bool = False):
+    """`search` (search.run.Search) over `data` (search.run.SearchData), its state stored at
+    `ray_path`. `offer_cache` (on a cluster): the cache's files go into Ray's object store once,
+    for the nodes that do not share the driver's disk."""
     f, spec = data.prepared.features, search.spec
     folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve()), *data.text_dirs.values()]
+    offered = folders + ([data.raw.pixel_dir] if data.raw is not None and data.raw.pixel_dir else [])
     trial_data = TrialData(guids=f.guids, text_dir=folders[0], image_dir=folders[1], folds=data.folds,
                            base=search.base.to_flat(), threads=max(1, int(spec.cpu)), raw=data.raw,
-                           cache_files=cache_transfer.offer(folders) if offer_cache else None,
-                           text_dirs=dict(data.text_dirs), every_epoch=spec.rungs == "epochs")
+                           cache_files=cache_transfer.offer(offered) if offer_cache else None,
+                           text_dirs=dict(data.text_dirs), every_epoch=spec.rungs == "epochs",
+                           state_dir=state_dir(ray_path), gpu_share=spec.gpu or 1.0)
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
 
@@ -138,7 +153,7 @@ def make_tuner(search, data, parent_id: str, ray_path: str) -> tune.Tuner:
     """A new Tuner for `search`, or the one --resume restores from Ray's state at `ray_path` (its
     searcher, scheduler, stopper and callbacks then come from that state, and carry theirs)."""
     spec, metric = search.spec, f"best_{search.spec.metric}"
-    trainable = make_trainable(search, data, offer_cache=search.address is not None)
+    trainable = make_trainable(search, data, ray_path, offer_cache=search.address is not None)
     if search.resumed is not None and tune.Tuner.can_restore(ray_path):
         return tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
@@ -147,7 +162,7 @@ def make_tuner(search, data, parent_id: str, ray_path: str) -> tune.Tuner:
     logger = MlflowTrialLogger(search.tracking.uri, search.tracking.experiment_id, parent_id, search.base.to_flat(),
                                data.datasets, budget)
     callbacks = [logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds), CSVLoggerCallback(),
-                 JsonLoggerCallback(), *([stopper] if stopper is not None else [])]
+                 JsonLoggerCallback(), CheckpointCleaner(ray_path), *([stopper] if stopper is not None else [])]
     searcher = make_searcher(spec, budget, data.warm)
     return tune.Tuner(
         trainable,

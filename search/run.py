@@ -69,8 +69,9 @@ def parse_args(argv):
     p.add_argument("--gpus-per-trial", type=_gpus, metavar="SHARE",
                    help="GPU each trial reserves, e.g. 0.5 to share one between two trials, or auto: as many trials "
                         "per GPU as its memory holds (default: resources.gpu of the space)")
-    p.add_argument("--gpu-memory", metavar="SIZE", help="plan the trials' GPU memory for a card of this size, e.g. "
-                   "16GB (default: this machine's GPU, where it has one)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="plan the trials' GPU memory for a card of this size: 16GB "
+                   "(as sold: planned at what torch sees of such a card), 14.7GiB (as torch reports it), or a card's "
+                   "name, e.g. T4 (default: this machine's GPU, where it has one)")
     p.add_argument("--warm-start", action="append", default=[], metavar="RUN_ID",
                    help="an earlier search's parent run id (repeatable; also warm_start: in the space file): its "
                         "finished trials tell the searcher where they lie in this space, and enter the ensemble "
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "ray" in sys.modules:  # stops a local Ray; only disconnects from a cluster
             sys.modules["ray"].shutdown()
-    return report(search, data, parent_id, interrupted, time.time() - t0)
+    return report(search, data, parent_id, ray_path, interrupted, time.time() - t0)
 
 
 def dry_run(args: argparse.Namespace) -> int:
@@ -162,8 +163,8 @@ def _card(args: argparse.Namespace) -> int | None:
     """--gpu-memory in bytes; None: this machine's GPU."""
     if not args.gpu_memory:
         return None
-    from search.budget import parse_size
-    return parse_size(args.gpu_memory, "--gpu-memory")
+    from search.gpu_plan import parse_card
+    return parse_card(args.gpu_memory)
 
 
 def plan_gpu(search: Search) -> Search:
@@ -321,8 +322,10 @@ def prepare_data(search: Search) -> SearchData:
     text_dirs = {text_variant(at_text_depth(base.data, d)): folder for d, folder in data.text_dirs.items()}
     raw = None
     if any(kind.finetune == "full" for kind in kinds):
-        print("data: finetune=full trials read the pairs themselves (backbones trained per batch)", flush=True)
-        raw = RawSource(data.dataset.all_examples, next(k for k in kinds if k.finetune == "full"))
+        print("data: finetune=full trials read the pairs themselves (backbones trained per batch); their images "
+              "decoded once into the pixel cache", flush=True)
+        from mmsa.features.prepare import in_child
+        raw = in_child(RawSource.from_files, data.dataset.all_examples, next(k for k in kinds if k.finetune == "full"))
     if spec.cv_folds == 1 and base.data.val_fraction <= 0:
         raise UserError(f"{spec.path}: cv_folds: 1 holds out one validation split, and needs val_fraction > 0")
     folds = cv_splits(data.train, spec.cv_folds, base.data.split_seed, base.data.val_fraction)
@@ -415,13 +418,15 @@ def open_parent_run(search: Search, data: SearchData) -> tuple[str, str]:
     return parent_id, ray_path
 
 
-def report(search: Search, data: SearchData, parent_id: str, interrupted: bool, seconds: float) -> int:
+def report(search: Search, data: SearchData, parent_id: str, ray_path: str, interrupted: bool, seconds: float) -> int:
     """The end: how to continue an interrupted search, or the chosen trial, the top trials, the
-    probe and the cost; last line `parent_run_id=<id>`."""
+    probe and the cost; what its storage keeps; last line `parent_run_id=<id>`."""
     from mmsa.app.run_tags import TAG_STATE
+    from search.checkpoints import storage_line
     from search.report import baseline_line, cost_line, finalize_parent, top_table
     args, spec, client = search.args, search.spec, search.tracking.client
     if interrupted:
+        print(storage_line(ray_path), flush=True)
         client.set_tag(parent_id, TAG_STATE, "interrupted")
         client.set_terminated(parent_id, status="KILLED")
         print(f"search interrupted; state saved. Continue it with: python -m search.run --space {args.space} "
@@ -435,6 +440,7 @@ def report(search: Search, data: SearchData, parent_id: str, interrupted: bool, 
     print(top_table(trials, spec.metric, list(spec.params)), flush=True)
     print(baseline_line(client, parent_id, spec.metric), flush=True)
     print(cost_line(client, parent_id), flush=True)
+    print(storage_line(ray_path), flush=True)
     if spec.time_budget:
         print(budget_line(client, parent_id, trials), flush=True)
     from mmsa.models.probe import probe_config

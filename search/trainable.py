@@ -47,6 +47,10 @@ class TrialData:
     # other kind of features, by text_variant()
     text_dirs: dict[str, str] = field(default_factory=dict)
     every_epoch: bool = False  # report (and checkpoint) after every epoch: ASHA's rungs count epochs
+    # Where trials write their checkpoints' states (search.checkpoints.state_dir); None: into Ray's
+    # checkpoint, which Ray uploads (remote storage)
+    state_dir: str | None = None
+    gpu_share: float = 1.0  # of a GPU each trial reserves: below 1, its process is held to that share
 
     def config(self, sampled: dict) -> Config:
         """A trial's config: the base config with the values the searcher sampled, on its CPU share."""
@@ -58,7 +62,7 @@ class TrialData:
         """The features a trial of data config `cfg` reads: the pairs themselves (finetune=full),
         or the cache of its kind."""
         if cfg.finetune == "full":
-            return node_raw(self.raw)
+            return node_raw(self)
         return node_features(self, self.text_dirs.get(text_variant(cfg), self.text_dir))
 
 
@@ -92,12 +96,27 @@ def node_features(data: TrialData, text_dir: str) -> FeatureSet:
     return FeatureSet.open(data.guids, text_dir, image_dir)
 
 
-def node_raw(raw: RawSource) -> RawSource:
-    """finetune=full reads the images where it trains: where this node lacks them, say so rather
-    than train on blank images (an unreadable image is one)."""
+def node_raw(data: TrialData) -> RawSource:
+    """What finetune=full reads where it trains: the driver's pixel cache as this node sees it (at
+    the driver's path, under $MMSA_CACHE_DIR, or received from the driver, as node_features), else
+    the images' files. Where this node lacks those, say so rather than train on blank images (an
+    unreadable image is one)."""
     import socket
 
     from mmsa.errors import DataError
+    from search.cache_transfer import receive
+    raw = data.raw
+    if raw.pixel_dir is not None:
+        folder, root = raw.pixel_dir, os.environ.get(NODE_CACHE_ENV)
+        if root:
+            folder = os.path.join(root, os.path.basename(raw.pixel_dir))
+        name = os.path.basename(folder)
+        if not os.path.exists(os.path.join(folder, "meta.json")) and data.cache_files and \
+                any(key.startswith(name + "/") for key in data.cache_files):
+            receive(data.cache_files, Path(os.path.dirname(folder)), [name])
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            return raw if folder == raw.pixel_dir else RawSource(raw.examples, raw.cfg, pixel_dir=folder)
+        raw = raw.without_pixel_cache()
     sample = next((ex for ex in raw.examples if ex.has_image), None)
     if sample is not None and not os.path.exists(sample.image_path):
         raise DataError(f"node {socket.gethostname()}: {os.path.dirname(os.path.abspath(sample.image_path))}: the "
@@ -109,29 +128,12 @@ def scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-CHECKPOINT_FILE = "cv_state.pt"
 CURVES_KEY = "curves"  # JSON {fold: {epoch: metrics}} of every epoch trained since the last report
 # With rungs by folds a trial reports (and checkpoints) at every fold's end, and after an epoch
 # only where its last report is this long ago: a report costs a round trip through Ray's driver,
 # which an epoch of minutes does not notice and an epoch of two seconds does
 # (`python -m bench.search_cost --reports` measures it). With rungs by epochs, after every epoch.
 CHECKPOINT_S = 30.0
-
-
-def save_state(state, folder: str) -> None:
-    """A trial's checkpoint: where its cross-validation stands (mmsa.training.crossval.CVState)."""
-    import torch
-    torch.save({"histories": state.histories, "fit": vars(state.fit) if state.fit is not None else None},
-               os.path.join(folder, CHECKPOINT_FILE))
-
-
-def load_state(folder: str):
-    import torch
-
-    from mmsa.training.crossval import CVState
-    from mmsa.training.fit import FitState
-    saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-    return CVState(saved["histories"], FitState(**saved["fit"]) if saved["fit"] is not None else None)
 
 
 def train_trial(config: dict, data: TrialData) -> None:
@@ -142,6 +144,8 @@ def train_trial(config: dict, data: TrialData) -> None:
 
     import ray
     from ray import tune
+
+    from search.checkpoints import TrialStates, read_checkpoint, write_checkpoint
     # Ray logs every checkpoint's path, one line per report on the user's screen; where a trial
     # stands is search.progress's line, and the checkpoints are in Ray's state folder.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -149,16 +153,22 @@ def train_trial(config: dict, data: TrialData) -> None:
     gpu = bool(ray.get_gpu_ids())
     if not gpu:  # a trial that reserved no GPU uses none, even where one is visible
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    states = TrialStates(data.state_dir, tune.get_context().get_trial_id()) if data.state_dir else None
     start = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            start = load_state(folder)
+            start = read_checkpoint(folder, states)
+    reports = 0
 
     def emit(metrics: dict, state) -> None:
+        nonlocal reports
+        reports += 1
         with tempfile.TemporaryDirectory(prefix="mmsa-checkpoint-") as folder:
-            save_state(state, folder)
+            name = write_checkpoint(state, folder, states, reports)
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder))
+        if name is not None:  # Ray's checkpoint now names the new state: the older one goes
+            states.keep_only(name)
 
     fit_trial(emit, config, data, start=start, gpu=gpu)
 
@@ -178,13 +188,14 @@ def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False
     import time
 
     trim_freed_memory()  # what the previous trial in this process left behind
-    import torch  # imported by trial processes, not by the driver
-
+    from mmsa.models.runtime import is_out_of_memory, release_device_memory
     from mmsa.training.crossval import CURVE_KEYS, cv_summary, cross_validate
     from mmsa.training.fit import TrainingError
     cfg = data.config(config)
-    if not gpu and cfg.train.device == "auto":
-        cfg.train.device = "cpu"
+    if cfg.train.device == "auto":  # what the trial's run records is where it trained
+        cfg.train.device = "cuda" if gpu else "cpu"
+    if gpu and data.gpu_share < 1:
+        hold_to_share(data.gpu_share)
     max_epochs, monitor, retries = cfg.train.max_epochs, cfg.train.monitor, 0
     latest = {"state": start, "score": {}, "reported": time.monotonic()}
     unreported = _curves(start)  # after a resume, the first report carries what was trained before
@@ -232,18 +243,35 @@ def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False
             cross_validate(cfg, features, data.folds, on_epoch=on_epoch, keep_probs=True, keep_state=True,
                            start=latest["state"])
             return
-        except torch.cuda.OutOfMemoryError as e:
-            micro = min(cfg.train.micro_batch or cfg.train.batch_size, cfg.train.batch_size)
-            if retries or micro <= 1:
-                raise TrainingError(
-                    f"CUDA out of memory again at micro-batch {micro} ({str(e).splitlines()[0][:200]}): lower "
-                    f"micro_batch or batch_size, or max_text_len, set grad_checkpointing: true, or give each trial "
-                    f"more of the GPU (resources.gpu); `python -m search.run --dry-run` plans it") from None
-            retries += 1
-            cfg.train.micro_batch = micro // 2
-            print(f"CUDA out of memory at micro-batch {micro}: trying again from the last finished epoch at "
-                  f"micro-batch {cfg.train.micro_batch} (the same effective batch)", flush=True)
-            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - only running out of GPU memory is retried
+            if not is_out_of_memory(e):
+                raise
+            failure = str(e).splitlines()[0][:200]
+        # Out of the except block: the exception's traceback, which held the failed step's frames
+        # (its graph, the fold's model and optimizer), is gone, so their memory can go back now.
+        release_device_memory()
+        micro = min(cfg.train.micro_batch or cfg.train.batch_size, cfg.train.batch_size)
+        if retries or micro <= 1:
+            raise TrainingError(
+                f"CUDA out of memory again at micro-batch {micro} ({failure}): lower micro_batch or batch_size, "
+                f"or max_text_len, set grad_checkpointing: true, or give each trial more of the GPU "
+                f"(resources.gpu); `python -m search.run --dry-run` plans it")
+        retries += 1
+        cfg.train.micro_batch = micro // 2
+        print(f"CUDA out of memory at micro-batch {micro}: trying again from the last finished epoch at "
+              f"micro-batch {cfg.train.micro_batch} (the same effective batch)", flush=True)
+
+
+def hold_to_share(share: float) -> None:
+    """Hold this process's CUDA allocations to its `share` of the card, less what CUDA keeps
+    outside torch's allocator (search.gpu_plan.CUDA_CONTEXT): Ray's fractional GPUs are a count,
+    not a limit, and a packed trial that outgrew its plan would otherwise take its neighbour's
+    memory. It fails alone instead (an out-of-memory, retried at half the micro-batch)."""
+    import torch
+
+    from search.gpu_plan import memory_fraction
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(memory_fraction(share, total), 0)
 
 
 def _curves(state) -> dict:

@@ -79,3 +79,42 @@ def test_simple_heads_train_and_predict(subset_prepared, head):
     assert probs.shape == (len(p.val), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert result.metrics["val_acc"] == pytest.approx(float((probs.argmax(1) == p.val.labels).mean()))  # the kept model's
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_a_folds_model_is_freed_before_the_next_fold_builds_its_own(subset_prepared, monkeypatch):
+    """On a GPU a fold's model, its gradients and AdamW's moments alive while the next fold trains
+    would double what the memory plan counts for one: nothing of them may outlive their fold."""
+    import weakref
+
+    import mmsa.training.fit as fit_module
+    data_cfg, p = subset_prepared
+    cfg = Config()
+    cfg.data = data_cfg
+    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "ema": 0.5})
+    earlier: list = []
+    built = fit_module.create_model
+
+    def tracked(c, *args, **kwargs):
+        alive = sum(ref() is not None for ref in earlier)
+        assert alive == 0, f"{alive} parameter(s) of an earlier fold's model alive as the next fold starts"
+        model = built(c, *args, **kwargs)
+        earlier.extend(weakref.ref(t) for t in model.parameters())
+        return model
+    monkeypatch.setattr(fit_module, "create_model", tracked)
+    states = []
+    cross_validate(cfg, p.features, cv_splits(p.train, 3, seed=0), keep_probs=True, keep_state=True,
+                   on_epoch=lambda ev: states.append(ev.state))
+    assert earlier and len(states) == 6  # three folds built, each checked against the ones before
+
+
+def test_cross_validation_keeps_no_copy_of_a_folds_best_weights(subset_prepared):
+    """A fold's model is discarded: a copy of its best epoch's weights would be memory, and a
+    checkpoint's size, for nothing."""
+    data_cfg, p = subset_prepared
+    cfg = Config()
+    cfg.data = data_cfg
+    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0})
+    fits = []
+    cross_validate(cfg, p.features, cv_splits(p.train, 2, seed=0), keep_state=True,
+                   on_epoch=lambda ev: fits.append(ev.state.fit))
+    assert [f.best_state for f in fits if f is not None] == [{}, {}]

@@ -155,3 +155,16 @@ def _offline(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_checkpoint_stored_in_fp16_trains_in_fp32(tmp_path):
+    """transformers 5 loads a checkpoint in the dtype it was stored in; fp16 weights would train fp16
+    gradients, which the fp16 gradient scaler refuses to unscale."""
+    from transformers import AutoModel, BertConfig, BertModel
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37)
+    BertModel(config).half().save_pretrained(tmp_path)
+    assert next(AutoModel.from_pretrained(tmp_path).parameters()).dtype == torch.float16  # what transformers does
+    from mmsa.features.encoders import _hf_model
+    model = _hf_model("text", f"hf:{tmp_path}", str(tmp_path), pretrained=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -101,7 +101,7 @@ def test_raw_batches_keep_their_loader_workers_from_pass_to_pass(subset_prepared
     source = RawSource(data.dataset.train[:8], dataclasses.replace(data_cfg, finetune="full", loader_workers=1))
     cpu = torch.device("cpu")
     first = [b[0] for b in source.iter_batches([np.arange(4), np.arange(4, 8)], cpu)]
-    loader, _ = source._loader(cpu, 0.0)
+    loader, _ = source._loader(cpu)
     workers = [w.pid for w in loader._iterator._workers]
     again = [b[0] for b in source.iter_batches([np.arange(4, 8), np.arange(4)], cpu)]  # another order
     assert [w.pid for w in loader._iterator._workers] == workers and all(w.is_alive() for w in loader._iterator._workers)

@@ -52,3 +52,29 @@ def test_heads_that_share_an_averaged_image_grid_predict_as_they_do_alone():
     for mine, expected in zip(together, alone):
         assert np.array_equal(mine, expected)  # the same bits, not merely close
     assert not np.array_equal(together[0], together[1])  # two heads, two answers
+
+
+def test_a_fine_tuned_cnn_in_channels_last_computes_the_same():
+    """On CUDA the fine-tuned image backbone's weights and its pixels are laid out channels_last
+    (tensor cores read NHWC under autocast): the layout changes no result."""
+    import copy
+
+    from mmsa.config import Config
+    from mmsa.features.encoders import text_shape
+    from mmsa.models.factory import create_model
+    from mmsa.models.runtime import channels_last
+    cfg = Config.from_flat({"finetune": "full", "d_model": 16, "heads": 2, "max_text_len": 8})
+
+    class Sizes:
+        text_dim, image_dim = text_shape("minilm").dim, 1280
+    torch.manual_seed(0)
+    model = create_model(cfg.with_features(Sizes), pretrained=False).eval()
+    inputs = (torch.randint(3, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long), torch.randn(2, 3, 224, 224),
+              torch.zeros(2, 4))
+    want = model(*inputs)
+    laid_out = channels_last(copy.deepcopy(model))
+    convs = [m.weight for m in laid_out.image_backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    pixels = inputs[2].contiguous(memory_format=torch.channels_last)
+    got = laid_out(inputs[0], inputs[1], pixels, inputs[3])
+    assert torch.allclose(got, want, atol=1e-4)

@@ -39,6 +39,9 @@ def test_the_gpu_space_searches_final_and_predicts_with_relative_paths(tmp_path)
     assert completed and all(t.data.metrics["folds_done"] == 5 for t in completed)
     assert all(t.data.tags[TAG_DEVICE] == "cpu" for t in trials)  # gpu: 0: no GPU, even where one is visible
     assert all(t.data.params["finetune"] == "full" for t in trials)
+    # every trial ended (completed or stopped): no checkpoint of one is left, and the summary says so
+    assert "no trial checkpoint (each deleted as its trial ended)" in search.stdout
+    assert not list((tmp_path / "ray_results").glob("search-*/trial-state/*"))
     final = _run(tmp_path, "mmsa.final", "--run-id", parent_id, "--data", "mini", "--out", "pred.txt",
                  "--tracking-uri", "sqlite:///mlruns/mlflow.db", "--register", "gpu-standin")
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]

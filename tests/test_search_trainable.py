@@ -117,3 +117,76 @@ def test_full_finetuning_on_a_node_without_the_images_says_so_rather_than_train_
     (tmp_path / "not-here").mkdir()
     (tmp_path / "not-here" / "1.jpg").write_bytes(b"")
     assert data.features(raw.cfg) is raw
+
+
+def _trial_data(subset_prepared, folds=3):
+    from mmsa.config import Config
+    from mmsa.features.prepare import cv_splits
+    from search.trainable import TrialData
+    data_cfg, p = subset_prepared
+    base = Config(data=data_cfg).to_flat() | {"d_model": 16, "heads": 2, "batch_size": 16, "max_epochs": 1,
+                                               "patience": 0}
+    f = p.features
+    return TrialData(guids=f.guids, text_dir=str(f.text_dir), image_dir=str(f.image_dir),
+                     folds=cv_splits(p.train, folds, seed=0), base=base, threads=1)
+
+
+def test_out_of_memory_is_retried_at_half_the_micro_batch_with_nothing_of_the_failed_fold_left(
+        subset_prepared, monkeypatch, capsys):
+    """cuBLAS failing to allocate is a plain RuntimeError, not torch's OutOfMemoryError: retried too,
+    from the last finished fold, once the failed step's model is gone (its traceback held it)."""
+    import weakref
+
+    import mmsa.training.fit as fit_module
+    from search.trainable import fit_trial
+    data = _trial_data(subset_prepared)
+    epochs, models = [], []
+    train_epoch, build = fit_module._train_epoch, fit_module.create_model
+
+    def failing_in_fold_2(member, train, epoch):
+        epochs.append(member.micro)
+        if len(epochs) == 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return train_epoch(member, train, epoch)
+
+    def tracked(cfg, *args, **kwargs):
+        assert all(ref() is None for ref in models), "a model of an earlier fold or attempt is alive"
+        model = build(cfg, *args, **kwargs)
+        models.extend(weakref.ref(t) for t in model.parameters())
+        return model
+    monkeypatch.setattr(fit_module, "_train_epoch", failing_in_fold_2)
+    monkeypatch.setattr(fit_module, "create_model", tracked)
+    reports = []
+    fit_trial(lambda metrics, state: reports.append(metrics), {"lr": 1e-3}, data)
+    assert epochs == [16, 16, 8, 8]  # fold 1; fold 2 fails; fold 2 again and fold 3 at half the micro-batch
+    assert [r["folds_done"] for r in reports] == [1, 2, 3] and reports[-1]["final"] == 1
+    assert reports[-1]["oom_retries"] == 1 and reports[-1]["micro_batch"] == 8
+    assert reports[0]["device"] == "cpu"  # where it trained, not `auto`
+    assert "trying again from the last finished epoch at micro-batch 8" in capsys.readouterr().out
+
+
+def test_other_errors_are_not_retried(subset_prepared, monkeypatch):
+    import mmsa.training.fit as fit_module
+    from search.trainable import fit_trial
+    data = _trial_data(subset_prepared, folds=2)
+
+    def broken(member, train, epoch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(fit_module, "_train_epoch", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fit_trial(lambda metrics, state: None, {"lr": 1e-3}, data)
+
+
+def test_a_packed_trial_is_held_to_its_share_of_the_card(monkeypatch):
+    import torch
+
+    from search.gpu_plan import CUDA_CONTEXT, GIB
+    from search.trainable import hold_to_share
+    held = []
+
+    class Props:
+        total_memory = 16 * GIB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: held.append((f, device)))
+    hold_to_share(0.25)
+    assert held == [((4 * GIB - CUDA_CONTEXT) / (16 * GIB), 0)]

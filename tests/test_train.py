@@ -148,10 +148,12 @@ def test_full_finetune_trains_the_backbones(subset_dir, tmp_path):
     from mmsa.config import DataConfig
     from mmsa.features.rawsource import RawSource
     from mmsa.features.prepare import prepare
-    data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "never"), val_fraction=0.3,
+    data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path / "cache"), val_fraction=0.3,
                           max_text_len=16, finetune="full")
     p = prepare(data_cfg)
-    assert isinstance(p.features, RawSource) and not (tmp_path / "never").exists()  # no cache built
+    # no feature cache: the images alone, decoded once (mmsa.features.pixels)
+    assert isinstance(p.features, RawSource) and p.features.pixel_dir is not None
+    assert [f.name.split("-")[0] for f in (tmp_path / "cache").iterdir() if f.is_dir()] == ["pixels"]
     train = replace(p.train, rows=p.train.rows[:8], labels=p.train.labels[:8], guids=p.train.guids[:8])
     val = replace(p.val, rows=p.val.rows[:8], labels=p.val.labels[:8], guids=p.val.guids[:8])
     cfg = _cfg(data_cfg, max_epochs=1, batch_size=4, micro_batch=2)
@@ -240,3 +242,47 @@ def test_batches_of_similar_text_length_cover_every_pair_once_and_pad_less():
     # each batch is drawn from its own group of 10 batches of the shuffled order
     assert all(len({int(np.flatnonzero(np.isin(order, b))[0]) // 320, int(np.flatnonzero(np.isin(order, b))[-1]) // 320})
                == 1 for b in batches)
+
+
+def test_an_epoch_reads_nothing_back_from_the_device_but_its_summed_loss(subset_prepared, monkeypatch):
+    """On a GPU every read of a tensor's value (item, bool, float) waits for the queued steps: the
+    training loop reads one per epoch, not one per micro-batch (the optimizer's own step counters
+    live on the host)."""
+    import sys
+    from mmsa.training.fit import _new_trainee, _train_epoch
+    from mmsa.models.factory import create_model
+    data_cfg, p = subset_prepared
+    cfg = _cfg(data_cfg, max_epochs=1, batch_size=8, micro_batch=4).with_features(p.features)
+    trainee = _new_trainee(create_model(cfg), cfg, p.features, p.train, torch.device("cpu"), False)
+    reads = []
+    for name in ("item", "__bool__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        def read(self, _real=real, _name=name):
+            if sys._getframe(1).f_code.co_filename.endswith("fit.py"):  # by the training loop itself
+                reads.append(_name)
+            return _real(self)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    loss, seen = _train_epoch(trainee, p.train, 1)
+    assert seen == len(p.train) and reads == ["__float__"] and loss > 0
+
+
+def test_a_fine_tuned_model_starts_the_same_whether_or_not_the_backbones_were_loaded_before(subset_dir, tmp_path):
+    """Loading the pretrained backbones draws nothing from torch's random state: a trial's later folds
+    (backbones already loaded) and the same fold after a resume (loaded afresh) start alike."""
+    import numpy as np
+
+    from mmsa.config import DataConfig
+    from mmsa.features.prepare import prepare
+    from mmsa.models.finetune import _pretrained
+    data_cfg = DataConfig(data_dir=str(subset_dir), cache_dir=str(tmp_path), val_fraction=0.3, max_text_len=16,
+                          finetune="full")
+    p = prepare(data_cfg)
+    train = replace(p.train, rows=p.train.rows[:8], labels=p.train.labels[:8], guids=p.train.guids[:8])
+    val = replace(p.val, rows=p.val.rows[:4], labels=p.val.labels[:4], guids=p.val.guids[:4])
+    cfg = _cfg(data_cfg, max_epochs=1, batch_size=4)
+    runs = []
+    for _ in range(2):
+        if not runs:
+            _pretrained.cache_clear()
+        runs.append(fit(cfg, p.features, train, val, keep_probs=True).history[-1]["probs"])
+    assert np.array_equal(runs[0], runs[1])

@@ -164,6 +164,11 @@ def _hf_model(kind: str, name: str, source: str, pretrained: bool) -> nn.Module:
     from transformers import AutoModel
     if pretrained:
         model = _hf_call(kind, name, source, lambda: AutoModel.from_pretrained(source))
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+            # transformers 5 keeps the dtype a checkpoint was stored in (dtype="auto"): fp16 weights
+            # would train fp16 gradients, which the fp16 gradient scaler refuses to unscale, and
+            # under bf16 autocast lose the small updates; mixed precision wants fp32 weights
+            model = model.float()
     else:
         model = AutoModel.from_config(_hf_config(kind, name, source))
     return getattr(model, f"{'text' if kind == 'text' else 'vision'}_model", model).eval()

@@ -18,7 +18,7 @@ a request of other pairs beside them differs from the cache by that rounding onl
 
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -111,49 +111,108 @@ class ImageFeaturizer:
         else:
             described = encoder
         self.preprocess, self.dim = described.preprocess, described.dim
-        self._transform = self.preprocess.transform()
-        self._augmentations: dict = {}  # strength -> its training transform
+        self._stats: dict = {}  # device -> (mean, std) of the normalisation
 
-    def pixels(self, image: Image.Image | None) -> tuple[torch.Tensor, bool]:
-        """(3, size, size) preprocessed pixels, and whether there was an image: a blank
-        (mean-coloured after normalising: zeros) one where there is none."""
+    # Images travel as uint8 squares: resized as the preprocessing resizes them (short side to
+    # `resize`) and cut to the `resize` x `resize` square around the crop it takes (a quarter of
+    # float32's bytes from a DataLoader worker to the device; what the pixel cache stores). Where
+    # the model runs, a batch at a time, `normalize` crops them (training: a random resized crop,
+    # flip and colour jitter, drawn from torch's generator in that process, so a checkpoint's
+    # random state replays them) and normalises: FFCV's and DALI's split of the work.
+
+    def square(self, image: Image.Image | None) -> tuple[torch.Tensor, bool]:
+        """(3, resize, resize) uint8 pixels of an image, and whether there was one (a blank where not)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+        pre = self.preprocess
         if image is None:
-            return torch.zeros(3, self.preprocess.size, self.preprocess.size), False
-        return self._transform(to_rgb(image)), True
+            return torch.zeros(3, pre.resize, pre.resize, dtype=torch.uint8), False
+        resized = F.resize(to_rgb(image), pre.resize, interpolation=InterpolationMode(pre.interpolation))
+        square = resized.crop(square_box(*resized.size, pre.resize, pre.size))
+        return F.pil_to_tensor(square), True
 
-    def pixels_of_file(self, path, augment: float = 0.0) -> tuple[torch.Tensor, bool]:
-        """`pixels` of an image file (augmented with strength `augment`, for training pairs); a blank
-        one where it cannot be read or decoded."""
+    def square_file(self, path) -> tuple[torch.Tensor, bool]:
+        """`square` of an image file; a blank where it cannot be read or decoded."""
         try:
             with Image.open(path) as img:
-                if augment > 0:
-                    return self._augmented(augment)(to_rgb(img)), True
-                return self.pixels(img)
+                return self.square(img)
         except (OSError, ValueError, Image.DecompressionBombError):
-            return self.pixels(None)
+            return self.square(None)
 
-    def augmenting(self, strength: float):
-        """`pixels_of_file` for training pairs: augmented with this strength (a picklable callable,
-        for DataLoader worker processes)."""
-        return functools.partial(self.pixels_of_file, augment=strength)
+    def normalize(self, squares: torch.Tensor, valid: torch.Tensor, augment: float = 0.0) -> torch.Tensor:
+        """A batch of `square`s (B, 3, resize, resize) -> the backbone's input (B, 3, size, size) on
+        the batch's device: the preprocessing's centre crop, scaled to [0, 1] as torchvision's
+        ToTensor scales and normalised with the backbone's mean and std; for training pairs
+        (`augment` > 0) a random resized crop (down to 1 - 0.65 x augment of the square), a
+        horizontal flip and colour jitter (0.4 x augment) instead of the centre crop. Images that
+        were not read (`valid` False) are all zeros (mean-coloured)."""
+        size = self.preprocess.size
+        if augment > 0:
+            x = _jitter(_random_resized_crops(squares.float().div(255), size, 1 - 0.65 * augment), 0.4 * augment)
+        else:
+            from torchvision.transforms import functional as F
+            x = F.center_crop(squares, size).float().div(255)
+        if x.device not in self._stats:
+            self._stats[x.device] = tuple(torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+                                          for v in (self.preprocess.mean, self.preprocess.std))
+        mean, std = self._stats[x.device]
+        return x.sub_(mean).div_(std) * valid.to(x.device).view(-1, 1, 1, 1)
 
-    def _augmented(self, strength: float):
-        """torchvision's transforms v2 of the backbone's own preprocessing, for training pairs: a random
-        resized crop (down to 1 - 0.65 x strength of the image), a horizontal flip and colour
-        jitter (0.4 x strength), then the backbone's normalisation."""
-        if strength not in self._augmentations:
-            from torchvision.transforms import InterpolationMode, v2
-            pre = self.preprocess
-            self._augmentations[strength] = v2.Compose([
-                v2.RandomResizedCrop(pre.size, scale=(1 - 0.65 * strength, 1.0), antialias=True,
-                                     interpolation=InterpolationMode(pre.interpolation)),
-                v2.RandomHorizontalFlip(0.5),
-                v2.ColorJitter(brightness=0.4 * strength, contrast=0.4 * strength, saturation=0.4 * strength),
-                v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
-        return self._augmentations[strength]
+    def pixels(self, image: Image.Image | None) -> tuple[torch.Tensor, bool]:
+        """(3, size, size) float pixels as the backbone reads them, and whether there was an image:
+        bit for bit torchvision's Resize, CenterCrop, ToTensor and Normalize."""
+        square, ok = self.square(image)
+        return self.normalize(square[None], torch.tensor([ok]))[0], ok
+
+    def pixels_of_file(self, path) -> tuple[torch.Tensor, bool]:
+        """`pixels` of an image file; a blank one where it cannot be read or decoded."""
+        square, ok = self.square_file(path)
+        return self.normalize(square[None], torch.tensor([ok]))[0], ok
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, device: torch.device, batch: int = IMAGE_BATCH) -> np.ndarray:
         """(n, T, D) float16 tokens of preprocessed images, `batch` at a time."""
         return np.concatenate([self.encoder(pixels[s:s + batch].to(device, non_blocking=True)).float().cpu().numpy()
                                .astype(np.float16) for s in range(0, len(pixels), batch)])
+
+
+def square_box(width: int, height: int, resize: int, size: int) -> tuple[int, int, int, int]:
+    """The `resize`-sided square (left, top, right, bottom) of an image whose short side is `resize`,
+    placed so that the centre `size` crop of the square is the centre `size` crop of the image
+    (torchvision's CenterCrop offsets, int(round(...)), on both)."""
+    def start(extent: int) -> int:
+        inner = int(round((resize - size) / 2.0))
+        return min(max(int(round((extent - size) / 2.0)) - inner, 0), extent - resize)
+    left, top = start(width), start(height)
+    return left, top, left + resize, top + resize
+
+
+def _random_resized_crops(x: torch.Tensor, size: int, min_scale: float) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (area min_scale..1 of the square, aspect 3/4..4/3) and a
+    horizontal flip with probability 1/2, each image of the batch its own, by bilinear sampling
+    (torchvision.ops.roi_align, 2 x 2 samples per output pixel); boxes drawn from torch's CPU generator."""
+    from torchvision.ops import roi_align
+    n, side = len(x), x.shape[-1]
+    area = torch.empty(n).uniform_(min_scale, 1.0) * side * side
+    ratio = torch.exp(torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    w = torch.sqrt(area * ratio).clamp_(max=side)
+    h = torch.sqrt(area / ratio).clamp_(max=side)
+    left, top = torch.rand(n) * (side - w), torch.rand(n) * (side - h)
+    flip = torch.rand(n) < 0.5
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h], 1)
+    out = roi_align(x, boxes.to(x.device), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), out.flip(-1), out)
+
+
+def _jitter(x: torch.Tensor, magnitude: float) -> torch.Tensor:
+    """torchvision's ColorJitter (brightness, contrast, saturation, in that order), each image of the
+    batch its own factors in [1 - magnitude, 1 + magnitude], drawn from torch's CPU generator; on
+    images scaled to [0, 1]."""
+    factors = torch.empty(len(x), 3).uniform_(1 - magnitude, 1 + magnitude).to(x.device).view(len(x), 3, 1, 1, 1)
+    brightness, contrast, saturation = factors.unbind(1)
+    x = (x * brightness).clamp_(0, 1)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    mean = (x * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = (contrast * x + (1 - contrast) * mean).clamp_(0, 1)
+    gray = (x * weights).sum(1, keepdim=True)
+    return (saturation * x + (1 - saturation) * gray).clamp_(0, 1)

@@ -71,7 +71,7 @@ def prepare(cfg: DataConfig, val_fraction: float | None = None, also_depths: tup
     dataset = load_dataset(cfg.data_dir)
     text_dirs = {}
     if cfg.finetune == "full":  # backbones run per batch: no cache to build
-        features = RawSource(dataset.all_examples, cfg)
+        features = RawSource.from_files(dataset.all_examples, cfg)
     else:
         features = load_features(cfg, dataset, also_depths)
         text_dirs = {d: str(build_text_cache(at_text_depth(cfg, d), dataset.all_examples)[1].resolve())

@@ -29,12 +29,24 @@ class RawSource:
     that trains. `iter_batches` decodes and tokenizes in DataLoader worker processes, ahead of the
     model: on a GPU the decoding, not the backbones, bounded an epoch (bench/results/gpu_check.md)."""
 
-    def __init__(self, examples: list[Example], cfg: DataConfig):
+    def __init__(self, examples: list[Example], cfg: DataConfig, pixel_dir: str | None = None):
         self.guids = [ex.guid for ex in examples]
         self.examples, self.cfg = list(examples), cfg
+        self.pixel_dir = pixel_dir  # the examples' images decoded once (mmsa.features.pixels); None: the files
         self._images: list | None = None  # in memory: decoded images (None: no image)
         self._featurizers: tuple | None = None  # (text, image) featurizers already loaded, if any
         self._loaded: dict | None = None
+
+    @classmethod
+    def from_files(cls, examples: list[Example], cfg: DataConfig) -> RawSource:
+        """Pairs of the dataset's files, their images decoded once into the pixel cache under
+        `cfg.cache_dir` (built where missing: mmsa.features.pixels), which every epoch then reads."""
+        from mmsa.features.pixels import build_pixel_cache
+        return cls(examples, cfg, pixel_dir=str(build_pixel_cache(cfg, examples).resolve()))
+
+    def without_pixel_cache(self) -> RawSource:
+        """The same pairs, their images decoded from the files (a node that lacks the pixel cache)."""
+        return type(self)(self.examples, self.cfg)
 
     @classmethod
     def in_memory(cls, texts: list[str], images: list[Image.Image | None], cfg: DataConfig,
@@ -65,9 +77,9 @@ class RawSource:
             text, image = self._featurizers or (TextFeaturizer(self.cfg), ImageFeaturizer(self.cfg))
             raw = [ex.text for ex in self.examples]
             if self._images is None:
-                images = ImageFiles(self.examples, image.pixels_of_file, image.pixels)
+                images = self._image_files(image)
             else:
-                images = [image.pixels(img) for img in self._images]
+                images = [image.square(img) for img in self._images]
             cleaned = text.clean(raw)
             self._loaded = {"text_dim": text.dim, "image_dim": image.dim, "image": image,
                             "lexicon": text.lexicon(raw), "pairs": _RawPairs(cleaned, images),
@@ -95,40 +107,53 @@ class RawSource:
             [loaded["pairs"].texts[int(r)] for r in rows], padding="longest")["attention_mask"].sum(1).numpy()
 
     def batch(self, rows: np.ndarray, device: torch.device):
-        import torch
         loaded = self._load()
-        inputs = loaded["collate"]([loaded["pairs"][int(r)] for r in rows])
-        return (*(t.to(device) for t in inputs), torch.from_numpy(self.lexicon_of(rows)).to(device))
+        return self._on_device(rows, loaded["collate"]([loaded["pairs"][int(r)] for r in rows]), device, 0.0)
+
+    def _on_device(self, rows: np.ndarray, collated: tuple, device: torch.device, augment: float) -> tuple:
+        """A collated batch on `device`, its uint8 squares cropped (augmented with strength `augment`)
+        and normalised there (ImageFeaturizer.normalize)."""
+        import torch
+        ids, mask, pixels, valid = collated
+        if device.type == "cuda":  # the layout of the fine-tuned CNN's weights (runtime.for_device)
+            pixels = pixels.to(device, non_blocking=True, memory_format=torch.channels_last)
+        pixels = self._load()["image"].normalize(pixels.to(device, non_blocking=True), valid, augment)
+        return (ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), pixels,
+                torch.from_numpy(self.lexicon_of(rows)).to(device))
 
     def iter_batches(self, row_batches: list[np.ndarray], device: torch.device, augment: float = 0.0):
         """`batch(rows)` for each of `row_batches` in order (training pairs' images augmented with
-        strength `augment`), the files decoded ahead by `loader_workers` processes: by default on a
-        GPU the CPU share of the process less one (at most 8), none on a CPU, where the model needs
-        the cores itself (workers made a 2-core machine's epochs 1.5-3x slower), none for pairs
-        already in memory. The workers start once and serve every later epoch and fold."""
-        import torch
-        loader, order = self._loader(device, augment)
+        strength `augment`, where the model runs), the images read (from the pixel cache, else
+        decoded from their files) ahead by `loader_workers` processes: by default on a GPU the CPU
+        share of the process less one (at most 8), none on a CPU, where the model needs the cores
+        itself (workers made a 2-core machine's epochs 1.5-3x slower), none for pairs already in
+        memory. The workers start once and serve every later epoch and fold."""
+        loader, order = self._loader(device)
         order.batches = [[int(r) for r in rows] for rows in row_batches]
-        for rows, inputs in zip(row_batches, loader):
-            yield (*(t.to(device, non_blocking=True) for t in inputs), torch.from_numpy(self.lexicon_of(rows)).to(device))
+        for rows, collated in zip(row_batches, loader):
+            yield self._on_device(rows, collated, device, augment)
 
-    def _loader(self, device: torch.device, augment: float):
-        """The DataLoader of this kind of batch (augmented or not, for a device), made once, with
-        its persistent workers, and the batch order it reads (set anew for every pass)."""
+    def _image_files(self, image):
+        """The examples' images as DataLoader items, (ImageFeaturizer.square, whether read): from the
+        pixel cache where there is one, else decoded from their files."""
+        if self.pixel_dir is not None:
+            from mmsa.features.pixels import CachedImages
+            return CachedImages(self.pixel_dir)
+        return ImageFiles(self.examples, image.square_file, image.square)
+
+    def _loader(self, device: torch.device):
+        """The DataLoader of batches for a device, made once, with its persistent workers, and the
+        batch order it reads (set anew for every pass)."""
         import torch
         loaded = self._load()
-        key = (device.type, augment)
+        key = device.type
         if key not in loaded["loaders"]:
             workers = 0 if self._images is not None else (
                 self.cfg.loader_workers if self.cfg.loader_workers >= 0
                 else loader_workers(device, on_cpu=0, share=torch.get_num_threads()))
-            pairs = loaded["pairs"]
-            if augment > 0:
-                image = loaded["image"]
-                pairs = _RawPairs(loaded["cleaned"], ImageFiles(self.examples, image.augmenting(augment), image.pixels))
             order = _Batches()
             loader = torch.utils.data.DataLoader(
-                pairs, batch_sampler=order, collate_fn=loaded["collate"], num_workers=workers,
+                loaded["pairs"], batch_sampler=order, collate_fn=loaded["collate"], num_workers=workers,
                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                 persistent_workers=workers > 0)
             loaded["loaders"][key] = (loader, order)
@@ -150,7 +175,7 @@ class _Batches:
 
 
 class _RawPairs:
-    """Map-style dataset: row -> (cleaned text, preprocessed image; a blank one where unreadable)."""
+    """Map-style dataset: row -> (cleaned text, its image's uint8 square, whether it was read)."""
 
     def __init__(self, texts: list[str], images):
         self.texts, self.images = texts, images
@@ -159,17 +184,18 @@ class _RawPairs:
         return len(self.texts)
 
     def __getitem__(self, row: int):
-        return self.texts[row], self.images[row][0]
+        return self.texts[row], *self.images[row]
 
 
 class _Collate:
-    """A batch of (text, image) -> (input_ids, attention_mask, pixels), padded to the longest text."""
+    """A batch of (text, uint8 square, whether read) -> (input_ids, attention_mask, squares, read),
+    the texts padded to the longest."""
 
     def __init__(self, text):
         self.text = text.tokenize  # TextFeaturizer.tokenize: picklable for worker processes
 
     def __call__(self, pairs: list):
         import torch
-        texts, images = zip(*pairs)
+        texts, images, read = zip(*pairs)
         tok = self.text(list(texts), padding="longest")
-        return tok["input_ids"], tok["attention_mask"], torch.stack(images)
+        return tok["input_ids"], tok["attention_mask"], torch.stack(images), torch.tensor(read)

@@ -18,9 +18,15 @@ from mmsa.config import Config
 @functools.lru_cache(maxsize=1)
 def _pretrained(text: str, image: str) -> tuple:
     """The two pretrained backbones, loaded once per process: each model of a trial (one per fold)
-    starts from a copy of them instead of reading the weights again."""
+    starts from a copy of them instead of reading the weights again. Built without drawing from
+    torch's random state (timm initialises a model before loading its weights): a fold's new
+    layers start the same whether or not an earlier fold loaded the backbones (a trial resumed at
+    a fold's start trains that fold as the uninterrupted run did)."""
+    import torch
+
     from mmsa.features.encoders import build_image_encoder, build_text_encoder
-    return build_text_encoder(text), build_image_encoder(image)
+    with torch.random.fork_rng(devices=[]):
+        return build_text_encoder(text), build_image_encoder(image)
 
 
 class FullFusion(nn.Module):

@@ -19,6 +19,49 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# What CUDA's libraries say when they cannot allocate: torch's own allocator raises
+# OutOfMemoryError, but cuBLAS and cuDNN failing to allocate their workspaces raise plain
+# RuntimeErrors (and cuDNN's "not supported" is what an oversized convolution meets; accelerate's
+# find_executable_batch_size retries it too).
+OUT_OF_MEMORY_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the GPU running out of memory, in any of the forms CUDA's libraries raise."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in OUT_OF_MEMORY_MESSAGES)
+
+
+def release_device_memory() -> None:
+    """Give the blocks torch's caching allocator holds back to the card, once nothing references them
+    (after an out-of-memory: the failed step's tensors die with its traceback, which must be gone first)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` on `device`, laid out for it: on CUDA, a fine-tuned CNN's weights in channels_last
+    (tensor cores under autocast read NHWC; its pixels arrive so too, mmsa.features.rawsource), and
+    cuDNN picks its fastest convolution per input shape (the images' shape never changes)."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        channels_last(model)
+    return model
+
+
+def channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """The image backbone of a fully fine-tuned model (if any) in channels_last memory format."""
+    backbone = getattr(model, "image_backbone", None)
+    if backbone is not None:
+        backbone.to(memory_format=torch.channels_last)
+    return model
+
+
 def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype, None for float32. auto: on CUDA, bf16 where the card has it natively
     (Ampere and later), else fp16 (trained with a gradient scaler: fp16 gradients underflow); a

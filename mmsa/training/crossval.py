@@ -22,8 +22,8 @@ from mmsa.features.prepare import Split
 if TYPE_CHECKING:
     from mmsa.training.fit import FitState
 
-# What a fold's learning curve records per epoch (those present: gpu_peak_mb on a GPU only).
-CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb")
+# What a fold's learning curve records per epoch (those present: the GPU peaks on a GPU only).
+CURVE_KEYS = ("val_acc", "val_macro_f1", "train_loss", "epoch_seconds", "gpu_peak_mb", "gpu_reserved_mb")
 
 
 def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> dict:
@@ -113,14 +113,18 @@ def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]],
                 state = CVState(list(histories), latest.pop("state")) if keep_state else None
                 on_epoch(CVEpoch(k, epoch, report, None, state))
 
-        result = fit(cfg, features, train, val, on_epoch=fold_epoch, keep_probs=keep_probs,
-                     start=start.fit if start is not None and k == len(start.histories) + 1 else None,
-                     on_state=(lambda s: latest.__setitem__("state", s)) if keep_state else None)
-        histories.append(result.history)
+        # Only the fold's curve is kept: its model, gradients and optimizer are freed as fit
+        # returns, before the next fold builds its own (on a GPU, two folds' models at once would
+        # not fit the memory planned for one).
+        history = fit(cfg, features, train, val, on_epoch=fold_epoch, keep_probs=keep_probs,
+                      start=start.fit if start is not None and k == len(start.histories) + 1 else None,
+                      on_state=(lambda s: latest.__setitem__("state", s)) if keep_state else None,
+                      keep_best=False).history
+        histories.append(history)
         summary = cv_summary(histories, cfg.train.monitor, len(folds))
         if keep_probs and k == len(folds):
             summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
         if on_epoch is not None:
-            on_epoch(CVEpoch(k, len(result.history), latest["report"], summary,
+            on_epoch(CVEpoch(k, len(history), latest["report"], summary,
                              CVState(list(histories)) if keep_state else None))
     return summary

@@ -22,7 +22,7 @@ from mmsa.data.dataset import LABELS
 from mmsa.features.featureset import Features
 from mmsa.features.prepare import Split
 from mmsa.models.factory import create_model
-from mmsa.models.runtime import amp_dtype, autocast, predict_proba, resolve_device
+from mmsa.models.runtime import amp_dtype, autocast, for_device, predict_proba, resolve_device
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -149,7 +149,9 @@ def _train_epoch(member: _Trainee, train: Split, epoch: int) -> tuple[float, int
     plan = [[np.sort(step[m:m + micro]) for m in range(0, len(step), micro)] for step in steps]
     inputs = features.iter_batches([train.rows[idx] for micros in plan for idx in micros], device,
                                    augment=member.augment)
-    loss_sum, seen = 0.0, 0
+    # summed on the device and read once per epoch: a read per micro-batch would wait for the GPU
+    # to finish every step before the host could queue the next
+    loss_sum, seen = torch.zeros((), device=device), 0
     planned = zip(steps, plan)
     if member.progress:
         import sys
@@ -167,10 +169,8 @@ def _train_epoch(member: _Trainee, train: Split, epoch: int) -> tuple[float, int
             per_example = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=member.label_smoothing)
             # Weighted mean over the whole effective batch, however it is split.
             loss = (per_example * weights[y]).sum() / weight_total
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
             (member.scaler.scale(loss) if member.scaler is not None else loss).backward()
-            loss_sum += per_example.detach().sum().item()
+            loss_sum += per_example.detach().sum()
             seen += len(idx)
         if member.grad_clip > 0:
             if member.scaler is not None:
@@ -184,7 +184,13 @@ def _train_epoch(member: _Trainee, train: Split, epoch: int) -> tuple[float, int
         member.scheduler.step()
         if member.ema is not None:
             member.ema.update_parameters(model)
-    return loss_sum, seen
+    # the last step's gradients are not needed again: freed now, not at the next epoch's first step
+    # (validation, the checkpoint and the next fold would otherwise run beside them)
+    member.optimizer.zero_grad(set_to_none=True)
+    total = float(loss_sum)
+    if not math.isfinite(total):
+        raise TrainingError(f"loss became {total} at epoch {epoch}")
+    return total, seen
 
 
 @dataclass
@@ -247,21 +253,26 @@ StateCallback = Callable[[FitState], None]
 
 def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
         on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False,
-        start: FitState | None = None, on_state: StateCallback | None = None) -> FitResult:
+        start: FitState | None = None, on_state: StateCallback | None = None, keep_best: bool = True) -> FitResult:
     """Train one model of `cfg` for up to `max_epochs` (fewer with early stopping on `monitor`);
     keep the best epoch. `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on
     for finetune=full). `keep_probs`: every epoch's history entry keeps `probs`, the validation
     rows' class probabilities (for out-of-fold blends). `on_state(FitState)` after every epoch,
     before `on_epoch`: where the fit stands; `start`: such a state to go on from (the same config
-    and data; the micro-batch may differ). The result's config is `cfg` with the feature sizes its
-    model was built with."""
+    and data; the micro-batch may differ). `keep_best=False`: the result's model keeps its last
+    epoch's weights, and no copy of the best epoch's is made (cross-validation scores the curves
+    and discards the model: a copy of the weights per improved epoch, and in every checkpoint,
+    would buy nothing). The result's config is `cfg` with the feature sizes its model was built
+    with."""
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
+    if device.type == "cuda":  # each fit's peaks its own (a fold's, not the trial's or an earlier trial's)
+        torch.cuda.reset_peak_memory_stats(device)
     cfg = cfg.with_features(features)
-    trainee = _new_trainee(create_model(cfg).to(device), cfg, features, train, device, progress)
+    trainee = _new_trainee(for_device(create_model(cfg), device), cfg, features, train, device, progress)
 
     history: list[dict] = []
     best: dict | None = None
@@ -292,7 +303,8 @@ def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
             # on the CPU: beside the model, its gradients, AdamW's moments and the EMA on the GPU,
             # a fourth copy of the weights there would buy nothing but memory
             best, stale = metrics, 0
-            best_state = _on_cpu(trainee.evaluated.state_dict())
+            if keep_best:
+                best_state = _on_cpu(trainee.evaluated.state_dict())
         else:
             stale += 1
         stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
@@ -307,7 +319,8 @@ def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
             on_epoch(epoch, report)
         if stop:
             break
-    trainee.model.load_state_dict(best_state)
+    if keep_best:
+        trainee.model.load_state_dict(best_state)
     final = dict(best)
     final.update(best_epoch=best["epoch"], epochs_run=len(history),
                  mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))
