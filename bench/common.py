@@ -22,6 +22,20 @@ def machine() -> str:
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
+def resident_memory(peak: bool = False) -> int:
+    """This process's resident memory in bytes (Linux /proc): now, or its peak since the last
+    reset_peak_memory (VmHWM)."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def reset_peak_memory() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh from what it holds now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[_fmt(c) for c in r] for r in rows]
     out = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]

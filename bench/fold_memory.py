@@ -14,20 +14,9 @@ import argparse
 import sys
 from dataclasses import replace
 
-from bench.common import ROOT, command_line, table, write_result
+from bench.common import ROOT, command_line, reset_peak_memory, resident_memory, table, write_result
 
 MIB = 2 ** 20
-
-
-def peak_rss() -> int:
-    """The process's peak resident memory since the last reset, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     sampled = {"lr": 3e-4, "backbone_lr_scale": 0.1, "pooling": "mean", "class_weights": "none", "dropout": 0.1,
                "augment": 0.0, "weight_decay": 0.01}
     peaks: list[int] = []
-    reset_peak()
+    reset_peak_memory()
 
     def emit(metrics: dict, state) -> None:
         if metrics["fold_end"]:
-            peaks.append(peak_rss())
+            peaks.append(resident_memory(peak=True))
             print(f"fold {metrics['fold']}: peak RSS {peaks[-1] / MIB:.0f} MiB", flush=True)
-            reset_peak()
+            reset_peak_memory()
 
     fit_trial(emit, sampled, data)
     rows = [[k, f"{peak / MIB:.0f}", f"{peak / peaks[0]:.3f}"] for k, peak in enumerate(peaks, 1)]

@@ -30,11 +30,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import ROOT, command_line, table, write_result
+from bench.common import ROOT, command_line, reset_peak_memory, resident_memory, table, write_result
 
 MIB = 2 ** 20
 WORDS = ["good", "bad", "day", "night", "love", "hate", "city", "rain", "sun", "#happy", "@friend", "really"]
@@ -115,9 +114,8 @@ def worker(job: dict) -> None:
     raw.text_dim, raw.image_dim  # noqa: B018 - loads the tokenizer and the image preprocessing
     import timm  # noqa: F401
     import transformers  # noqa: F401
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    rss_before = _rss("VmRSS")
+    reset_peak_memory()
+    rss_before = resident_memory()
 
     def emit(metrics: dict, state) -> None:
         for fold, epochs in json.loads(metrics[CURVES_KEY]).items():
@@ -126,7 +124,7 @@ def worker(job: dict) -> None:
 
     fit_trial(emit, job["sampled"], data, gpu=not job["cpu"])
     Path(job["out"]).write_text(json.dumps({"curves": curves, "reports": reports, "rss_before": rss_before,
-                                            "rss_peak": _rss("VmHWM")}))
+                                            "rss_peak": resident_memory(peak=True)}))
 
 
 def stand_in_tokenizer():
@@ -140,12 +138,6 @@ def stand_in_tokenizer():
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>")
-
-
-def _rss(field: str) -> int:
-    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 class SmiWatcher:

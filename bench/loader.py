@@ -100,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 def one_epoch_both_ways(args, examples) -> tuple[bool, tuple[float, float]]:
     """One epoch of the fine-tuning stand-in from the files and from the pixel cache, augmentation
     off: (whether the validation probabilities are the same bits, (seconds, seconds))."""
-    from dataclasses import replace
-
     import numpy as np
 
     from mmsa.config import Config
@@ -119,7 +117,7 @@ def one_epoch_both_ways(args, examples) -> tuple[bool, tuple[float, float]]:
         cut = len(labeled) * 3 // 4
         train, val = split.take(np.arange(cut)), split.take(np.arange(cut, len(labeled)))
         began = time.perf_counter()
-        result = fit(replace(cfg), source, train, val, keep_probs=True)
+        result = fit(cfg, source, train, val, keep_probs=True)
         seconds.append(time.perf_counter() - began)
         probs.append(result.history[-1]["probs"])
     return bool(np.array_equal(probs[0], probs[1])), (seconds[0], seconds[1])

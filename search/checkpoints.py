@@ -99,10 +99,12 @@ class TrialStates:
     def __init__(self, root: str, trial_id: str):
         self.folder = Path(root) / trial_id
 
-    def write(self, state, number: int) -> str:
-        """`state` as this folder's file number `number`; returns its name."""
+    def write(self, state) -> str:
+        """`state` in this folder, named by the epochs it holds (each report's state holds more than
+        the one before, also across a resume); returns its name."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"state-{number:06d}.pt"
+        epochs = sum(len(h) for h in state.histories) + (state.fit.epoch if state.fit is not None else 0)
+        name = f"state-{epochs:06d}.pt"
         save(state, str(self.folder / name))
         return name
 
@@ -113,13 +115,13 @@ class TrialStates:
                 path.unlink(missing_ok=True)
 
 
-def write_checkpoint(state, folder: str, states: TrialStates | None, number: int) -> str | None:
+def write_checkpoint(state, folder: str, states: TrialStates | None) -> str | None:
     """Ray's checkpoint folder for `state`: the name of its file among `states` (written there now),
     or, without `states`, the state itself. Returns the state file's name (None: in the folder)."""
     if states is None:
         save(state, os.path.join(folder, CHECKPOINT_FILE))
         return None
-    name = states.write(state, number)
+    name = states.write(state)
     Path(folder, POINTER_FILE).write_text(json.dumps({"state": name}))
     return name
 

@@ -74,6 +74,17 @@ def text_variant(cfg: DataConfig) -> str:
 
 
 
+def _on_node(folder: str) -> str:
+    """Where this node keeps a cache folder of the driver's: under $MMSA_CACHE_DIR where the node
+    sets one (a cluster without a shared disk), else at the driver's path."""
+    root = os.environ.get(NODE_CACHE_ENV)
+    return os.path.join(root, os.path.basename(folder)) if root else folder
+
+
+def _complete(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, "meta.json"))  # written last (mmsa.features.cache)
+
+
 def node_features(data: TrialData, text_dir: str) -> FeatureSet:
     """The driver's feature cache (`text_dir` with the image cache) as this node sees it: the
     driver's folders where the node shares its disk; under $MMSA_CACHE_DIR where the node sets one
@@ -83,11 +94,8 @@ def node_features(data: TrialData, text_dir: str) -> FeatureSet:
 
     from mmsa.errors import DataError
     from search.cache_transfer import receive
-    root = os.environ.get(NODE_CACHE_ENV)
-    image_dir = data.image_dir
-    if root:
-        text_dir, image_dir = (os.path.join(root, os.path.basename(d)) for d in (text_dir, image_dir))
-    if not all(os.path.exists(os.path.join(d, "meta.json")) for d in (text_dir, image_dir)):
+    text_dir, image_dir = _on_node(text_dir), _on_node(data.image_dir)
+    if not (_complete(text_dir) and _complete(image_dir)):
         if not data.cache_files:
             raise DataError(f"node {socket.gethostname()}: {os.path.dirname(text_dir)}: the search's feature "
                             f"cache is not here, and the driver offered none (a search on one machine)")
@@ -107,14 +115,11 @@ def node_raw(data: TrialData) -> RawSource:
     from search.cache_transfer import receive
     raw = data.raw
     if raw.pixel_dir is not None:
-        folder, root = raw.pixel_dir, os.environ.get(NODE_CACHE_ENV)
-        if root:
-            folder = os.path.join(root, os.path.basename(raw.pixel_dir))
+        folder = _on_node(raw.pixel_dir)
         name = os.path.basename(folder)
-        if not os.path.exists(os.path.join(folder, "meta.json")) and data.cache_files and \
-                any(key.startswith(name + "/") for key in data.cache_files):
+        if not _complete(folder) and data.cache_files and any(key.startswith(name + "/") for key in data.cache_files):
             receive(data.cache_files, Path(os.path.dirname(folder)), [name])
-        if os.path.exists(os.path.join(folder, "meta.json")):
+        if _complete(folder):
             return raw if folder == raw.pixel_dir else RawSource(raw.examples, raw.cfg, pixel_dir=folder)
         raw = raw.without_pixel_cache()
     sample = next((ex for ex in raw.examples if ex.has_image), None)
@@ -159,13 +164,10 @@ def train_trial(config: dict, data: TrialData) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start = read_checkpoint(folder, states)
-    reports = 0
 
     def emit(metrics: dict, state) -> None:
-        nonlocal reports
-        reports += 1
         with tempfile.TemporaryDirectory(prefix="mmsa-checkpoint-") as folder:
-            name = write_checkpoint(state, folder, states, reports)
+            name = write_checkpoint(state, folder, states)
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder))
         if name is not None:  # Ray's checkpoint now names the new state: the older one goes
             states.keep_only(name)

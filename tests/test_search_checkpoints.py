@@ -46,7 +46,7 @@ def test_a_state_in_the_storage_folder_is_written_once_and_named_by_rays_checkpo
     for number, state in enumerate(states[:2], 1):
         ray_folder = tmp_path / f"ray-{number}"
         ray_folder.mkdir()
-        name = write_checkpoint(state, str(ray_folder), trial, number)
+        name = write_checkpoint(state, str(ray_folder), trial)
         assert sorted(p.name for p in ray_folder.iterdir()) == [POINTER_FILE]  # Ray copies a few bytes
         trial.keep_only(name)
         assert sorted(p.name for p in trial.folder.iterdir()) == [name]  # the older one gone
@@ -57,7 +57,7 @@ def test_on_remote_storage_rays_checkpoint_holds_the_state(states, tmp_path):
     for state in (states[1], states[2]):  # mid-fold, and between folds
         folder = tmp_path / str(id(state))
         folder.mkdir()
-        assert write_checkpoint(state, str(folder), None, 1) is None
+        assert write_checkpoint(state, str(folder), None) is None
         assert [p.name for p in folder.iterdir()] == [CHECKPOINT_FILE]
         _same(state, read_checkpoint(str(folder), None))
 
@@ -75,7 +75,7 @@ def test_a_checkpoint_holding_anything_but_tensors_and_plain_data_is_refused(tmp
 def test_a_trial_that_ended_leaves_nothing_and_the_summary_says_what_stays(states, tmp_path):
     ray_path = str(tmp_path / "search-1")
     for trial_id in ("ended_1", "failed_2"):
-        TrialStates(state_dir(ray_path), trial_id).write(states[0], 1)
+        TrialStates(state_dir(ray_path), trial_id).write(states[0])
     delete_trial_state(ray_path, "ended_1")
     line = storage_line(ray_path)
     assert line.startswith("storage: ") and "1 trial(s) that failed or were cut off (failed_2)" in line

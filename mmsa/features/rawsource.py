@@ -115,9 +115,10 @@ class RawSource:
         and normalised there (ImageFeaturizer.normalize)."""
         import torch
         ids, mask, pixels, valid = collated
-        if device.type == "cuda":  # the layout of the fine-tuned CNN's weights (runtime.for_device)
-            pixels = pixels.to(device, non_blocking=True, memory_format=torch.channels_last)
-        pixels = self._load()["image"].normalize(pixels.to(device, non_blocking=True), valid, augment)
+        # on CUDA in the layout of the fine-tuned CNN's weights (runtime.for_device)
+        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        pixels = self._load()["image"].normalize(pixels.to(device, non_blocking=True, memory_format=layout), valid,
+                                                 augment)
         return (ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), pixels,
                 torch.from_numpy(self.lexicon_of(rows)).to(device))
 
