@@ -120,11 +120,11 @@ def trials_by_node(work: Path, stdout: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from mmsa.app.run_tags import TAG_NODE
-    from search.tracking import child_runs
+    from search.record import TrackingStore
     parent_id = stdout.strip().splitlines()[-1].split("=", 1)[1]
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     parent = client.get_run(parent_id)
-    runs = child_runs(client, parent.info.experiment_id, parent_id)
+    runs = TrackingStore(f"sqlite:///{work}/mlflow.db", "").child_runs(parent_id, parent.info.experiment_id)
     by_node: dict[str, list] = {}
     for run in runs:
         first_fold = min((m.timestamp for m in client.get_metric_history(run.info.run_id, "best_val_acc")),

@@ -27,7 +27,8 @@ def _job(args):
     torch.set_num_threads(1)
     from mmsa.config import Config, parse_overrides
     from mmsa.training.crossval import cross_validate
-    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.features.prepare import prepare
+    from mmsa.data.splits import cv_splits
     # whole schedules, as the search's trials train them (mmsa.training.crossval)
     cfg = Config.from_flat({"patience": 0, **parse_overrides(overrides), "data_dir": data_dir, "split_seed": seed},
                            source=f"--config {name}")
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(c.partition(":")[0], [kv for kv in c.partition(":")[2].split(",") if kv]) for c in args.config or ["default:"]]
 
     from mmsa.config import DataConfig
-    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.features.prepare import prepare
+    from mmsa.data.splits import cv_splits
     from mmsa.models.probe import probe_cv
     data = prepare(DataConfig(data_dir=args.data), val_fraction=0.0)  # builds the cache once, here
     splits = {seed: cv_splits(data.train, args.folds, seed) for seed in range(args.repeats)}

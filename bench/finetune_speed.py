@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from mmsa.config import Config, parse_overrides
-    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.features.prepare import prepare
+    from mmsa.data.splits import cv_splits
     from mmsa.training.fit import fit
     rows = []
     for layers in args.layers:

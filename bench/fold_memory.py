@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mmsa.data.dataset import load_dataset
-    from mmsa.features.prepare import Split, cv_splits
+    from mmsa.data.splits import Split, cv_splits
     from mmsa.features.rawsource import RawSource
     from search.space import apply_flags, load_space
     from search.trainable import TrialData, fit_trial
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     peaks: list[int] = []
     reset_peak_memory()
 
-    def emit(metrics: dict, state) -> None:
-        if metrics["fold_end"]:
+    def emit(report, state) -> None:
+        if report.fold_end:
             peaks.append(resident_memory(peak=True))
-            print(f"fold {metrics['fold']}: peak RSS {peaks[-1] / MIB:.0f} MiB", flush=True)
+            print(f"fold {report.fold}: peak RSS {peaks[-1] / MIB:.0f} MiB", flush=True)
             reset_peak_memory()
 
     fit_trial(emit, sampled, data)

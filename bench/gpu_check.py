@@ -1,6 +1,6 @@
 """Does the GPU memory plan hold on the card? One command, without internet or Ray, sized for a
 lent GPU's 15 minutes: spaces/gpu.yaml's most demanding trial planned for this card
-(search.gpu_plan), then run as a search runs it (search.trainable.fit_trial: 3 folds of one epoch,
+(search.gpu_memory), then run as a search runs it (search.trainable.fit_trial: 3 folds of one epoch,
 every fold's model built and freed) in processes of its own:
 
 - alone, in fp16, and in bf16 where the card has it natively (a T4 only emulates it);
@@ -63,14 +63,13 @@ def synthetic_data(folder: Path, pairs: int, seed: int = 0) -> Path:
 
 def trial_config(args, precision: str):
     """gpu.yaml with this check's settings: (its spec, the most demanding trial's config)."""
-    from search.gpu_plan import demanding_config
     from search.space import apply_flags, load_space
     spec = load_space(ROOT / "spaces" / "gpu.yaml")
     sets = {"precision": precision, "device": "cpu" if args.cpu else "cuda", "cache_dir": str(args.work / "cache")}
     if args.backbones == "embedded":
         sets.update(text_encoder="minilm", image_encoder="efficientnet_lite0")
     spec = apply_flags(replace(spec, max_epochs=1, data_dir=str(args.data), cv_folds=args.folds), sets=sets)[0]
-    return spec, demanding_config(spec)
+    return spec, spec.most_demanding()
 
 
 def worker(job: dict) -> None:
@@ -99,9 +98,9 @@ def worker(job: dict) -> None:
         fit._train_epoch = out_of_memory_once
     from mmsa.config import Config
     from mmsa.data.dataset import load_dataset
-    from mmsa.features.prepare import Split, cv_splits
+    from mmsa.data.splits import Split, cv_splits
     from mmsa.features.rawsource import RawSource
-    from search.trainable import CURVES_KEY, TrialData, fit_trial
+    from search.trainable import TrialData, fit_trial
     cfg = Config.from_flat(job["config"])
     dataset = load_dataset(cfg.data.data_dir)
     raw = RawSource(dataset.all_examples, cfg.data, pixel_dir=job["pixel_dir"])
@@ -117,10 +116,11 @@ def worker(job: dict) -> None:
     reset_peak_memory()
     rss_before = resident_memory()
 
-    def emit(metrics: dict, state) -> None:
-        for fold, epochs in json.loads(metrics[CURVES_KEY]).items():
-            curves.setdefault(fold, {}).update(epochs)
-        reports.append({k: metrics.get(k) for k in ("fold", "epoch", "micro_batch", "oom_retries")})
+    def emit(report, state) -> None:
+        for fold, epochs in report.curves.items():
+            curves.setdefault(str(fold), {}).update({str(e): m for e, m in epochs.items()})
+        reports.append({"fold": report.fold, "epoch": report.epoch, "micro_batch": report.retry.micro_batch or None,
+                        "oom_retries": report.retry.oom_retries or None})
 
     fit_trial(emit, job["sampled"], data, gpu=not job["cpu"])
     Path(job["out"]).write_text(json.dumps({"curves": curves, "reports": reports, "rss_before": rss_before,
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmsa.data.dataset import load_dataset
     from mmsa.features.rawsource import RawSource
     from mmsa.models.memory import measure_training_memory
-    from search.gpu_plan import CUDA_CONTEXT, describe_card, parse_card, plan
+    from search.gpu_memory import CUDA_CONTEXT, choose, describe_card, parse_card
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch (--cpu runs the same path on the CPU)", file=sys.stderr)
         return 2
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if precision == precisions[-1]:
             packings += ([] if args.cpu else [("two packed", 0.5, 2, False)]) + [("out-of-memory injected", 1.0, 1, True)]
         for name, share, count, inject in packings:
-            chosen = plan(memory, card, batch, share, 1, precision)
+            chosen = choose(memory, card, batch, share, 1, precision)
             flat = cfg.to_flat() | {"micro_batch": chosen.micro_batch if chosen.micro_batch < batch else 0}
             jobs = [{"config": flat, "sampled": SAMPLED, "folds": args.folds, "threads": max(1, threads // count),
                      "share": share,
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe(got: dict, chosen, memory, cpu: bool, injected: bool, context: int) -> tuple[list, int]:
     """A trial's row and whether it exceeded its plan (or failed)."""
-    from search.gpu_plan import ALLOCATOR_SLACK
+    from search.gpu_memory import ALLOCATOR_SLACK
     result = got["result"]
     if result is None:
         return [chosen.micro_batch, f"{chosen.per_trial / MIB:.0f}", "failed", "-", "-", "-", "-", "FAILED"], 1

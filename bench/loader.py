@@ -104,7 +104,7 @@ def one_epoch_both_ways(args, examples) -> tuple[bool, tuple[float, float]]:
 
     from mmsa.config import Config
     from mmsa.data.dataset import load_dataset
-    from mmsa.features.prepare import Split
+    from mmsa.data.splits import Split
     from mmsa.features.rawsource import RawSource
     from mmsa.training.fit import fit
     labeled = load_dataset(args.data).train[:args.epoch_pairs]

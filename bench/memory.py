@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from mmsa.config import Config
     from mmsa.features.prepare import prepare
-    cfg = Config()
-    cfg.data.data_dir = args.data
+    cfg = Config.from_flat({"data_dir": args.data}, source="--data")
     feats = prepare(cfg.data).features  # built once here, so both searches only read it
     cache = feats.nbytes
     tmp = Path(tempfile.mkdtemp(prefix="mmsa-bench-mem-"))
@@ -143,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
             groups = process_groups(parts)
         rows.append([f"{concurrent} concurrent trial(s)", f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     if args.budget:
-        from search.budget import parse_size
+        from search.sizes import parse_size
         pss, rss, wall, _, plan = measured_search(search_cmd(args.space, "--memory-budget", args.budget))
-        verdict = "under" if pss <= parse_size(args.budget) else "OVER"
+        verdict = "under" if pss <= parse_size(args.budget, "--budget") else "OVER"
         label = f"--memory-budget {args.budget} ({verdict} budget; plan: {plan.split(': ', 1)[-1]})"
         rows.append([label, f"{pss / 2**30:.2f}", f"{rss / 2**30:.2f}", f"{wall:.0f}"])
     extra = peaks[2] - peaks[1]

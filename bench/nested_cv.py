@@ -196,18 +196,19 @@ def warm_started(args, row: dict, folder: Path, truth: dict, uri: str, work: Pat
 
 def reselect(row: dict, uri: str, label: str) -> dict:
     """`row`'s search with its ensemble selected again by this code; its ensemble final moved aside."""
-    from mlflow.tracking import MlflowClient
-
     from mmsa.models.probe import probe_config
-    from search.ensemble import select_ensemble, trial_member, write_plan
-    from search.report import best_trial, collect_trials
-    client = MlflowClient(uri)
-    parent = client.get_run(row["parent"])
+    from search.ensemble import make_plan, member, select_ensemble
+    from search.record import SearchRecord, TrackingStore
+    from search.report import best_trial
+    store = TrackingStore(uri, "")
+    parent = store.client.get_run(row["parent"])
+    record = SearchRecord(store, row["parent"])
     metric = parent.data.params.get("metric", "val_acc")
-    trials = collect_trials(client, parent.info.experiment_id, row["parent"], metric)
-    ensemble = select_ensemble(client, row["parent"], trials, metric)
+    trials = store.trials(row["parent"], metric, parent.info.experiment_id)
+    ensemble = select_ensemble(trials, store.predictions, record.probe_predictions(), metric)
+    record.log_metrics(ensemble.metrics())
     best = best_trial(trials)
-    write_plan(client, row["parent"], metric, ensemble, best, trials, probe_config(trial_member(best).config))
+    record.log_plan(make_plan(row["parent"], metric, ensemble, best, trials, probe_config(member(best).config)))
     print(ensemble.line(), flush=True)
     row = dict(row)
     if "final_ensemble" in row:

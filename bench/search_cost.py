@@ -116,14 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="search_cost", help="the result's name: bench/results/OUT.md")
     args = p.parse_args(argv)
 
-    cfg = Config()
-    cfg.data.data_dir = args.data
+    cfg = Config.from_flat({"data_dir": args.data}, source="--data")
     rows = []
     if args.build:
         tmp = Path(tempfile.mkdtemp(prefix="mmsa-cache-"))
         try:
-            build_cfg = Config()
-            build_cfg.data.data_dir, build_cfg.data.cache_dir = args.data, str(tmp)
+            build_cfg = Config.from_flat({"data_dir": args.data, "cache_dir": str(tmp)}, source="--data")
             start = time.perf_counter()
             prepare(build_cfg.data)
             rows.append(["cache build from scratch (both backbones, all pairs)", f"{time.perf_counter() - start:.0f} s"])
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     data = prepare(cfg.data)
     steps = math.ceil(len(data.train) / cfg.train.batch_size)
-    cfg.train.max_epochs = 1
+    cfg = cfg.with_train(max_epochs=1)
     cached = fit(cfg, data.features, data.train, data.val).metrics["epoch_seconds"]
     per_step = per_batch_backbone_seconds(cfg, data, args.batches)
     uncached = per_step * steps

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.hostile:
-        return hostile_report(args)
+        return hostile_report(args, argv)
     args.out = args.out or "serve"
     from mmsa.features.featurize import CPU_IMAGE_BATCH
     pairs = test_pairs(args.data, 32, args.paths)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                  command_line("bench.serve", argv))
 
 
-def hostile_report(args) -> None:
+def hostile_report(args, argv: list[str] | None) -> None:
     import tempfile
     pair = test_pairs(args.data, 1, paths=False)[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,8 +56,7 @@ def stock_setting(folder: Path, space_file: Path):
     from mmsa.features.prepare import prepare
     from search.space import load_space
     spec = load_space(space_file)
-    base = spec.base_config()
-    base.data.data_dir = str(folder)
+    base = spec.base_config().updated({"data_dir": str(folder)}, source="--data")
     for finetune in spec.params["finetune"].values if "finetune" in spec.params else [base.data.finetune]:
         prepare(dataclasses.replace(base.data, finetune=finetune), val_fraction=0.2)
     return spec, base
@@ -66,13 +65,9 @@ def stock_setting(folder: Path, space_file: Path):
 def trial_fit(base, params: dict, report, stop_epoch: int = 0, val_fraction: float = 0.2):
     """Train `base` + `params` on the folder's 80/20 split (val_fraction 0: on every labeled
     pair, for stop_epoch epochs), calling report(epoch, val_acc) after each epoch."""
-    import copy
-
     from mmsa.features.prepare import prepare
     from mmsa.training.fit import fit
-    cfg = copy.deepcopy(base)
-    cfg.update(params, source="trial")
-    cfg.train.patience, cfg.train.stop_epoch, cfg.train.num_threads = 0, stop_epoch, 1
+    cfg = base.updated(params, source="trial").with_train(patience=0, stop_epoch=stop_epoch, num_threads=1)
     data = prepare(cfg.data, val_fraction=val_fraction)
     on_epoch = (lambda e, m: report(e, m["val_acc"])) if val_fraction else None
     return fit(cfg, data.features, data.train, data.val if val_fraction else None, on_epoch=on_epoch), data

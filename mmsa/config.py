@@ -6,7 +6,6 @@ flat key; `Config.from_flat` routes each key to the section that owns it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
@@ -36,7 +35,7 @@ DEFAULT_CACHE_DIR = os.environ.get(CACHE_DIR_ENV) or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmsa-features")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     data_dir: str = "../shared/mvsa"
     val_fraction: float = 0.2
@@ -68,7 +67,7 @@ class DataConfig:
                 self.text_depth)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # fusion: the cross-/self-attention design over tokens. mlp, linear: pooled text and image
     # features, each scaled to unit RMS, concatenated, then a hidden layer of d_model, or none.
@@ -98,7 +97,7 @@ class ModelConfig:
     num_classes: int = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     lr: float = 3.4e-4
     weight_decay: float = 0.04
@@ -129,7 +128,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,9 +148,7 @@ class Config:
 
     @classmethod
     def from_flat(cls, values: dict[str, Any], source: str = "config") -> Config:
-        cfg = cls()
-        cfg.update(values, source)
-        return cfg
+        return cls().updated(values, source)
 
     @classmethod
     def from_stored(cls, values: dict[str, Any], source: str = "config") -> Config:
@@ -161,26 +158,33 @@ class Config:
         return cls.from_flat({"lexicon": False, **{k: v for k, v in values.items() if k not in RETIRED_KEYS}},
                              source)
 
-    def update(self, values: dict[str, Any], source: str = "config") -> Config:
+    def updated(self, values: dict[str, Any], source: str = "config") -> Config:
+        """A new config: this one with `values` (flat keys) over it, checked; a one-line ConfigError
+        naming `source` otherwise. Configs are never changed once built."""
         known = self.known_keys()
+        changes: dict[str, dict[str, Any]] = {section: {} for section in self.SECTIONS}
         for key, value in values.items():
             if key in RETIRED_KEYS:
                 raise ConfigError(f"{source}: key '{key}' was {RETIRED_KEYS[key]}")
             if key not in known:
                 raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(known))})")
             section, typ = known[key]
-            setattr(getattr(self, section), key, coerce(value, typ, f"{source}: key '{key}'"))
-        self.validate(source)
-        return self
+            changes[section][key] = coerce(value, typ, f"{source}: key '{key}'")
+        cfg = dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **c)
+                                           for section, c in changes.items() if c})
+        cfg.validate(source)
+        return cfg
 
     def with_features(self, features) -> Config:
         """A copy whose model sizes follow from the features it will read (cached or raw): what
         every model of this config is built with (mmsa.models.factory.create_model)."""
-        cfg = copy.deepcopy(self)
-        cfg.model.text_dim, cfg.model.image_dim = features.text_dim, features.image_dim
-        cfg.model.text_backbone = self.data.text_encoder
-        cfg.model.text_layers = self.data.text_depth
-        return cfg
+        return dataclasses.replace(self, model=dataclasses.replace(
+            self.model, text_dim=features.text_dim, image_dim=features.image_dim,
+            text_backbone=self.data.text_encoder, text_layers=self.data.text_depth))
+
+    def with_train(self, **changes) -> Config:
+        """A copy with these training settings changed (e.g. seed, stop_epoch)."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
 
     def to_flat(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import Callback, Stopper
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -15,14 +15,16 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from mmsa.errors import UserError
-from mmsa.app.run_tags import TAG_NOT_RESUMED, TAG_TRIAL
+from mmsa.app.run_tags import TAG_NOT_RESUMED
 from search import cache_transfer
 from search.checkpoints import delete_trial_state, state_dir
 from search.progress import ProgressPrinter
+from search.record import SearchRecord
+from search.recorder import TrialRecorder
 from search.searcher import make_searcher
 from search.time_budget import TimeBudget, parse_duration
-from search.tracking import MlflowTrialLogger, child_runs
 from search.trainable import TrialData, train_trial
+from search.trial_report import TrialReport, position_key, score_key
 
 
 def make_scheduler(spec):
@@ -32,7 +34,7 @@ def make_scheduler(spec):
     after their first epochs."""
     if spec.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="folds_done" if spec.rungs == "folds" else "epochs_done", max_t=spec.max_rung,
+    return ASHAScheduler(time_attr=position_key(spec.rungs), max_t=spec.max_rung,
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
@@ -46,7 +48,7 @@ class BudgetStopper(Callback, Stopper):
         self.budget, self.at_folds = budget, at_folds
 
     def __call__(self, trial_id, result) -> bool:
-        if self.at_folds and not result.get("fold_end", 1):
+        if self.at_folds and not TrialReport.from_result(result).fold_end:
             return False
         return self.budget.spent()
 
@@ -72,10 +74,10 @@ class CheckpointCleaner(Callback):
         delete_trial_state(self.ray_path, trial.trial_id, trial.checkpoint)
 
 
-def make_trainable(search, data, ray_path: str, offer_cache: bool = False):
-    """`search` (search.run.Search) over `data` (search.run.SearchData), its state stored at
-    `ray_path`. `offer_cache` (on a cluster): the cache's files go into Ray's object store once,
-    for the nodes that do not share the driver's disk."""
+def make_trainable(search, data, ray_path: str, offer_cache: bool = False, deadline: float | None = None):
+    """`search` (search.setup.Search) over `data` (search.search_data.SearchData), its state stored
+    at `ray_path`. `offer_cache` (on a cluster): the cache's files go into Ray's object store once,
+    for the nodes that do not share the driver's disk. `deadline`: the time budget's end."""
     f, spec = data.prepared.features, search.spec
     folders = [str(f.text_dir.resolve()), str(f.image_dir.resolve()), *data.text_dirs.values()]
     offered = folders + ([data.raw.pixel_dir] if data.raw is not None and data.raw.pixel_dir else [])
@@ -83,7 +85,7 @@ def make_trainable(search, data, ray_path: str, offer_cache: bool = False):
                            base=search.base.to_flat(), threads=max(1, int(spec.cpu)), raw=data.raw,
                            cache_files=cache_transfer.offer(offered) if offer_cache else None,
                            text_dirs=dict(data.text_dirs), every_epoch=spec.rungs == "epochs",
-                           state_dir=state_dir(ray_path), gpu_share=spec.gpu or 1.0)
+                           state_dir=state_dir(ray_path), gpu_share=spec.gpu or 1.0, deadline=deadline)
     resources = {"cpu": spec.cpu, "gpu": spec.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=trial_data), resources)
 
@@ -149,25 +151,31 @@ RAY_TUNE_ENV = {
 }
 
 
-def make_tuner(search, data, parent_id: str, ray_path: str) -> tune.Tuner:
+def make_tuner(search, data, record: SearchRecord, ray_path: str, ready: float) -> tune.Tuner:
     """A new Tuner for `search`, or the one --resume restores from Ray's state at `ray_path` (its
-    searcher, scheduler, stopper and callbacks then come from that state, and carry theirs)."""
+    searcher, scheduler, stopper and callbacks then come from that state, and carry theirs). The
+    time budget counts from `ready` (time.time() when the features were)."""
     spec, metric = search.spec, f"best_{search.spec.metric}"
-    trainable = make_trainable(search, data, ray_path, offer_cache=search.address is not None)
+    offer = search.address is not None
     if search.resumed is not None and tune.Tuner.can_restore(ray_path):
+        # what the budget had left when this search was last interrupted (another process recorded it)
+        left = record.parent_metrics().get("time_budget_left_s") if spec.time_budget else None
+        trainable = make_trainable(search, data, ray_path, offer, None if left is None else time.time() + left)
         return tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
-    budget = TimeBudget(parse_duration(spec.time_budget, "time_budget")) if spec.time_budget else None
+    budget = (TimeBudget(parse_duration(spec.time_budget, "time_budget"), spent_already=time.time() - ready)
+              if spec.time_budget else None)
+    trainable = make_trainable(search, data, ray_path, offer, budget.deadline() if budget is not None else None)
     stopper = BudgetStopper(budget, at_folds=spec.rungs == "folds") if budget is not None else None
-    logger = MlflowTrialLogger(search.tracking.uri, search.tracking.experiment_id, parent_id, search.base.to_flat(),
-                               data.datasets, budget)
-    callbacks = [logger, ProgressPrinter(metric, spec.num_samples, spec.cv_folds), CSVLoggerCallback(),
+    recorder = TrialRecorder(record.store.uri, record.store.experiment, record.parent_id, search.base.to_flat(),
+                             data.datasets, budget)
+    callbacks = [recorder, ProgressPrinter(metric, spec.num_samples, spec.cv_folds), CSVLoggerCallback(),
                  JsonLoggerCallback(), CheckpointCleaner(ray_path), *([stopper] if stopper is not None else [])]
     searcher = make_searcher(spec, budget, data.warm)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=metric, mode="max", num_samples=spec.num_samples,
+            metric=score_key(metric), mode="max", num_samples=spec.num_samples,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
             scheduler=make_scheduler(spec), reuse_actors=True),
         run_config=tune.RunConfig(
@@ -177,30 +185,25 @@ def make_tuner(search, data, parent_id: str, ray_path: str) -> tune.Tuner:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def run_tuner(search, data, parent_id: str, ray_path: str) -> bool:
-    """Run (or continue) `search` (search.run.Search) under its parent run. Returns True when it was
-    interrupted before the end. What it needs afterwards it reads from MLflow: which trials ended,
-    and what the time budget had left (recorded by the logger at the experiment's end)."""
+def run_tuner(search, data, record: SearchRecord, ray_path: str, ready: float) -> bool:
+    """Run (or continue) `search` (search.setup.Search) under its record. Returns True when it was
+    interrupted before the end: not every trial has ended in the record (which holds the earlier
+    drivers' of a resumed search too; Ray marks a trial cut off by Ctrl-C as terminated), and the
+    time budget (as the recorder left it on the record at the experiment's end) was not spent."""
     spec = search.spec
     for key, value in RAY_TUNE_ENV.items():
         os.environ.setdefault(key, value)
-    tuner = make_tuner(search, data, parent_id, ray_path)
+    tuner = make_tuner(search, data, record, ray_path, ready)
     previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         tuner.fit()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    # MLflow is the record: the search is complete when every trial has ended there.
-    tracking = search.tracking
-    client = MlflowClient(tracking.uri)
-    runs = child_runs(client, tracking.experiment_id, parent_id)
-    ended = {r.data.tags.get(TAG_TRIAL) for r in runs if r.info.status in ("FINISHED", "FAILED")}
-    left = client.get_run(parent_id).data.metrics.get("time_budget_left_s") if spec.time_budget else None
-    interrupted = len(ended) < spec.num_samples and not (left is not None and left <= 0)
+    spent = record.budget is not None and record.budget["left"] <= 0
+    interrupted = len(record.ended_trials()) < spec.num_samples and not spent
     # Runs still open now belong to trials cut off by this interruption, or left open by an
     # earlier driver that was killed outright and not restarted by Ray: close them as interrupted.
-    lost = MlflowTrialLogger(tracking.uri, tracking.experiment_id, parent_id, {}).mark_interrupted(
-        complete=not interrupted)
+    lost = record.close_open_trials(complete=not interrupted)
     if lost:
         print(f"note: {len(lost)} trial(s) ({', '.join(lost)}) were running when an earlier run of this search "
               f"was killed, before Ray saved them: they were not trained again (the searcher proposed other "

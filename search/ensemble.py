@@ -1,24 +1,23 @@
 """The search's last step: the model to submit, chosen by ensemble selection
 (mmsa.training.selection) over the out-of-fold predictions of the trials that ran every fold and
-of the linear probe, all on the same folds; written on the parent run as the plan mmsa.final
-executes (PLAN_ARTIFACT, mmsa.training.plan) and as metrics.
+of the linear probe, all on the same folds, and the plan mmsa.final executes
+(mmsa.training.plan). Pure over the trials' records and their predictions: search.run records
+the plan and the ensemble's metrics on the parent run.
 """
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmsa.app.run_tags import PLAN_ARTIFACT
 from mmsa.config import Config
 from mmsa.training import oof
-from mmsa.training.plan import Plan, PlanMember, default_seeds
+from mmsa.training.plan import Plan, PlanMember, default_seeds, stored_config, trial_member
 from mmsa.training.selection import Caps, score, select, selection_cv
-from search.trainable import OOF_ARTIFACT
+from search.record import TrialRecord
 
-PROBE_OOF_ARTIFACT = "probe_oof.npz"
 PROBE = "probe"  # the probe's name among the candidates; trials go by their trial id
 
 
@@ -34,6 +33,11 @@ class Ensemble:
     candidates: int
     skipped: list[str] = field(default_factory=list)  # trials that ran every fold without predictions to blend
 
+    def metrics(self) -> dict[str, float]:
+        return {f"ensemble_{self.metric}": self.score, f"ensemble_selection_cv_{self.metric}": self.selection_cv,
+                "ensemble_members": len(self.members), "ensemble_candidates": self.candidates,
+                f"best_single_oof_{self.metric}": self.best_single_score}
+
     def line(self) -> str:
         parts = " + ".join(f"{name} {weight:.2f}" for name, weight in self.members)
         probe = f"; the probe {self.probe_score:.4f}" if self.probe_score is not None else ""
@@ -45,39 +49,27 @@ class Ensemble:
                 f"{held}; best single: {self.best_single} {self.best_single_score:.4f}{probe}")
 
 
-def download(client, run_id: str, name: str) -> dict | None:
-    """A run's out-of-fold predictions artifact (mmsa.training.oof), or None where it has none."""
-    from mlflow.exceptions import MlflowException
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return oof.load(client.download_artifacts(run_id, name, tmp))
-        except (MlflowException, OSError, ValueError):
-            return None
-
-
-def member_size(trial) -> float:
+def member_size(trial: TrialRecord) -> float:
     """What a trial's member of the final model holds: its model's parameters (as its run
     recorded them) times its seeds."""
-    from search.report import config_from_params
-    from mmsa.config import Config
-    cfg = Config.from_flat(config_from_params(trial.params), source=f"run {trial.run_id} params")
-    return float(trial.metrics.get("n_params", 0)) * default_seeds(cfg)
+    cfg = stored_config(trial.params, f"run {trial.run_id} params")
+    return float(trial.n_params) * default_seeds(cfg)
 
 
-def select_ensemble(client, parent_id: str, trials: list, metric: str, max_members: int = 0,
-                    max_params: float = 0, probe_params: int = 0) -> Ensemble | None:
-    """Ensemble selection over the completed `trials` (search.report.TrialRecord: this search's,
-    and earlier searches' on the same labeled pairs and folds, search.warm_start) and the probe
-    (its `probe_params` parameters), the blend at most `max_members` distinct members of at most
-    `max_params` parameters in all (0: no limit); its metrics logged on the parent run. None where
-    no candidate has out-of-fold predictions, or none fits the limits."""
+def select_ensemble(trials: list[TrialRecord], predictions: Callable[[str], dict | None], probe: dict | None,
+                    metric: str, max_members: int = 0, max_params: float = 0,
+                    probe_params: int = 0) -> Ensemble | None:
+    """Ensemble selection over the completed `trials` (this search's, and earlier searches' on the
+    same labeled pairs and folds, search.warm_start), each with its out-of-fold predictions
+    (`predictions(run_id)`), and the probe's (`probe`, of `probe_params` parameters), the blend at
+    most `max_members` distinct members of at most `max_params` parameters in all (0: no limit).
+    None where no candidate has out-of-fold predictions, or none fits the limits."""
     arrays: dict[str, dict] = {}
-    probe = download(client, parent_id, PROBE_OOF_ARTIFACT)
     if probe is not None:
         arrays[PROBE] = probe
     skipped = []
     for t in sorted((t for t in trials if t.ended == "completed"), key=lambda t: t.trial_id):
-        got = download(client, t.run_id, OOF_ARTIFACT)
+        got = predictions(t.run_id)
         reference = next(iter(arrays.values()), got)
         if got is None or not oof.same_rows(got, reference):
             skipped.append(t.trial_id)
@@ -101,36 +93,24 @@ def select_ensemble(client, parent_id: str, trials: list, metric: str, max_membe
     out = Ensemble(metric, members, chosen.score,
                    selection_cv(probs, labels, folds, metric, caps) if len(np.unique(folds)) > 1 else float("nan"),
                    best_single, singles[best_single], singles.get(PROBE), len(arrays), skipped)
-    from search.tracking import log_metrics
-    log_metrics(client, parent_id, {f"ensemble_{metric}": out.score, f"ensemble_selection_cv_{metric}": out.selection_cv,
-                                    "ensemble_members": len(members), "ensemble_candidates": len(arrays),
-                                    f"best_single_oof_{metric}": out.best_single_score},
-                step=0)
     return out
 
 
-def trial_member(trial, weight: float = 1.0) -> PlanMember:
-    """A trial (search.report.TrialRecord) as a member of a plan: its whole config (its run's
-    params), trained for its best epoch."""
-    from search.report import config_from_params
-    cfg = Config.from_flat(config_from_params(trial.params), source=f"run {trial.run_id} params")
-    return PlanMember(f"trial {trial.trial_id}", "model", cfg, trial.best_epoch, weight, default_seeds(cfg),
-                      trial.run_id)
+def member(trial: TrialRecord, weight: float = 1.0) -> PlanMember:
+    return trial_member(f"trial {trial.trial_id}", trial.params, trial.best_epoch, trial.run_id, weight)
 
 
-def write_plan(client, parent_id: str, metric: str, ensemble: Ensemble | None, best, trials: list,
-               probe: Config) -> Plan | None:
-    """The plan mmsa.final executes, logged on the parent run: the selected ensemble, else (no
-    out-of-fold predictions to select from: finetune=full has no probe) the best trial alone; None
-    where nothing scored. `probe`: the probe's config (mmsa.models.probe.probe_config of the base config)."""
+def make_plan(parent_id: str, metric: str, ensemble: Ensemble | None, best: TrialRecord | None,
+              trials: list[TrialRecord], probe: Config) -> Plan | None:
+    """The plan mmsa.final executes: the selected ensemble, else (no out-of-fold predictions to
+    select from: finetune=full has no probe) the best trial alone; None where nothing scored.
+    `probe`: the probe's config (mmsa.models.probe.probe_config of the base config)."""
     by_id = {t.trial_id: t for t in trials}
     if ensemble is not None:
         members = tuple(PlanMember("linear probe", "probe", probe, 0, weight, 1, parent_id) if name == PROBE
-                        else trial_member(by_id[name], weight) for name, weight in ensemble.members)
+                        else member(by_id[name], weight) for name, weight in ensemble.members)
     elif best is not None:
-        members = (trial_member(best),)
+        members = (member(best),)
     else:
         return None
-    plan = Plan(members, metric=metric, origin=f"search {parent_id}")
-    client.log_dict(parent_id, plan.to_dict(), PLAN_ARTIFACT)
-    return plan
+    return Plan(members, metric=metric, origin=f"search {parent_id}")

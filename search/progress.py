@@ -7,8 +7,8 @@ import time
 
 from ray.tune import Callback
 
-from search.tracking import trial_error_text
-from search.trainable import FINAL_KEY
+from search.recorder import trial_error_text
+from search.trial_report import last_report
 
 
 def _short(config: dict, limit: int = 6) -> str:
@@ -36,8 +36,9 @@ class ProgressPrinter(Callback):
         failed = sum(t.status == "ERROR" for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         # Only trials scored on every fold: a mean over fewer folds is a noisier number.
-        scored = [(t.last_result.get(self.metric), t.trial_id) for t in trials
-                  if t.last_result and t.last_result.get(FINAL_KEY) and t.last_result.get(self.metric) is not None]
+        reports = [(last_report(t), t.trial_id) for t in trials]
+        scored = [(r.score(self.metric), trial_id) for r, trial_id in reports
+                  if r is not None and r.all_folds and r.score(self.metric) is not None]
         best = ""
         if scored:
             value, trial_id = max(scored)
@@ -48,11 +49,15 @@ class ProgressPrinter(Callback):
         self._line(f"start {trial.trial_id}: {_short(trial.config)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        how = "completed" if last.get(FINAL_KEY) else "stopped early"
-        self._line(f"{how} {trial.trial_id} after {last.get('folds_done', '?')} of {self.folds} folds: "
-                   f"{self.metric} {last.get(self.metric, float('nan')):.4f} at epoch {last.get('best_epoch', '?')} "
-                   f"| {self._summary(trials)}")
+        last = last_report(trial)
+        if last is None:
+            self._line(f"stopped early {trial.trial_id} before its first report | {self._summary(trials)}")
+            return
+        how = "completed" if last.all_folds else "stopped early"
+        score, epoch = last.score(self.metric), last.score("best_epoch")
+        self._line(f"{how} {trial.trial_id} after {last.folds_done} of {self.folds} folds: "
+                   f"{self.metric} {score if score is not None else float('nan'):.4f} at epoch "
+                   f"{int(epoch) if epoch else '?'} | {self._summary(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"FAILED {trial.trial_id}: {trial_error_text(trial).splitlines()[0]} | {self._summary(trials)}")

@@ -1,48 +1,18 @@
-"""The end of a search: pick the best trial from the MLflow record, log it on the parent run,
-print the table of the top trials, draw the search plots."""
+"""The end of a search, from its typed trial records (search.record.TrialRecord): the best trial,
+the table of the top trials, what the search cost, the search plots. Pure: search.run records
+what these compute.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from mlflow.tracking import MlflowClient
+from mmsa.training.plan import stored_config
+from search.record import TrialRecord
 
-from mmsa.config import Config
-from mmsa.app.run_tags import TAG_BEST_RUN, TAG_ENDED, TAG_TRIAL
-from search.tracking import child_runs, log_metrics
-
-
-@dataclass
-class TrialRecord:
-    run_id: str
-    trial_id: str
-    ended: str
-    folds: int  # folds trained (of the space's cv_folds)
-    epochs: int  # epochs trained, all folds together
-    best_epoch: int  # the epoch whose mean over folds is best: what mmsa.final retrains
-    score: float
-    metrics: dict
-    params: dict
-    seconds: float = 0.0  # its MLflow run's start to end: the compute it took
-
-
-def collect_trials(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str) -> list[TrialRecord]:
-    out = []
-    for run in child_runs(client, experiment_id, parent_run_id):
-        ended = run.data.tags.get(TAG_ENDED, "running")
-        score = run.data.metrics.get(f"best_{metric}", float("nan"))
-        m = run.data.metrics
-        out.append(TrialRecord(run_id=run.info.run_id, trial_id=run.data.tags.get(TAG_TRIAL, "?"), ended=ended,
-                               folds=int(m.get("folds_done", 0)), epochs=int(m.get("epochs_trained", 0)),
-                               best_epoch=int(m.get("best_epoch", 0)), score=score,
-                               metrics=dict(run.data.metrics), params=dict(run.data.params),
-                               seconds=(run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0))
-    return out
+ENDINGS = ("completed", "stopped early", "failed", "interrupted")
 
 
 def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
@@ -54,12 +24,6 @@ def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
         if candidates:
             return max(candidates, key=lambda t: t.score)
     return None
-
-
-def config_from_params(params: dict) -> dict:
-    """A run's logged params back to a typed flat config (unknown keys are dropped)."""
-    known = Config.known_keys()
-    return Config.from_flat({k: v for k, v in params.items() if k in known}, source="run params").to_flat()
 
 
 def top_table(trials: list[TrialRecord], metric: str, searched: list[str], k: int = 10) -> str:
@@ -137,11 +101,11 @@ def _typed(value: str, dist):
     return int(float(value)) if isinstance(dist, IntDistribution) else float(value)
 
 
-def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str, spec) -> tuple[TrialRecord | None, list[TrialRecord]]:
-    trials = collect_trials(client, experiment_id, parent_run_id, spec.metric)
-    best = best_trial(trials)
+def summary(trials: list[TrialRecord], spec) -> dict[str, float]:
+    """The search's counts: trials by how they ended, the folds and epochs trained against every
+    trial running every fold, and the trials' run times summed."""
     counts = {"n_trials": len(trials)}
-    for ended in ("completed", "stopped early", "failed", "interrupted"):
+    for ended in ENDINGS:
         counts["n_" + ended.replace(" ", "_")] = sum(t.ended == ended for t in trials)
     ran = [t for t in trials if t.ended != "interrupted"]
     counts["epochs_trained"] = sum(t.epochs for t in ran)
@@ -150,45 +114,53 @@ def finalize_parent(client: MlflowClient, experiment_id: str, parent_run_id: str
     # A space may search the schedule's length: each trial's own.
     counts["epochs_without_early_stopping"] = spec.cv_folds * sum(
         int(float(t.params.get("max_epochs", spec.max_epochs))) for t in ran)
-    counts["trial_seconds"] = sum(t.seconds for t in trials if t.ended != "interrupted")
-    log_metrics(client, parent_run_id, counts, step=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if best is not None:
-            flat = config_from_params(best.params)
-            (tmp / "best_config.yaml").write_text(yaml.safe_dump(flat, sort_keys=True))
-            client.log_artifact(parent_run_id, str(tmp / "best_config.yaml"))
-            client.set_tag(parent_run_id, TAG_BEST_RUN, best.run_id)
-            log_metrics(client, parent_run_id, {
-                f"best_{spec.metric}": best.score,
-                "best_trial_val_macro_f1": best.metrics.get("val_macro_f1", float("nan")),
-                "best_trial_val_acc": best.metrics.get("val_acc", float("nan")),
-                "best_trial_epoch": best.best_epoch, "best_trial_folds": best.folds}, step=0)
-        for path in search_plots(trials, spec, tmp):
-            client.log_artifact(parent_run_id, str(path), artifact_path="plots")
-    return best, trials
+    counts["trial_seconds"] = sum(t.seconds for t in ran)
+    return counts
 
 
-def cost_line(client: MlflowClient, parent_run_id: str) -> str:
-    """What the search cost, from its parent run's metrics: folds and epochs against every trial
-    running every fold, and the trials' run times summed."""
-    m = client.get_run(parent_run_id).data.metrics
-    folds, all_folds = int(m.get("folds_trained", 0)), int(m.get("folds_without_early_stopping", 0))
-    trained, full = int(m.get("epochs_trained", 0)), int(m.get("epochs_without_early_stopping", 0))
+def best_metrics(best: TrialRecord, metric: str) -> dict[str, float]:
+    """The best trial's figures, as the search's own metrics."""
+    return {f"best_{metric}": best.score,
+            "best_trial_val_macro_f1": best.metrics.get("val_macro_f1", float("nan")),
+            "best_trial_val_acc": best.metrics.get("val_acc", float("nan")),
+            "best_trial_epoch": best.best_epoch, "best_trial_folds": best.folds}
+
+
+def best_config(best: TrialRecord) -> dict:
+    """The best trial's whole config (best_config.yaml)."""
+    return stored_config(best.params, f"run {best.run_id} params").to_flat()
+
+
+def cost_line(counts: dict[str, float]) -> str:
+    """What the search cost (`summary`): folds and epochs against every trial running every fold,
+    and the trials' run times summed."""
+    folds, all_folds = int(counts["folds_trained"]), int(counts["folds_without_early_stopping"])
+    trained, full = int(counts["epochs_trained"]), int(counts["epochs_without_early_stopping"])
     share = f" ({trained / full:.0%})" if full else ""
     return (f"cost: {folds} folds ({trained} epochs) trained, of {all_folds} ({full}) if every trial ran every "
-            f"fold{share}; trials ran {m.get('trial_seconds', 0) / 60:.1f} min in all")
+            f"fold{share}; trials ran {counts['trial_seconds'] / 60:.1f} min in all")
 
 
-def baseline_line(client: MlflowClient, parent_run_id: str, metric: str) -> str:
+def baseline_line(probe: dict[str, float], best: TrialRecord | None, metric: str) -> str:
     """The linear probe on the same folds, against the best trial: the yardstick of every search."""
-    m = client.get_run(parent_run_id).data.metrics
-    if "probe_val_acc" not in m:
+    if "probe_val_acc" not in probe:
         return "baseline: linear probe not measured (a search recorded before every search measured it)"
-    line = (f"baseline: linear probe on the same folds: val_acc {m['probe_val_acc']:.4f}, "
-            f"val_macro_f1 {m['probe_val_macro_f1']:.4f}")
-    best = m.get(f"best_{metric}")
-    probe = m.get(f"probe_{metric}")
-    if best is not None and probe is not None:
-        line += f"; best trial {best - probe:+.4f} {metric} against it"
+    line = (f"baseline: linear probe on the same folds: val_acc {probe['probe_val_acc']:.4f}, "
+            f"val_macro_f1 {probe['probe_val_macro_f1']:.4f}")
+    if best is not None:
+        line += f"; best trial {best.score - probe[f'probe_{metric}']:+.4f} {metric} against it"
     return line
+
+
+def budget_line(budget: dict | None, trials: list[TrialRecord]) -> str:
+    """What the time budget ({seconds, left} at the search's end) covered: the trials it let start,
+    and how they ended."""
+    from search.time_budget import describe
+    if budget is None:
+        return "time budget: not used (the search ran no trial)"
+    seconds, left = budget["seconds"], budget["left"]
+    if left > 0:
+        return f"time budget {describe(seconds)}: {describe(left)} left when the last of num_samples trials ended"
+    return (f"time budget {describe(seconds)}: spent; {len(trials)} trials started within it, "
+            f"{sum(t.ended == 'completed' for t in trials)} ran every fold (trials in flight when it ran out ended "
+            f"with the epoch they were in, scored on the folds they finished)")

@@ -14,7 +14,7 @@ import logging
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.trainable import FINAL_KEY
+from search.trial_report import TrialReport, score_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped_early = bool(result) and not error and not result.get(FINAL_KEY)
+        stopped_early = bool(result) and not error and not TrialReport.from_result(result).all_folds
         if not stopped_early or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result=result, error=error)
             return
@@ -70,7 +70,7 @@ def make_searcher(spec, budget=None, warm=None) -> PruneAwareOptunaSearch:
     first = default_point(spec)
     if warm is not None and first and any(p.params == first[0] for p in warm.sampler):
         first = None
-    searcher = PruneAwareOptunaSearch(space=spec.optuna_space(), metric=f"best_{spec.metric}", mode="max",
+    searcher = PruneAwareOptunaSearch(space=spec.optuna_space(), metric=score_key(f"best_{spec.metric}"), mode="max",
                                       sampler=sampler, points_to_evaluate=first, budget=budget)
     if warm is not None:
         from search.warm_start import tell
@@ -85,9 +85,4 @@ def default_point(spec) -> list[dict] | None:
         return None
     flat = spec.base_config().to_flat()
     point = {name: flat[name] for name in spec.params}
-    for name, p in spec.params.items():
-        value = point[name]
-        inside = value in p.values if p.kind == "choice" else p.low <= value <= p.high
-        if not inside:
-            return None
-    return [point]
+    return [point] if all(p.contains(point[name]) for name, p in spec.params.items()) else None

@@ -102,6 +102,17 @@ class Param:
             return IntDistribution(int(self.low), int(self.high), log=self.kind == "logint")
         return FloatDistribution(float(self.low), float(self.high), log=self.kind == "loguniform")
 
+    def largest(self):
+        """The largest value a trial may sample (a numeric parameter)."""
+        return max(self.values) if self.kind == "choice" else self.high
+
+    def contains(self, value) -> bool:
+        """Whether a trial could have sampled `value` (a choice's value or its text, as a run's
+        params hold it)."""
+        if self.kind == "choice":
+            return value in self.values or str(value) in map(str, self.values)
+        return self.low <= float(value) <= self.high
+
 
 @dataclass(frozen=True)
 class SearchSpec:
@@ -115,7 +126,7 @@ class SearchSpec:
     max_concurrent: int = 2
     cpu: float = 1.0
     gpu: float = 0.0
-    gpu_auto: bool = False  # resources.gpu: auto: the GPU memory plan decides the trials per GPU (search.gpu_plan)
+    gpu_auto: bool = False  # resources.gpu: auto: the GPU memory plan decides the trials per GPU (search.gpu_memory)
     max_failures: int = 0
     seed: int = 0
     # Trials are scored by stratified K-fold cross-validation over the labeled pairs (folds seeded
@@ -136,7 +147,7 @@ class SearchSpec:
     max_members: int = 0
     max_params: float = 0.0
     memory_budget: str | None = None
-    time_budget: str | None = None  # e.g. 20m: no trial starts after it, trials in flight end at a fold
+    time_budget: str | None = None  # e.g. 20m: the search's wall time once its features exist (search.time_budget)
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
     warm_start: tuple[str, ...] = ()  # earlier searches' parent run ids (search.warm_start)
@@ -144,10 +155,25 @@ class SearchSpec:
     @property
     def longest_schedule(self) -> int:
         """Epochs of the longest schedule a trial may train (a space may search max_epochs)."""
-        p = self.params.get("max_epochs")
-        if p is None:
-            return self.max_epochs
-        return int(max(p.values) if p.kind == "choice" else p.high)
+        return int(self.largest("max_epochs", self.max_epochs))
+
+    def largest(self, name: str, default):
+        """The largest value of config key `name` a trial may have: its searched largest, else `default`."""
+        p = self.params.get(name)
+        return default if p is None else p.largest()
+
+    def most_demanding(self) -> Config:
+        """The space's most demanding trial, for memory plans: its base config with the largest
+        batch, width, depth, schedule and text layers fine-tuned a trial may sample, fine-tuning
+        the way that holds most where any trial does (full over last_k)."""
+        flat = self.base_config().to_flat()
+        for name in ("batch_size", "fusion_depth", "d_model", "max_epochs", "text_finetune_layers"):
+            flat[name] = type(flat[name])(self.largest(name, flat[name]))
+        kinds = [str(v) for v in (getattr(self.params.get("finetune"), "values", None) or [])]
+        for kind in ("last_k", "full"):
+            if kind in kinds:
+                flat["finetune"] = kind
+        return Config.from_flat(flat, source=f"{self.path}: the most demanding trial")
 
     @property
     def max_rung(self) -> int:
@@ -157,15 +183,13 @@ class SearchSpec:
     def base_config(self) -> Config:
         """The fixed values on top of the defaults, with what the search decides itself
         (SEARCH_DECIDES): what every trial starts from."""
-        cfg = Config.from_flat(self.fixed, source=f"{self.path}: fixed")
-        cfg.train.max_epochs = self.max_epochs
-        cfg.train.monitor = self.metric
+        Config.from_flat(self.fixed, source=f"{self.path}: fixed")  # its own errors named as its own
         # Trials train whole schedules: cross-validation averages the folds' curves epoch by epoch
         # and picks the epoch on that mean (mmsa.training.crossval).
-        cfg.train.patience, cfg.train.stop_epoch = 0, 0
+        decided = {"max_epochs": self.max_epochs, "monitor": self.metric, "patience": 0, "stop_epoch": 0}
         if self.data_dir is not None:
-            cfg.data.data_dir = self.data_dir
-        return cfg
+            decided["data_dir"] = self.data_dir
+        return Config.from_flat({**self.fixed, **decided}, source=f"{self.path}: fixed")
 
     def feature_configs(self) -> list:
         """The data configs of every kind of features a trial may read (the base one first)."""
@@ -359,11 +383,6 @@ def apply_flags(spec: SearchSpec, cpus: float | None = None, gpus: float | str |
 
 def check_against_data(spec: SearchSpec, n_train: int) -> None:
     """Refuse settings the data cannot satisfy, e.g. a batch larger than a fold's training part."""
-    sizes = [spec.base_config().train.batch_size]
-    if "batch_size" in spec.params:
-        p = spec.params["batch_size"]
-        sizes = p.values if p.kind == "choice" else [p.high]
-    too_big = [int(s) for s in sizes if int(s) > n_train]
-    if too_big:
-        raise ConfigError(f"{spec.path}: key 'batch_size': {max(too_big)} is larger than the "
-                          f"{n_train} training examples")
+    largest = int(spec.largest("batch_size", spec.base_config().train.batch_size))
+    if largest > n_train:
+        raise ConfigError(f"{spec.path}: key 'batch_size': {largest} is larger than the {n_train} training examples")

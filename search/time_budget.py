@@ -1,9 +1,12 @@
-"""`--time-budget 20m` (space key `time_budget`): how long a search may train.
+"""`--time-budget 20m` (space key `time_budget`): how long a search takes once its features exist.
 
-Counted like Ray Tune's TimeoutStopper: wall time while a driver runs trials, from the first
-trial's start, summed over resumes. Once it is spent the searcher proposes no more trials, and a
-trial in flight stops at its next fold boundary, scored on the folds it finished, as ASHA would
-stop it (search.driver.BudgetStopper). No Ray here: validating a space file parses durations.
+Wall time while a driver runs, from the moment the feature cache is ready (the probe's
+cross-validation and the trials inside it), summed over resumes; the selection and the report
+after it take seconds (printed). Once it is spent the searcher proposes no more trials, and a
+trial in flight stops at the end of the epoch it is in (it knows the deadline:
+search.trainable.TrialData.deadline), scored on the folds it finished; the stopper
+(search.driver.BudgetStopper) stops it at its next fold otherwise. No Ray here: validating a
+space file parses durations.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ def describe(seconds: float) -> str:
 
 class TimeBudget:
     """Seconds left of a search's budget. One object is shared by the searcher (no new trials once
-    spent), the stopper (trials end at their next fold) and the MLflow logger (which records what
-    is left); Ray pickles all three in one state, so they share it after a resume too, and the
+    spent), the stopper (trials end at their next fold) and the recorder (which records what is
+    left); trials are told its deadline; Ray pickles all three in one state, so they share it after a resume too, and the
     stopper carries `state()` in Ray's periodic experiment checkpoint."""
 
-    def __init__(self, seconds: float):
-        self.seconds, self.left = seconds, seconds
-        self._last: float | None = None  # the clock starts at the first look (the first trial)
+    def __init__(self, seconds: float, spent_already: float = 0.0):
+        """The clock runs from now, `spent_already` seconds of it gone (the probe's, before Ray's trials)."""
+        self.seconds, self.left = seconds, seconds - spent_already
+        self._last: float | None = time.monotonic()
 
     def spent(self) -> bool:
         now = time.monotonic()
@@ -52,6 +56,11 @@ class TimeBudget:
             self.left -= now - self._last
         self._last = now
         return self.left <= 0
+
+    def deadline(self) -> float:
+        """When it runs out, in wall-clock time (time.time(), what a trial on another node reads too)."""
+        self.spent()
+        return time.time() + self.left
 
     def state(self) -> dict:
         self.spent()  # brought up to now

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: a thin wrapper over `mmsa.training.crossval.cross_validate` that reports every fold.
+"""The Ray Tune trainable: a thin wrapper over `mmsa.training.crossval.cv_epochs` that reports its epochs.
 
 Trials receive the cache folders' paths, not the arrays: each trial memory-maps the same files,
 so N concurrent trials share one copy of the features through the OS page cache. Ray is imported
@@ -8,25 +8,18 @@ without it.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmsa.config import CACHE_DIR_ENV as NODE_CACHE_ENV  # set on a node (before `ray start`)
+from mmsa.config import CACHE_DIR_ENV  # set on a node (before `ray start`): its own cache folder
 from mmsa.config import Config, DataConfig
 from mmsa.features.featureset import Features, FeatureSet
 from mmsa.features.heap import trim_freed_memory
 from mmsa.features.rawsource import RawSource
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
+from search.trial_report import TrialReport
 
-# Set on a trial's report of its last fold. A trial whose last result lacks it was stopped by the
-# scheduler.
-FINAL_KEY = "final"
-# On the report of the last fold: the trial's out-of-fold predictions at its best epoch
-# (mmsa.training.oof as text), which the driver keeps as the trial run's OOF_ARTIFACT.
-OOF_KEY = "oof"
-OOF_ARTIFACT = "oof.npz"
 
 
 @dataclass
@@ -51,12 +44,17 @@ class TrialData:
     # checkpoint, which Ray uploads (remote storage)
     state_dir: str | None = None
     gpu_share: float = 1.0  # of a GPU each trial reserves: below 1, its process is held to that share
+    # When the search's time budget runs out (time.time()): a trial stops at the end of the epoch it
+    # is in then, scored on the folds it finished. None: no budget, or one Ray's restored stopper holds.
+    deadline: float | None = None
 
-    def config(self, sampled: dict) -> Config:
-        """A trial's config: the base config with the values the searcher sampled, on its CPU share."""
-        cfg = Config.from_flat({**self.base, **sampled}, source="trial config")
-        cfg.train.num_threads = self.threads
-        return cfg
+    def config(self, sampled: dict, gpu: bool = False) -> Config:
+        """A trial's config: the base config with the values the searcher sampled, on its CPU share;
+        its device where it trains (what its run records), never `auto`."""
+        flat = {**self.base, **sampled, "num_threads": self.threads}
+        if flat.get("device", "auto") == "auto":
+            flat["device"] = "cuda" if gpu else "cpu"
+        return Config.from_flat(flat, source="trial config")
 
     def features(self, cfg: DataConfig) -> Features:
         """The features a trial of data config `cfg` reads: the pairs themselves (finetune=full),
@@ -77,7 +75,7 @@ def text_variant(cfg: DataConfig) -> str:
 def _on_node(folder: str) -> str:
     """Where this node keeps a cache folder of the driver's: under $MMSA_CACHE_DIR where the node
     sets one (a cluster without a shared disk), else at the driver's path."""
-    root = os.environ.get(NODE_CACHE_ENV)
+    root = os.environ.get(CACHE_DIR_ENV)
     return os.path.join(root, os.path.basename(folder)) if root else folder
 
 
@@ -129,11 +127,10 @@ def node_raw(data: TrialData) -> RawSource:
     return raw
 
 
-def scalar_metrics(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-CURVES_KEY = "curves"  # JSON {fold: {epoch: metrics}} of every epoch trained since the last report
 # With rungs by folds a trial reports (and checkpoints) at every fold's end, and after an epoch
 # only where its last report is this long ago: a report costs a round trip through Ray's driver,
 # which an epoch of minutes does not notice and an epoch of two seconds does
@@ -165,85 +162,93 @@ def train_trial(config: dict, data: TrialData) -> None:
         with checkpoint.as_directory() as folder:
             start = read_checkpoint(folder, states)
 
-    def emit(metrics: dict, state) -> None:
+    def emit(report: TrialReport, state) -> None:
         with tempfile.TemporaryDirectory(prefix="mmsa-checkpoint-") as folder:
             name = write_checkpoint(state, folder, states)
-            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(report.with_node(node).to_result(), checkpoint=tune.Checkpoint.from_directory(folder))
         if name is not None:  # Ray's checkpoint now names the new state: the older one goes
             states.keep_only(name)
 
     fit_trial(emit, config, data, start=start, gpu=gpu)
 
 
+class _Reporter:
+    """Turns cv_epochs' epochs into a trial's reports: which epochs are due a report, what
+    each carries (the epochs since the last, the score of the folds done, the predictions at the
+    end), and when the last one went."""
+
+    def __init__(self, data: TrialData, cfg: Config, start):
+        import time
+
+        from mmsa.training.crossval import cv_summary
+        self.data, self.cfg, self.last = data, cfg, time.monotonic()
+        self.unreported = _curves(start)  # after a resume, the first report carries what was trained before
+        self.resumed = sum(len(c) for c in self.unreported.values())
+        self.score = (scalar_metrics(cv_summary(start.histories, cfg.train.monitor, len(data.folds)))
+                      if start is not None and start.histories else {})
+        self.state, self.retries = start, 0
+
+    def on_epoch(self, ev, emit) -> bool:
+        """Report `ev` where one is due; False where the trial ends here: the time budget ran out."""
+        import time
+
+        from mmsa.training.crossval import CURVE_KEYS
+        self.unreported.setdefault(ev.fold, {})[ev.epoch] = {k: float(ev.report[k]) for k in CURVE_KEYS
+                                                             if k in ev.report}
+        self.state = ev.state
+        if ev.summary is not None:
+            self.score = scalar_metrics(ev.summary)
+        out_of_time = self.data.deadline is not None and time.time() >= self.data.deadline
+        if self.data.every_epoch or ev.fold_end or out_of_time or time.monotonic() - self.last >= CHECKPOINT_S:
+            emit(self.report(ev), ev.state)
+            self.unreported, self.resumed, self.last = {}, 0, time.monotonic()
+        trim_freed_memory()
+        return not out_of_time
+
+    def report(self, ev) -> TrialReport:
+        from search.trial_report import Retry
+        monitor, train = self.cfg.train.monitor, self.cfg.train
+        # fold 1 in training: its best epoch so far
+        scores = self.score or {f"best_{monitor}": float(ev.report[f"best_{monitor}"])}
+        last = ev.fold_end and ev.fold == len(self.data.folds)
+        oof = None
+        if last:
+            from mmsa.training import oof as oof_text
+            oof = oof_text.to_text(oof_text.oof_arrays(self.data.folds, ev.summary["fold_probs"]))
+        return TrialReport(
+            fold=ev.fold, epoch=ev.epoch, fold_end=ev.fold_end, folds_done=ev.fold - (not ev.fold_end),
+            epochs_done=(ev.fold - 1) * train.max_epochs + ev.epoch,
+            scores=scores, all_folds=last, curves=self.unreported,
+            confusion=ev.summary["val_confusion"] if ev.fold_end else None, oof=oof, device=train.device,
+            n_params=int(ev.report.get("n_params", 0)),
+            retry=Retry(self.retries, train.micro_batch if self.retries else 0, self.resumed))
+
+
 def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False) -> None:
-    """One trial: cross-validation over `data.folds`; emit(metrics, state) after every epoch with
-    `data.every_epoch` (rungs by epochs), else at every fold's end and after an epoch whose last
-    report is CHECKPOINT_S ago. Each report says where the trial is (fold, epoch, fold_end,
-    folds_done, epochs_done: for the scheduler, the stopper and the MLflow logger), the epochs
-    trained since the last (CURVES_KEY) and the score: the mean over the folds finished (during
-    fold 1, that fold's best epoch so far), so that ASHA can judge trials by folds or by epochs
-    (emit may stop the trial by raising); `state` is where it stands, its checkpoint. The last
-    fold's report carries the out-of-fold predictions (OOF_KEY). `start`: a CVState to go on from.
-    `gpu`: whether the trial reserved one (without, it trains on the CPU). A CUDA out-of-memory is
-    retried once from the last finished epoch at half the micro-batch (the same effective batch);
-    a second fails the trial."""
-    import time
+    """One trial: cross-validation over `data.folds`; emit(TrialReport, state) after every epoch
+    with `data.every_epoch` (rungs by epochs), else at every fold's end and after an epoch whose
+    last report is CHECKPOINT_S ago (emit may stop the trial by raising); `state` is where it
+    stands, its checkpoint. `start`: a CVState to go on from. `gpu`: whether the trial reserved one
+    (without, it trains on the CPU). A CUDA out-of-memory is retried once from the last finished
+    epoch at half the micro-batch (the same effective batch); a second fails the trial. Past
+    `data.deadline`, it ends after the epoch it is in, that epoch reported."""
+    from dataclasses import replace
 
     trim_freed_memory()  # what the previous trial in this process left behind
     from mmsa.models.runtime import is_out_of_memory, release_device_memory
-    from mmsa.training.crossval import CURVE_KEYS, cv_summary, cross_validate
+    from mmsa.training.crossval import cv_epochs
     from mmsa.training.fit import TrainingError
-    cfg = data.config(config)
-    if cfg.train.device == "auto":  # what the trial's run records is where it trained
-        cfg.train.device = "cuda" if gpu else "cpu"
+    cfg = data.config(config, gpu)
     if gpu and data.gpu_share < 1:
         hold_to_share(data.gpu_share)
-    max_epochs, monitor, retries = cfg.train.max_epochs, cfg.train.monitor, 0
-    latest = {"state": start, "score": {}, "reported": time.monotonic()}
-    unreported = _curves(start)  # after a resume, the first report carries what was trained before
-    resumed = sum(len(c) for c in unreported.values())
-    if start is not None and start.histories:
-        latest["score"] = scalar_metrics(cv_summary(start.histories, monitor, len(data.folds)))
-
-    def on_epoch(ev) -> None:
-        nonlocal resumed
-        report = ev.report
-        unreported.setdefault(str(ev.fold), {})[str(ev.epoch)] = {k: float(report[k]) for k in CURVE_KEYS
-                                                                  if k in report}
-        latest["state"] = ev.state
-        if ev.summary is not None:
-            latest["score"] = scalar_metrics(ev.summary)
-        due = data.every_epoch or ev.fold_end or time.monotonic() - latest["reported"] >= CHECKPOINT_S
-        if not due:
-            trim_freed_memory()
-            return
-        out = {"fold": ev.fold, "epoch": ev.epoch, "fold_end": int(ev.fold_end), "folds_done": ev.fold - (not ev.fold_end),
-               "epochs_done": (ev.fold - 1) * max_epochs + ev.epoch, "device": cfg.train.device,
-               "n_params": report.get("n_params", 0), CURVES_KEY: json.dumps(unreported)}
-        if latest["score"]:
-            out.update(latest["score"])
-        else:  # fold 1 in training: its best epoch so far
-            out.update({f"best_{monitor}": report[f"best_{monitor}"], "folds_done": 0})
-        if retries:
-            out.update(oom_retries=retries, micro_batch=cfg.train.micro_batch)
-        if resumed:
-            out["resumed_after_epochs"], resumed = resumed, 0
-        if ev.fold_end:
-            out["val_confusion"] = ev.summary["val_confusion"]
-        if ev.fold_end and ev.fold == len(data.folds):
-            from mmsa.training import oof
-            out[FINAL_KEY] = 1
-            out[OOF_KEY] = oof.to_text(oof.oof_arrays(data.folds, ev.summary["fold_probs"]))
-        unreported.clear()
-        emit(out, ev.state)
-        latest["reported"] = time.monotonic()
-        trim_freed_memory()
-
+    reporter = _Reporter(data, cfg, start)
     features = data.features(cfg.data)
     while True:
         try:
-            cross_validate(cfg, features, data.folds, on_epoch=on_epoch, keep_probs=True, keep_state=True,
-                           start=latest["state"])
+            for ev in cv_epochs(reporter.cfg, features, data.folds, keep_probs=True, keep_state=True,
+                                start=reporter.state):
+                if not reporter.on_epoch(ev, emit):
+                    return
             return
         except Exception as e:  # noqa: BLE001 - only running out of GPU memory is retried
             if not is_out_of_memory(e):
@@ -252,36 +257,37 @@ def fit_trial(emit, config: dict, data: TrialData, start=None, gpu: bool = False
         # Out of the except block: the exception's traceback, which held the failed step's frames
         # (its graph, the fold's model and optimizer), is gone, so their memory can go back now.
         release_device_memory()
-        micro = min(cfg.train.micro_batch or cfg.train.batch_size, cfg.train.batch_size)
-        if retries or micro <= 1:
+        train = reporter.cfg.train
+        micro = min(train.micro_batch or train.batch_size, train.batch_size)
+        if reporter.retries or micro <= 1:
             raise TrainingError(
                 f"CUDA out of memory again at micro-batch {micro} ({failure}): lower micro_batch or batch_size, "
                 f"or max_text_len, set grad_checkpointing: true, or give each trial more of the GPU "
                 f"(resources.gpu); `python -m search.run --dry-run` plans it")
-        retries += 1
-        cfg.train.micro_batch = micro // 2
+        reporter.retries += 1
+        reporter.cfg = replace(reporter.cfg, train=replace(train, micro_batch=micro // 2))
         print(f"CUDA out of memory at micro-batch {micro}: trying again from the last finished epoch at "
-              f"micro-batch {cfg.train.micro_batch} (the same effective batch)", flush=True)
+              f"micro-batch {micro // 2} (the same effective batch)", flush=True)
 
 
 def hold_to_share(share: float) -> None:
     """Hold this process's CUDA allocations to its `share` of the card, less what CUDA keeps
-    outside torch's allocator (search.gpu_plan.CUDA_CONTEXT): Ray's fractional GPUs are a count,
+    outside torch's allocator (search.gpu_memory.CUDA_CONTEXT): Ray's fractional GPUs are a count,
     not a limit, and a packed trial that outgrew its plan would otherwise take its neighbour's
     memory. It fails alone instead (an out-of-memory, retried at half the micro-batch)."""
     import torch
 
-    from search.gpu_plan import memory_fraction
+    from search.gpu_memory import memory_fraction
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(memory_fraction(share, total), 0)
 
 
 def _curves(state) -> dict:
-    """{fold: {epoch: metrics}} of what a trial trained before it was stopped (CURVES_KEY): its
+    """{fold: {epoch: metrics}} of what a trial trained before it was stopped: its
     finished folds and the epochs of the fold it was in."""
     from mmsa.training.crossval import CURVE_KEYS
     if state is None:
         return {}
     folds = list(state.histories) + ([state.fit.history] if state.fit is not None else [])
-    return {str(k): {str(e): {key: float(m[key]) for key in CURVE_KEYS if key in m} for e, m in enumerate(h, 1)}
+    return {k: {e: {key: float(m[key]) for key in CURVE_KEYS if key in m} for e, m in enumerate(h, 1)}
             for k, h in enumerate(folds, 1)}

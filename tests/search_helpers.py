@@ -139,3 +139,10 @@ def fault_env(kind: str, folder: Path, n: int, base: dict | None = None) -> dict
     base = dict(os.environ if base is None else base)
     path = [str(ROOT / "tests" / "trial_hooks"), base.get("PYTHONPATH")]
     return {**base, "PYTHONPATH": os.pathsep.join(filter(None, path)), "MMSA_TEST_FAULT": f"{kind}:{folder}:{n}"}
+
+
+def child_runs(client, experiment_id: str, parent_id: str, kind: str = "trial") -> list:
+    """The runs of `kind` under a search's parent run, read straight from MLflow."""
+    from mmsa.app.run_tags import TAG_KIND, TAG_PARENT
+    return client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' "
+                                                             f"and tags.`{TAG_KIND}` = '{kind}'", max_results=5000)

@@ -109,6 +109,11 @@ def test_loader(bench, subset_dir, tmp_path):
     assert "identical, bit for bit" in text
 
 
+def test_image_build(bench, subset_dir):
+    text = bench("image_build", "--data", str(subset_dir), "--images", "16", "--out", "image-tiny", out="image-tiny")
+    assert "build from scratch" in text and "x its floor" in text
+
+
 def test_checkpoint_storage(bench, subset_dir):
     text = bench("checkpoint_storage", "--data", str(subset_dir), "--pairs", "45", "--trials", "2",
                  "--concurrent", "1", "--out", "storage-tiny", out="storage-tiny", timeout=900)

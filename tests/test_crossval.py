@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from mmsa.config import Config
-from mmsa.training.crossval import cross_validate, cv_summary
-from mmsa.features.prepare import cv_splits
+from mmsa.training.crossval import cross_validate, cv_epochs, cv_summary
+from mmsa.data.splits import cv_splits
 from mmsa.models.runtime import predict_proba
 from mmsa.training.fit import fit
 
@@ -32,19 +32,16 @@ def test_equal_means_choose_the_earlier_epoch():
 
 def test_cross_validate_reports_after_every_fold(subset_prepared):
     data_cfg, p = subset_prepared
-    cfg = Config()
-    cfg.data = data_cfg
-    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 1})
+    cfg = Config(data=data_cfg).updated({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 1})
     labeled = p.train  # every labeled pair of the subset's training part
     folds = cv_splits(labeled, 3, seed=0)
     with pytest.raises(ValueError, match="whole schedules: patience 1"):  # never cut short quietly
         cross_validate(cfg, p.features, folds)
-    cfg.update({"patience": 0})
-    seen = []
-    final = cross_validate(cfg, p.features, folds, on_epoch=lambda ev: seen.append(
-        (ev.fold, ev.epoch, ev.summary["folds_done"] if ev.fold_end else None)))
+    cfg = cfg.updated({"patience": 0})
+    epochs = list(cv_epochs(cfg, p.features, folds))
+    seen = [(ev.fold, ev.epoch, ev.summary["folds_done"] if ev.fold_end else None) for ev in epochs]
     assert seen == [(1, 1, None), (1, 2, 1), (2, 1, None), (2, 2, 2), (3, 1, None), (3, 2, 3)]
-    assert final["epochs_trained"] == 6
+    assert epochs[-1].summary["epochs_trained"] == 6
 
 
 def test_a_cross_validation_stopped_anywhere_goes_on_to_the_same_result(subset_prepared):
@@ -52,17 +49,14 @@ def test_a_cross_validation_stopped_anywhere_goes_on_to_the_same_result(subset_p
     uninterrupted run, bit for bit (the weights, optimizer, schedule, EMA and random states)."""
     import copy
     data_cfg, p = subset_prepared
-    cfg = Config()
-    cfg.data = data_cfg
-    cfg.update({"max_epochs": 3, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "token_dropout": 0.2})
+    cfg = Config(data=data_cfg).updated({"max_epochs": 3, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "token_dropout": 0.2})
     folds = cv_splits(p.train, 2, seed=0)
-    states = []
-    whole = cross_validate(cfg, p.features, folds, keep_probs=True, keep_state=True,
-                           on_epoch=lambda ev: states.append((ev.fold, ev.epoch, copy.deepcopy(ev.state))))
+    states = [(ev.fold, ev.epoch, copy.deepcopy(ev.state))
+              for ev in cv_epochs(cfg, p.features, folds, keep_probs=True, keep_state=True)]
+    whole = cross_validate(cfg, p.features, folds, keep_probs=True)
     for fold, epoch, state in (states[1], states[3]):  # fold 1 epoch 2; fold 2 epoch 1
-        resumed_epochs = []
-        again = cross_validate(cfg, p.features, folds, keep_probs=True, keep_state=True, start=state,
-                               on_epoch=lambda ev: resumed_epochs.append((ev.fold, ev.epoch)))
+        resumed = list(cv_epochs(cfg, p.features, folds, keep_probs=True, keep_state=True, start=state))
+        resumed_epochs, again = [(ev.fold, ev.epoch) for ev in resumed], resumed[-1].summary
         assert resumed_epochs[0] == ((fold, epoch + 1) if epoch < 3 else (fold + 1, 1))  # from the next epoch on
         assert again["fold_accs"] == whole["fold_accs"] and again["best_epoch"] == whole["best_epoch"]
         assert all(np.array_equal(a, b) for a, b in zip(again["fold_probs"], whole["fold_probs"]))
@@ -71,9 +65,7 @@ def test_a_cross_validation_stopped_anywhere_goes_on_to_the_same_result(subset_p
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_simple_heads_train_and_predict(subset_prepared, head):
     data_cfg, p = subset_prepared
-    cfg = Config()
-    cfg.data = data_cfg
-    cfg.update({"head": head, "pooling": "mean", "max_epochs": 3, "batch_size": 16, "lr": 3e-3})
+    cfg = Config(data=data_cfg).updated({"head": head, "pooling": "mean", "max_epochs": 3, "batch_size": 16, "lr": 3e-3})
     result = fit(cfg, p.features, p.train, p.val)
     probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
     assert probs.shape == (len(p.val), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -88,9 +80,7 @@ def test_a_folds_model_is_freed_before_the_next_fold_builds_its_own(subset_prepa
 
     import mmsa.training.fit as fit_module
     data_cfg, p = subset_prepared
-    cfg = Config()
-    cfg.data = data_cfg
-    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "ema": 0.5})
+    cfg = Config(data=data_cfg).updated({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "ema": 0.5})
     earlier: list = []
     built = fit_module.create_model
 
@@ -101,9 +91,8 @@ def test_a_folds_model_is_freed_before_the_next_fold_builds_its_own(subset_prepa
         earlier.extend(weakref.ref(t) for t in model.parameters())
         return model
     monkeypatch.setattr(fit_module, "create_model", tracked)
-    states = []
-    cross_validate(cfg, p.features, cv_splits(p.train, 3, seed=0), keep_probs=True, keep_state=True,
-                   on_epoch=lambda ev: states.append(ev.state))
+    states = [ev.state for ev in cv_epochs(cfg, p.features, cv_splits(p.train, 3, seed=0), keep_probs=True,
+                                           keep_state=True)]
     assert earlier and len(states) == 6  # three folds built, each checked against the ones before
 
 
@@ -111,10 +100,6 @@ def test_cross_validation_keeps_no_copy_of_a_folds_best_weights(subset_prepared)
     """A fold's model is discarded: a copy of its best epoch's weights would be memory, and a
     checkpoint's size, for nothing."""
     data_cfg, p = subset_prepared
-    cfg = Config()
-    cfg.data = data_cfg
-    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0})
-    fits = []
-    cross_validate(cfg, p.features, cv_splits(p.train, 2, seed=0), keep_state=True,
-                   on_epoch=lambda ev: fits.append(ev.state.fit))
+    cfg = Config(data=data_cfg).updated({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0})
+    fits = [ev.state.fit for ev in cv_epochs(cfg, p.features, cv_splits(p.train, 2, seed=0), keep_state=True)]
     assert [f.best_state for f in fits if f is not None] == [{}, {}]

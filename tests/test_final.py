@@ -6,8 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mmsa.app.run_tags import TAG_KIND
-from search.tracking import child_runs
-from tests.search_helpers import ROOT
+from tests.search_helpers import ROOT, child_runs
 
 pytestmark = pytest.mark.slow  # a real search and retrains
 
@@ -193,3 +192,28 @@ def test_a_config_below_the_linear_probe_gets_a_warning(tmp_path):
     assert warning.startswith("warning:") and "0.7000" in warning and "0.7200" in warning and "\n" not in warning
     assert probe_warning(client, trials["above"].info.run_id, parent, "val_acc") is None
     assert probe_warning(client, trials["below"].info.run_id, None, "val_acc") is None  # a trial of no search
+
+
+def test_an_older_trial_run_gives_the_search_and_final_one_member(tmp_path):
+    """One conversion from a trial run to a plan member (mmsa.training.plan.trial_member), for the
+    search's plan and for final's --run-id alike: a trial recorded before the lexicon scores existed
+    (no `lexicon` param) trains without them by either route."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from mmsa.app.final import run_member
+    from mmsa.config import Config
+    from search.ensemble import member
+    from search.record import TrialRecord
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("x"), tags={"mmsa.kind": "trial",
+                                                                    "mmsa.trial_id": "t_1"}).info.run_id
+    flat = {k: v for k, v in Config().to_flat().items() if k != "lexicon"} | {"max_epochs": 6, "head": "mlp"}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in {**flat, "space_file": "old.yaml"}.items()])
+    client.log_metric(run_id, "best_epoch", 4)
+    run = client.get_run(run_id)
+    by_final = run_member(client, run)
+    by_search = member(TrialRecord(run_id, "t_1", "completed", 5, 30, 4, 0.7, dict(run.data.metrics),
+                                   dict(run.data.params)))
+    assert by_search == by_final
+    assert by_final.config.model.lexicon is False and by_final.config.model.head == "mlp" and by_final.epochs == 4

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ["config.py", "errors.py", "locks.py", "data", "features", "models", "training"]
+LIBRARY = ["config.py", "errors.py", "locks.py", "processes.py", "data", "features", "models", "training"]
 EDGE_ONLY = ("mlflow", "ray", "argparse")
 COMMANDS = ("mmsa.train", "mmsa.final", "mmsa.predict", "mmsa.app.train", "mmsa.app.final", "mmsa.app.predict")
 
@@ -46,6 +46,21 @@ def test_the_search_imports_no_mmsa_command_line(path):
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+def test_in_the_search_only_its_record_imports_mlflow():
+    """search/record.py is the one home of the search's MLflow record: every other module of search/
+    reads and writes it through SearchRecord (type-only imports aside)."""
+    def runtime_imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):  # what `if TYPE_CHECKING:` imports is for annotations only
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                node.body = []
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    found = {str(p.relative_to(ROOT)) for p in _files("search")
+             if any(m.split(".")[0] == "mlflow" for m in runtime_imports(p))}
+    assert found == {"search/record.py"}
+
+
 def test_every_mmsa_module_is_library_edge_or_entry_point():
     entry_points = {"train.py", "final.py", "predict.py", "__init__.py"}
     top = {p.name for p in (ROOT / "mmsa").iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
@@ -57,7 +72,7 @@ def test_every_mmsa_module_is_library_edge_or_entry_point():
 
 
 # Lowest first; a module may import its own layer and those below it.
-LAYERS = (("mmsa.errors", "mmsa.locks", "mmsa.config"), ("mmsa.data",), ("mmsa.features",), ("mmsa.models",),
+LAYERS = (("mmsa.errors", "mmsa.locks", "mmsa.processes", "mmsa.config"), ("mmsa.data",), ("mmsa.features",), ("mmsa.models",),
           ("mmsa.training",), ("mmsa.app",), ("mmsa.train", "mmsa.final", "mmsa.predict"), ("search",))
 
 

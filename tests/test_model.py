@@ -74,8 +74,7 @@ def test_the_factory_builds_the_configured_family():
     from mmsa.config import Config
     cfg = Config(model=ModelConfig(d_model=16, heads=2, text_dim=12, image_dim=10))
     assert isinstance(create_model(cfg), FusionModel)
-    cfg.model.head = "mlp"
-    assert isinstance(create_model(cfg), PooledHead)
+    assert isinstance(create_model(cfg.updated({"head": "mlp"})), PooledHead)
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])

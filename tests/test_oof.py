@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
 from mmsa.training import oof
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mmsa.features.prepare import cv_splits
+from mmsa.data.splits import cv_splits
 from mmsa.models.probe import pooled_features, probe_cv
 
 

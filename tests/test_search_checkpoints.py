@@ -15,16 +15,12 @@ from search.checkpoints import (CHECKPOINT_FILE, POINTER_FILE, TrialStates, dele
 def states(subset_prepared):
     """Where a 2-fold cross-validation stands after each of its epochs."""
     from mmsa.config import Config
-    from mmsa.features.prepare import cv_splits
-    from mmsa.training.crossval import cross_validate
+    from mmsa.data.splits import cv_splits
+    from mmsa.training.crossval import cv_epochs
     data_cfg, p = subset_prepared
-    cfg = Config()
-    cfg.data = data_cfg
-    cfg.update({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "ema": 0.5})
-    out = []
-    cross_validate(cfg, p.features, cv_splits(p.train, 2, seed=0), keep_probs=True, keep_state=True,
-                   on_epoch=lambda ev: out.append(ev.state))
-    return out
+    cfg = Config(data=data_cfg).updated({"max_epochs": 2, "batch_size": 16, "d_model": 16, "heads": 2, "patience": 0, "ema": 0.5})
+    return [ev.state for ev in cv_epochs(cfg, p.features, cv_splits(p.train, 2, seed=0), keep_probs=True,
+                                         keep_state=True)]
 
 
 def _same(a, b) -> None:

@@ -13,8 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmsa.app.run_tags import TAG_NODE, TAG_SPACE, TAG_TRIAL
-from search.tracking import child_runs
-from tests.search_helpers import ROOT, MlflowServer, free_port, run_search, write_space
+from tests.search_helpers import MlflowServer, ROOT, child_runs, free_port, run_search, write_space
 
 pytestmark = pytest.mark.slow  # a two-node Ray cluster
 

@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmsa.app.run_tags import TAG_ENDED, TAG_ERROR, TAG_STATE, TAG_TRIAL
-from search.tracking import KILLED, child_runs
-from tests.search_helpers import ROOT, TrialHold, fault_env, search_cmd, wait_until, write_space
+from search.recorder import KILLED
+from tests.search_helpers import ROOT, TrialHold, child_runs, fault_env, search_cmd, wait_until, write_space
 
 pytestmark = pytest.mark.slow  # real searches in subprocesses
 

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmsa.app.run_tags import TAG_DEVICE, TAG_ENDED
-from search.tracking import child_runs
+from tests.search_helpers import child_runs
 from tests.conftest import make_subset
 from tests.search_helpers import ROOT
 

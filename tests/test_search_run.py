@@ -6,8 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmsa.app.run_tags import TAG_ENDED, TAG_KIND, TAG_STATE, TAG_TRIAL
-from search.tracking import child_runs
-from tests.search_helpers import ROOT, TrialHold, run_search, search_cmd, wait_until, write_space
+from tests.search_helpers import ROOT, TrialHold, child_runs, run_search, search_cmd, wait_until, write_space
 
 pytestmark = pytest.mark.slow  # real searches in subprocesses
 
@@ -16,7 +15,8 @@ def _probe_on_the_search_folds(subset_prepared, cv_folds: int) -> dict:
     """The linear probe on the folds a search of the subset cuts (all labeled pairs, split seed 0),
     reading the lexicon scores as the search's default config does."""
     from mmsa.config import ModelConfig
-    from mmsa.features.prepare import cv_splits, prepare
+    from mmsa.features.prepare import prepare
+    from mmsa.data.splits import cv_splits
     from mmsa.models.probe import probe_cv
     cfg, _ = subset_prepared
     data = prepare(cfg, val_fraction=0.0)
@@ -80,7 +80,9 @@ def test_the_search_keeps_out_of_fold_predictions_and_selects_an_ensemble(smoke_
     from mmsa.training import oof
     from mmsa.training.plan import Plan
     from mmsa.training.selection import blend, score
-    from search.report import config_from_params
+    from dataclasses import replace
+
+    from mmsa.app.final import run_member
     tmp, uri, parent_id, out = smoke_search
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
@@ -110,7 +112,7 @@ def test_the_search_keeps_out_of_fold_predictions_and_selects_an_ensemble(smoke_
         if m.kind == "model":
             run = client.get_run(m.source)
             assert m.epochs == run.data.metrics["best_epoch"] and m.seeds == 5
-            assert m.config.to_flat() == config_from_params(run.data.params)
+            assert m == replace(run_member(client, run), weight=m.weight)  # final's own reading of a trial run
     assert parent.data.metrics["ensemble_candidates"] == len(candidates)
     blended = score("val_acc", probe["labels"], blend(candidates, weights))
     assert parent.data.metrics["ensemble_val_acc"] == pytest.approx(blended)
@@ -204,8 +206,6 @@ def _resume_and_check(space, tmp_path, client, parent_id, finished_before: dict[
     searches = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_KIND}` = 'search'")
     assert len(searches) == 1
     # every trial's out-of-fold predictions, those of the trials before the kill too, are candidates
-    import json
-    from pathlib import Path
     assert parent.data.metrics["ensemble_candidates"] == 5 + 1  # none skipped
     # the time budget went on from what was left: at least the finished trials' run times are spent
     ran = sum((c.info.end_time - c.info.start_time) / 1000 for c in done)

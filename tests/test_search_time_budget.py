@@ -30,7 +30,7 @@ def test_the_budget_counts_running_time_and_not_the_time_between_a_kill_and_a_re
     now = [1000.0]
     monkeypatch.setattr("search.time_budget.time.monotonic", lambda: now[0])
     budget = TimeBudget(100)
-    assert not budget.spent()  # the clock starts at the first look
+    assert not budget.spent()  # the clock starts when it is made (the features ready)
     now[0] += 60
     assert not budget.spent() and budget.left == 40
     stopper = BudgetStopper(budget)
@@ -46,10 +46,12 @@ def test_the_budget_counts_running_time_and_not_the_time_between_a_kill_and_a_re
     assert resumed.left == 40  # its clock runs from the restore: trials Ray restarts count
     now[0] += 10
     assert not resumed.spent() and resumed.left == 30
+    from search.trial_report import TrialReport
+    fold_end = TrialReport(fold=1, epoch=2, fold_end=True, folds_done=1, epochs_done=2, scores={}).to_result()
     now[0] += 29
-    assert not restored_stopper("trial", {}) and not restored_stopper.stop_all()
+    assert not restored_stopper("trial", fold_end) and not restored_stopper.stop_all()
     now[0] += 2
-    assert restored_stopper("trial", {}) and resumed.spent() and not restored_stopper.stop_all()
+    assert restored_stopper("trial", fold_end) and resumed.spent() and not restored_stopper.stop_all()
 
 
 def test_the_searcher_saves_its_own_state_and_keeps_the_shared_budget(tmp_path):

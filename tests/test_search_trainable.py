@@ -13,7 +13,7 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     from optuna.trial import TrialState
 
     from mmsa.config import Config
-    from mmsa.features.prepare import cv_splits
+    from mmsa.data.splits import cv_splits
     from search.searcher import make_searcher
     from search.space import Param, SearchSpec
     from search.trainable import TrialData, fit_trial
@@ -36,27 +36,26 @@ def test_a_trial_cut_after_fold_1_is_pruned_in_the_optuna_study(subset_prepared)
     for trial_id in reports:
         config = searcher.suggest(trial_id)
 
-        def emit(metrics, state, trial_id=trial_id):
-            result = {**metrics, "training_iteration": metrics["folds_done"]}
-            reports[trial_id].append(result)
-            searcher.on_trial_result(trial_id, result)
+        def emit(report, state, trial_id=trial_id):
+            reports[trial_id].append(report)
+            searcher.on_trial_result(trial_id, {**report.to_result(), "training_iteration": report.folds_done})
             if trial_id == "cut":
                 raise Stopped
         try:
             fit_trial(emit, config, data)
         except Stopped:
             pass
-        searcher.on_trial_complete(trial_id, result=reports[trial_id][-1])
+        searcher.on_trial_complete(trial_id, result=reports[trial_id][-1].to_result())
 
     full, cut = searcher.study.trials
-    assert [r["folds_done"] for r in reports["full"]] == [1, 2, 3] and reports["full"][-1]["final"] == 1
+    assert [r.folds_done for r in reports["full"]] == [1, 2, 3] and reports["full"][-1].all_folds
     assert full.state == TrialState.COMPLETE
     # one epoch per fold here, so the score is the plain mean of the three folds' own scores
-    assert full.value == reports["full"][-1]["best_val_acc"] == pytest.approx(
-        np.mean([r["fold_val_acc"] for r in reports["full"]]))
+    assert full.value == reports["full"][-1].scores["best_val_acc"] == pytest.approx(
+        np.mean([r.scores["fold_val_acc"] for r in reports["full"]]))
     assert set(full.intermediate_values) == {1, 2, 3}
-    assert len(reports["cut"]) == 1 and "final" not in reports["cut"][0]
-    assert cut.state == TrialState.PRUNED and cut.intermediate_values == {1: reports["cut"][0]["best_val_acc"]}
+    assert len(reports["cut"]) == 1 and not reports["cut"][0].all_folds
+    assert cut.state == TrialState.PRUNED and cut.intermediate_values == {1: reports["cut"][0].scores["best_val_acc"]}
 
 
 def test_a_node_without_the_cache_and_nothing_offered_says_which_node_and_what(tmp_path, monkeypatch):
@@ -64,8 +63,9 @@ def test_a_node_without_the_cache_and_nothing_offered_says_which_node_and_what(t
 
     from mmsa.config import Config
     from mmsa.errors import DataError
-    from search.trainable import NODE_CACHE_ENV, TrialData
-    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node-cache"))
+    from mmsa.config import CACHE_DIR_ENV
+    from search.trainable import TrialData
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "node-cache"))
     data = TrialData(guids=["1"], text_dir="/driver/cache/text-minilm-x", image_dir="/driver/cache/image-y",
                      folds=[], base=Config().to_flat(), threads=1)
     with pytest.raises(DataError, match=f"node {socket.gethostname()}: .*node-cache: the search's feature cache "
@@ -79,7 +79,8 @@ def test_a_node_receives_the_offered_cache_into_its_own_folder_once(subset_prepa
     object store's get is the identity here; the real transfer runs in tests/test_search_cluster.py)."""
     import ray
 
-    from search.trainable import NODE_CACHE_ENV, TrialData
+    from mmsa.config import CACHE_DIR_ENV
+    from search.trainable import TrialData
     _, p = subset_prepared
     f = p.features
     offered = {}
@@ -87,7 +88,7 @@ def test_a_node_receives_the_offered_cache_into_its_own_folder_once(subset_prepa
         for path in sorted(folder.iterdir()):
             offered[f"{folder.name}/{path.name}"] = np.fromfile(path, dtype=np.uint8)
     node = tmp_path / "node-cache"
-    monkeypatch.setenv(NODE_CACHE_ENV, str(node))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(node))
     calls = []
     monkeypatch.setattr(ray, "get", lambda ref: (calls.append(1), ref)[1])
     data = TrialData(guids=f.guids, text_dir=str(f.text_dir), image_dir=str(f.image_dir), folds=[],
@@ -121,7 +122,7 @@ def test_full_finetuning_on_a_node_without_the_images_says_so_rather_than_train_
 
 def _trial_data(subset_prepared, folds=3):
     from mmsa.config import Config
-    from mmsa.features.prepare import cv_splits
+    from mmsa.data.splits import cv_splits
     from search.trainable import TrialData
     data_cfg, p = subset_prepared
     base = Config(data=data_cfg).to_flat() | {"d_model": 16, "heads": 2, "batch_size": 16, "max_epochs": 1,
@@ -157,11 +158,11 @@ def test_out_of_memory_is_retried_at_half_the_micro_batch_with_nothing_of_the_fa
     monkeypatch.setattr(fit_module, "_train_epoch", failing_in_fold_2)
     monkeypatch.setattr(fit_module, "create_model", tracked)
     reports = []
-    fit_trial(lambda metrics, state: reports.append(metrics), {"lr": 1e-3}, data)
+    fit_trial(lambda report, state: reports.append(report), {"lr": 1e-3}, data)
     assert epochs == [16, 16, 8, 8]  # fold 1; fold 2 fails; fold 2 again and fold 3 at half the micro-batch
-    assert [r["folds_done"] for r in reports] == [1, 2, 3] and reports[-1]["final"] == 1
-    assert reports[-1]["oom_retries"] == 1 and reports[-1]["micro_batch"] == 8
-    assert reports[0]["device"] == "cpu"  # where it trained, not `auto`
+    assert [r.folds_done for r in reports] == [1, 2, 3] and reports[-1].all_folds
+    assert reports[-1].retry.oom_retries == 1 and reports[-1].retry.micro_batch == 8
+    assert reports[0].device == "cpu"  # where it trained, not `auto`
     assert "trying again from the last finished epoch at micro-batch 8" in capsys.readouterr().out
 
 
@@ -174,13 +175,13 @@ def test_other_errors_are_not_retried(subset_prepared, monkeypatch):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     monkeypatch.setattr(fit_module, "_train_epoch", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        fit_trial(lambda metrics, state: None, {"lr": 1e-3}, data)
+        fit_trial(lambda report, state: None, {"lr": 1e-3}, data)
 
 
 def test_a_packed_trial_is_held_to_its_share_of_the_card(monkeypatch):
     import torch
 
-    from search.gpu_plan import CUDA_CONTEXT, GIB
+    from search.gpu_memory import CUDA_CONTEXT, GIB
     from search.trainable import hold_to_share
     held = []
 
@@ -190,3 +191,21 @@ def test_a_packed_trial_is_held_to_its_share_of_the_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: held.append((f, device)))
     hold_to_share(0.25)
     assert held == [((4 * GIB - CUDA_CONTEXT) / (16 * GIB), 0)]
+
+
+def test_a_trial_past_the_time_budget_ends_with_the_epoch_it_is_in(subset_prepared):
+    """Told the budget's deadline, a trial does not run to its fold's end: the epoch in training
+    is its last, reported (its checkpoint and score: the folds it finished), and it ends cleanly."""
+    import time
+    from dataclasses import replace
+
+    from search.trainable import fit_trial
+    data = _trial_data(subset_prepared)
+    data = replace(data, base={**data.base, "max_epochs": 3})
+    reports = []
+    fit_trial(lambda report, state: reports.append(report), {"lr": 1e-3}, data)
+    assert [(r.fold, r.epoch) for r in reports][-1] == (3, 3) and reports[-1].all_folds  # no deadline: every fold
+    reports.clear()
+    fit_trial(lambda report, state: reports.append(report), {"lr": 1e-3}, replace(data, deadline=time.time() - 1))
+    assert len(reports) == 1 and (reports[0].fold, reports[0].epoch, reports[0].fold_end) == (1, 1, False)
+    assert not reports[0].all_folds and reports[0].folds_done == 0 and "best_val_acc" in reports[0].scores

@@ -1,4 +1,4 @@
-"""search/warm_start.py: earlier searches, read from MLflow alone, make the next one better."""
+"""search/warm_start.py: earlier searches, as their records hold them, make the next one better."""
 
 import shutil
 import subprocess
@@ -9,11 +9,10 @@ from mlflow.tracking import MlflowClient
 
 from mmsa.config import Config
 from mmsa.errors import UserError
-from search.report import TrialRecord
+from search.record import TrialRecord
 from search.space import load_space
-from search.tracking import child_runs
-from search.warm_start import _sampler_point, check_runs
-from tests.search_helpers import ROOT, run_search, search_cmd, write_space
+from search.warm_start import refuse_own, sampler_point
+from tests.search_helpers import ROOT, child_runs, run_search, search_cmd, write_space
 
 SPACE = ("fixed: {d_model: 32}\nparams:\n  lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}\n"
          "  head: {type: choice, values: [fusion, mlp]}\n")
@@ -24,23 +23,27 @@ def _trial(params: dict, ended="completed", score=0.7, **metrics) -> TrialRecord
     return TrialRecord("run", "t1", ended, 3, 6, 2, score, metrics, {k: str(v) for k, v in flat.items()})
 
 
+def _none(run_id):  # a trial without recorded predictions
+    return None
+
+
 def test_an_earlier_trial_is_a_point_of_the_new_space_only_where_it_lies_inside(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     spec = load_space(tmp_path / "s.yaml")
     base = spec.base_config().to_flat()
-    inside = _sampler_point(None, _trial({"d_model": 32, "lr": 1e-3, "head": "mlp", "cache_dir": "/elsewhere"}),
-                            spec, base, "val_acc")
+    inside = sampler_point(_trial({"d_model": 32, "lr": 1e-3, "head": "mlp", "cache_dir": "/elsewhere"}),
+                            spec, base, "val_acc", _none)
     assert inside.params == {"lr": 1e-3, "head": "mlp"} and inside.value == 0.7  # where it ran does not matter
-    assert _sampler_point(None, _trial({"d_model": 32, "lr": 9e-3, "head": "mlp"}), spec, base, "val_acc") is None
-    assert _sampler_point(None, _trial({"d_model": 64, "lr": 1e-3, "head": "mlp"}), spec, base, "val_acc") is None
-    early = _sampler_point(None, _trial({"d_model": 32, "lr": 1e-3, "head": "fusion"}, ended="stopped early",
-                                        score=0.6, val_macro_f1_at_best=0.55), spec, base, "val_acc")
+    assert sampler_point(_trial({"d_model": 32, "lr": 9e-3, "head": "mlp"}), spec, base, "val_acc", _none) is None
+    assert sampler_point(_trial({"d_model": 64, "lr": 1e-3, "head": "mlp"}), spec, base, "val_acc", _none) is None
+    early = sampler_point(_trial({"d_model": 32, "lr": 1e-3, "head": "fusion"}, ended="stopped early",
+                                        score=0.6, val_macro_f1_at_best=0.55), spec, base, "val_acc", _none)
     assert early.value is None and early.intermediate == 0.6  # a pruned point for TPE
     (tmp_path / "f1.yaml").write_text(SPACE + "metric: val_macro_f1\n")
     by_f1 = load_space(tmp_path / "f1.yaml")
-    rescored = _sampler_point(None, _trial({"d_model": 32, "lr": 1e-3, "head": "mlp"},
+    rescored = sampler_point(_trial({"d_model": 32, "lr": 1e-3, "head": "mlp"},
                                            ended="stopped early", val_macro_f1_at_best=0.55),
-                              by_f1, by_f1.base_config().to_flat(), "val_acc")
+                              by_f1, by_f1.base_config().to_flat(), "val_acc", _none)
     assert rescored.intermediate == 0.55  # another metric: the one its run recorded beside its own
 
 
@@ -54,7 +57,8 @@ def test_a_space_file_may_list_earlier_searches(tmp_path):
 
 def test_a_search_cannot_start_from_itself():
     with pytest.raises(UserError, match="that is this search itself"):
-        check_runs(None, ["abc"], own_id="abc")
+        refuse_own(["abc"], own_id="abc")
+    refuse_own(["abc"], own_id=None)
 
 
 def _warm_search(tmp, space, *more, timeout=600):

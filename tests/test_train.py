@@ -9,29 +9,25 @@ import torch
 
 from mmsa.config import Config
 from mmsa.models.runtime import predict_proba
-from mmsa.training.fit import TrainingError, class_weights, classification_metrics, fit
+from mmsa.training.fit import Training, TrainingError, class_weights, classification_metrics, fit
 
 
 def _cfg(data_cfg, **train):
-    cfg = Config(data=data_cfg)
-    cfg.model.d_model, cfg.model.heads = 32, 2
-    for k, v in train.items():
-        setattr(cfg.train if hasattr(cfg.train, k) else cfg.model, k, v)
-    return cfg
+    return Config(data=data_cfg).updated({"d_model": 32, "heads": 2, **train}, source="test")
 
 
 def test_one_epoch_metrics_are_computed_not_assumed(subset_prepared):
     data_cfg, p = subset_prepared
-    epochs = []
-    result = fit(_cfg(data_cfg, max_epochs=1, batch_size=16), p.features, p.train, p.val,
-                 on_epoch=lambda e, m: epochs.append(m))
+    training = Training(_cfg(data_cfg, max_epochs=1, batch_size=16), p.features, p.train, p.val)
+    epochs = list(training)
+    result = training.result
     m = result.metrics
     probs = predict_proba(result.model, p.features, p.val.rows, torch.device("cpu"))
     expected = classification_metrics(p.val.labels, probs.argmax(1))
     assert m["val_acc"] == pytest.approx(expected["val_acc"])
     assert m["val_macro_f1"] == pytest.approx(expected["val_macro_f1"])
     assert np.asarray(m["val_confusion"]).sum() == len(p.val)
-    assert epochs[0]["final"] == 1 and m["epochs_run"] == 1 and np.isfinite(m["train_loss"])
+    assert epochs[0].last and epochs[0].number == 1 and m["epochs_run"] == 1 and np.isfinite(m["train_loss"])
 
 
 def test_accumulation_matches_the_full_batch(subset_prepared):
@@ -89,11 +85,10 @@ def test_nan_loss_raises(subset_prepared):
 
 def test_early_stopping_and_best_epoch(subset_prepared):
     data_cfg, p = subset_prepared
-    seen = []
-    result = fit(_cfg(data_cfg, max_epochs=6, patience=1, lr=3e-3), p.features, p.train, p.val,
-                 on_epoch=lambda e, m: seen.append(m))
-    m = result.metrics
-    assert m["epochs_run"] == len(seen) and seen[-1]["final"] == 1
+    training = Training(_cfg(data_cfg, max_epochs=6, patience=1, lr=3e-3), p.features, p.train, p.val)
+    epochs = list(training)
+    seen, m = [e.metrics for e in epochs], training.result.metrics
+    assert m["epochs_run"] == len(seen) and epochs[-1].last and not any(e.last for e in epochs[:-1])
     assert m["val_acc"] == max(s["val_acc"] for s in seen)
     if m["epochs_run"] < 6:  # it stopped: exactly one epoch without improvement after the best
         assert m["epochs_run"] == m["best_epoch"] + 1

@@ -77,11 +77,9 @@ def read_yaml(path: str | Path) -> dict:
 def config_from_args(data_dir: str | None, overrides: list[str], config_file: str | None = None) -> Config:
     cfg = Config()
     if config_file:
-        cfg.update(refuse_derived(read_yaml(config_file), str(config_file)), source=str(config_file))
-    cfg.update(refuse_derived(parse_overrides(overrides or []), "--set"), source="--set")
-    if data_dir is not None:
-        cfg.data.data_dir = data_dir
-    return cfg
+        cfg = cfg.updated(refuse_derived(read_yaml(config_file), str(config_file)), source=str(config_file))
+    cfg = cfg.updated(refuse_derived(parse_overrides(overrides or []), "--set"), source="--set")
+    return cfg if data_dir is None else cfg.updated({"data_dir": data_dir}, source="--data")
 
 
 def quiet_libraries() -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmsa.app.commands import quiet_libraries
-from mmsa.app.run_tags import (PLAN_ARTIFACT, TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE, sqlite_file,
+from mmsa.app.run_tags import (PLAN_ARTIFACT, TAG_BEST_RUN, TAG_KIND, TAG_PARENT, TAG_SOURCE, TAG_TRIAL, sqlite_file,
                                tracking_uri)
 from mmsa.config import Config
 from mmsa.data.dataset import LABELS
 from mmsa.errors import ConfigError, UserError
-from mmsa.training.plan import Plan, PlanMember, default_seeds, merge
+from mmsa.training.plan import FINETUNE_EPOCHS, Plan, PlanMember, finetune_recipe, merge, stored_config, trial_member
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -35,13 +35,6 @@ if TYPE_CHECKING:
 DEFAULT_MODEL_NAME = "mmsa-sentiment"  # what --register names the model when given no name
 DEFAULT_JOBS = 2  # models trained at once: on 2 cores, 2 processes of 1 thread each (docs/results.md: final's time)
 PARTS = ("ensemble", "best", "probe", "finetune")
-# The fixed fine-tuning recipe (--members ...,finetune), kept for comparison with what the search
-# selects: the whole text backbone trains at lr * text_lr_scale = 3e-5 on the cached embedding
-# output, an mlp head on it and the cached image tokens at 1e-3, for 2 epochs of a 3-epoch warm-up +
-# cosine schedule (the epoch cross-validation chose: bench/results/cv_finetune.md).
-FINETUNE_RECIPE = {"finetune": "last_k", "head": "mlp", "pooling": "mean", "lr": 1e-3, "text_lr_scale": 0.03,
-                   "max_epochs": 3}
-FINETUNE_EPOCHS = 2
 RETIRED_FLAGS = {"--blend": "--members (e.g. --members best,probe,finetune)",
                  "--ensemble": "--members ensemble:seeds=K", "--seeds": "--members ensemble:seeds=K",
                  "--bag": "--members (one model per fold is gone: 5 seeds scored better, docs/results.md)"}
@@ -102,7 +95,7 @@ def resolve_run(client: MlflowClient, run_id: str) -> RunPlan:
         raise UserError(f"--run-id {run_id}: the run is deleted")
     kind = run.data.tags.get(TAG_KIND)
     if kind == "trial":
-        best = trial_member(client, run)
+        best = run_member(client, run)
         return RunPlan(f"trial {run_id}", Plan((best,), origin=f"trial {run_id}"), best, run_id,
                        run.data.tags.get(TAG_PARENT))
     if kind != "search":
@@ -110,7 +103,7 @@ def resolve_run(client: MlflowClient, run_id: str) -> RunPlan:
     best_id = run.data.tags.get(TAG_BEST_RUN)
     if not best_id:
         raise UserError(f"--run-id {run_id}: this search has no chosen config yet (unfinished or all trials failed)")
-    best = trial_member(client, client.get_run(best_id))
+    best = run_member(client, client.get_run(best_id))
     plan = read_plan(client, run_id) or Plan((best,), origin=f"search {run_id}")  # searches before plans
     return RunPlan(f"search {run_id}", plan, best, best_id, run_id)
 
@@ -132,25 +125,22 @@ def read_plan(client: MlflowClient, run_id: str) -> Plan | None:
     return Plan.from_dict(data, where=f"run {run_id}: {PLAN_ARTIFACT}")
 
 
-def trial_member(client: MlflowClient, run: Run) -> PlanMember:
-    """A trial run as a member: its config (its params) for its best epoch (the mean over its folds
-    peaked there; trials recorded before cross-validation: the peak of their one split's curve)."""
-    known = Config.known_keys()
-    flat = {k: v for k, v in run.data.params.items() if k in known}
+def run_member(client: MlflowClient, run: Run) -> PlanMember:
+    """A trial run as a member (mmsa.training.plan.trial_member) for its best epoch (the mean over
+    its folds peaked there; trials recorded before cross-validation: the peak of their one split's
+    curve)."""
     run_id = run.info.run_id
-    if not flat:
+    if not any(k in Config.known_keys() for k in run.data.params):
         raise UserError(f"--run-id {run_id}: the trial run has no config params")
-    cfg = Config.from_stored(flat, source=f"run {run_id} params")
     if "best_epoch" in run.data.metrics:
         epochs = int(run.data.metrics["best_epoch"])
     else:
-        history = client.get_metric_history(run_id, cfg.train.monitor)
+        monitor = stored_config(run.data.params, f"run {run_id} params").train.monitor
+        history = client.get_metric_history(run_id, monitor)
         if not history:
-            raise UserError(f"--run-id {run_id}: the trial logged no '{cfg.train.monitor}' history to choose "
-                            f"epochs from")
+            raise UserError(f"--run-id {run_id}: the trial logged no '{monitor}' history to choose epochs from")
         epochs = int(max(history, key=lambda m: (m.value, -m.step)).step)
-    name = f"trial {run.data.tags.get('mmsa.trial_id') or run_id}"
-    return PlanMember(name, "model", cfg, min(epochs, cfg.train.max_epochs), 1.0, default_seeds(cfg), run_id)
+    return trial_member(f"trial {run.data.tags.get(TAG_TRIAL) or run_id}", run.data.params, epochs, run_id)
 
 
 # ---------------------------------------------------------------- --members: another plan
@@ -190,18 +180,6 @@ def members_plan(source: RunPlan, text: str) -> Plan:
             plan = Plan(tuple(m if m.kind == "probe" else replace(m, seeds=seeds) for m in plan.members))
         plans.append((1 / len(parts), plan))
     return merge(plans, origin=f"--members {text} of {source.what}")
-
-
-def finetune_recipe(cfg: Config) -> PlanMember:
-    """FINETUNE_RECIPE on `cfg`'s data, every layer of its text backbone training (counted from the
-    backbone's config, no weights loaded)."""
-    from mmsa.features.encoders import text_shape
-    keep = {k: getattr(cfg.data, k) for k in ("data_dir", "cache_dir", "text_encoder", "image_encoder",
-                                               "max_text_len", "text_clean", "split_seed")}
-    recipe = Config.from_flat({**keep, **FINETUNE_RECIPE, "text_finetune_layers": text_shape(cfg.data.text_encoder).layers,
-                               "seed": cfg.train.seed, "device": cfg.train.device, "num_threads": cfg.train.num_threads},
-                              source="--members finetune")
-    return PlanMember("fine-tuning recipe", "model", recipe, FINETUNE_EPOCHS, 1.0, default_seeds(recipe), "finetune")
 
 
 def probe_warning(client: MlflowClient, best_run_id: str, parent_id: str | None, monitor: str) -> str | None:

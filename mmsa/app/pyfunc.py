@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from mmsa.config import CACHE_DIR_ENV as CACHE_ENV  # a served model caches its pairs' features there
+from mmsa.config import CACHE_DIR_ENV  # a served model caches its pairs' features there
 from mmsa.data.dataset import LABELS
 
 CHECKPOINT = "checkpoint"
@@ -101,7 +101,7 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         from mmsa.models.ensemble import predict_examples
         from mmsa.models.runtime import resolve_device
         device = resolve_device("auto")
-        cache = cache_dir or os.environ.get(CACHE_ENV)
+        cache = cache_dir or os.environ.get(CACHE_DIR_ENV)
         if cache:
             probs = predict_examples(self.members, examples, cache, device)
         else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
 
 
 def context_tags(tags: dict[str, str]) -> dict[str, str]:

@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 
 from mmsa.config import DataConfig
-from mmsa.data.dataset import Dataset, Example, load_dataset
+from mmsa.data.dataset import Dataset, load_dataset
 from mmsa.data.folds import split_train_val
+from mmsa.data.splits import Split
 from mmsa.features.featureset import Features, FeatureSet
 from mmsa.features.rawsource import RawSource
-
-
-@dataclass
-class Split:
-    """Rows of a FeatureSet, with labels (-1 where unknown) and guids, in a fixed order."""
-
-    rows: np.ndarray
-    labels: np.ndarray
-    guids: list[str]
-
-    @classmethod
-    def of(cls, features: Features, examples: list[Example]) -> Split:
-        labels = np.array([-1 if ex.label is None else ex.label for ex in examples], dtype=np.int64)
-        guids = [ex.guid for ex in examples]
-        return cls(rows=features.rows(guids), labels=labels, guids=guids)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def take(self, positions: np.ndarray) -> Split:
-        return Split(rows=self.rows[positions], labels=self.labels[positions],
-                     guids=[self.guids[i] for i in positions])
-
-
-def cv_splits(labeled: Split, k: int, seed: int, val_fraction: float = 0.2) -> list[tuple[Split, Split]]:
-    """(train, val) Splits of `labeled` for K stratified folds (k = 1: one held-out split),
-    the same for every caller with the same labels, k and seed (mmsa.data.folds)."""
-    from mmsa.data.folds import cv_indices
-    return [(labeled.take(tr), labeled.take(va)) for tr, va in cv_indices(labeled.labels, k, seed, val_fraction)]
+from mmsa.processes import in_child
 
 
 @dataclass
@@ -129,34 +100,3 @@ def prepare_in_subprocess(cfg: DataConfig, val_fraction: float | None = None,
                     test=test, text_dirs=text_dirs)
 
 
-def in_child(fn, *args, attempts: int = 2):
-    """fn(*args) in a fresh (spawned) child process (what a process that must not hold torch, the
-    search driver, asks of torch). A child that dies without an answer (killed
-    by a signal, a crash in native code), or that cannot be started because multiprocessing's own
-    helper process (its resource tracker) died as it started, is tried once more, a second later,
-    before giving up. Test runs saw both, with no trace of why, while a two-node Ray cluster ran
-    beside them. Errors that fn raises reach the caller as they are."""
-    import multiprocessing
-    import time
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    for attempt in range(1, attempts + 1):
-        pool = None
-        try:
-            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            future = pool.submit(fn, *args)
-        except OSError as e:  # e.g. BrokenPipeError from the resource tracker
-            failure = f"could not be started ({e})"
-        else:
-            try:
-                return future.result()
-            except BrokenProcessPool:
-                failure = "died without an answer"
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        if attempt == attempts:
-            raise RuntimeError(f"{fn.__name__}: the child process {failure}, {attempts} times "
-                               "(killed, or out of memory?)")
-        print(f"{fn.__name__}: the child process {failure}; starting it again", file=sys.stderr, flush=True)
-        time.sleep(1)

@@ -17,8 +17,8 @@ def create_model(cfg: Config, pretrained: bool = True) -> nn.Module:
     backbones with random weights, for sizing a model). The config is read, never changed; its
     feature sizes come from `Config.with_features`."""
     if cfg.data.finetune == "full":
-        from mmsa.models.finetune import FullFusion
-        return FullFusion(cfg, create_head(cfg.model), pretrained=pretrained)
+        from mmsa.models.finetune import FullFusion, backbones
+        return FullFusion(cfg, *backbones(cfg, pretrained), create_head(cfg.model))
     return create_head(cfg.model)
 
 

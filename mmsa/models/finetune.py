@@ -1,7 +1,8 @@
 """Full fine-tuning (finetune=full): both backbones run on every batch and train with the head.
 
 No feature cache: `mmsa.features.rawsource.RawSource` makes each batch's inputs from the pairs, and
-`FullFusion` is backbones + the configured head. Meant for GPU machines (mixed precision under
+`FullFusion` is backbones + the configured head, built by mmsa.models.factory from `backbones`.
+Meant for GPU machines (mixed precision under
 CUDA, see mmsa.models.runtime); on a CPU it works, slowly.
 """
 
@@ -29,19 +30,25 @@ def _pretrained(text: str, image: str) -> tuple:
         return build_text_encoder(text), build_image_encoder(image)
 
 
-class FullFusion(nn.Module):
-    """Text backbone + image backbone + a head (mmsa.models.factory.create_model builds it), trained end to end."""
+def backbones(cfg: Config, pretrained: bool = True) -> tuple:
+    """(the text backbone, the image encoder) of a new model of `cfg`: copies of the pretrained
+    ones (loaded once per process), or (`pretrained=False`) the architectures alone, random
+    weights, nothing read or downloaded (sizing a model)."""
+    if pretrained:
+        text_enc, image_enc = _pretrained(cfg.data.text_encoder, cfg.data.image_encoder)
+        return copy.deepcopy(text_enc.model), copy.deepcopy(image_enc)
+    from mmsa.features.encoders import build_image_encoder, build_text_encoder
+    return (build_text_encoder(cfg.data.text_encoder, pretrained=False).model,
+            build_image_encoder(cfg.data.image_encoder, pretrained=False))
 
-    def __init__(self, cfg: Config, head: nn.Module, pretrained: bool = True):
+
+class FullFusion(nn.Module):
+    """Text backbone + image backbone + a head, trained end to end. Takes the encoders it is given
+    (mmsa.models.factory.create_model passes `backbones`): it reads no weights itself."""
+
+    def __init__(self, cfg: Config, text_backbone: nn.Module, image_enc, head: nn.Module):
         super().__init__()
-        if pretrained:
-            text_enc, image_enc = _pretrained(cfg.data.text_encoder, cfg.data.image_encoder)
-        else:  # the architectures alone, random weights, nothing read or downloaded (sizing a model)
-            from mmsa.features.encoders import build_image_encoder, build_text_encoder
-            text_enc = build_text_encoder(cfg.data.text_encoder, pretrained=False)
-            image_enc = build_image_encoder(cfg.data.image_encoder, pretrained=False)
-        self.text_backbone = copy.deepcopy(text_enc.model)
-        image_enc = copy.deepcopy(image_enc)
+        self.text_backbone = text_backbone
         self.image_backbone = image_enc.backbone
         self._image_features = image_enc._features
         self.head = head

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from mmsa.config import Config
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
 
 PROBE_HEAD = {"head": "linear", "pooling": "mean", "modalities": "both", "dropout": 0.0, "token_dropout": 0.0,
               "image_grid": 0, "text_layers": 0}

@@ -10,14 +10,14 @@ and would leave no single epoch count to retrain with.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmsa.config import Config
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
 
 if TYPE_CHECKING:
     from mmsa.training.fit import FitState
@@ -55,7 +55,7 @@ def cv_summary(histories: list[list[dict]], monitor: str, total_folds: int) -> d
 @dataclass
 class CVState:
     """Where a cross-validation stands after a finished epoch: the per-epoch histories of the folds
-    finished, and the state of the fold in training (None between folds). `cross_validate(start=)`
+    finished, and the state of the fold in training (None between folds). `cv_epochs(start=)`
     goes on from it."""
 
     histories: list[list[dict]]
@@ -64,67 +64,65 @@ class CVState:
 
 @dataclass
 class CVEpoch:
-    """What cross_validate says after every epoch of every fold."""
+    """What cross-validation says after every epoch of every fold."""
 
     fold: int  # 1-based
     epoch: int
-    report: dict  # the fold's epoch metrics (mmsa.training.fit's on_epoch report)
+    report: dict  # the fold's epoch metrics (mmsa.training.fit.Epoch.metrics)
     summary: dict | None  # at a fold's last epoch: cv_summary of the folds finished; else None
-    state: CVState | None  # where it stands now (with keep_state); else None
+    state: CVState | None  # where it stands (with keep_state); else None
 
     @property
     def fold_end(self) -> bool:
         return self.summary is not None
 
 
-def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]],
-                   on_epoch: Callable[[CVEpoch], None] | None = None, keep_probs: bool = False,
-                   keep_state: bool = False, start: CVState | None = None) -> dict:
-    """Train `cfg` on each (train, val) fold in turn; on_epoch(CVEpoch) after every epoch, with the
-    summary over the folds finished (cv_summary) at each fold's last one. Returns the summary over
-    all folds. `keep_probs`: the last summary's `fold_probs` holds each fold's validation class
-    probabilities at the chosen epoch (out-of-fold predictions, in the order of each fold's
-    `val.rows`). `keep_state`: every CVEpoch carries where the cross-validation stands, and
-    `start=` such a state goes on from there (a trial resumed from its checkpoint).
-    Every fold trains the whole schedule (the curves are averaged epoch by epoch): `cfg` must have
-    `patience` and `stop_epoch` 0 (search.space.SearchSpec.base_config sets them so)."""
-    from mmsa.training.fit import fit
+def cv_epochs(cfg: Config, features, folds: list[tuple[Split, Split]], keep_probs: bool = False,
+              keep_state: bool = False, start: CVState | None = None) -> Iterator[CVEpoch]:
+    """Train `cfg` on each (train, val) fold in turn, saying so after every epoch: the summary over
+    the folds finished (cv_summary) at each fold's last one. `keep_probs`: the last fold's summary
+    has `fold_probs`, each fold's validation class probabilities at the chosen epoch (out-of-fold
+    predictions, in the order of each fold's `val.rows`). `keep_state`: every CVEpoch carries where
+    the cross-validation stands, and `start=` such a state goes on from there (a trial resumed from
+    its checkpoint). Every fold trains the whole schedule (the curves are averaged epoch by epoch):
+    `cfg` must have `patience` and `stop_epoch` 0 (search.space.SearchSpec.base_config sets them so)."""
+    from mmsa.training.fit import Training
     if cfg.train.patience or cfg.train.stop_epoch:
         raise ValueError(f"cross_validate trains whole schedules: patience {cfg.train.patience} and stop_epoch "
                          f"{cfg.train.stop_epoch} must be 0")
     histories: list[list[dict]] = list(start.histories) if start is not None else []
-    summary: dict = cv_summary(histories, cfg.train.monitor, len(folds)) if histories else {}
     if len(histories) == len(folds):  # a start that had finished every fold: its end told again
+        summary = cv_summary(histories, cfg.train.monitor, len(folds))
         if keep_probs:
             summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
-        if on_epoch is not None:
-            last = {k: v for k, v in histories[-1][-1].items() if k != "probs"}
-            on_epoch(CVEpoch(len(folds), len(histories[-1]), {**last, "final": 1}, summary,
-                             CVState(list(histories)) if keep_state else None))
-        return summary
+        last = {k: v for k, v in histories[-1][-1].items() if k != "probs"}
+        yield CVEpoch(len(folds), len(histories[-1]), last, summary, CVState(list(histories)) if keep_state else None)
+        return
     for k in range(len(histories) + 1, len(folds) + 1):
         train, val = folds[k - 1]
-        latest: dict = {}  # the fold's last epoch: its report and state, told once the fold is summed up
-
-        def fold_epoch(epoch: int, report: dict, k: int = k) -> None:
-            if report["final"]:
-                latest["report"] = report
-            elif on_epoch is not None:
-                state = CVState(list(histories), latest.pop("state")) if keep_state else None
-                on_epoch(CVEpoch(k, epoch, report, None, state))
-
-        # Only the fold's curve is kept: its model, gradients and optimizer are freed as fit
-        # returns, before the next fold builds its own (on a GPU, two folds' models at once would
-        # not fit the memory planned for one).
-        history = fit(cfg, features, train, val, on_epoch=fold_epoch, keep_probs=keep_probs,
-                      start=start.fit if start is not None and k == len(start.histories) + 1 else None,
-                      on_state=(lambda s: latest.__setitem__("state", s)) if keep_state else None,
-                      keep_best=False).history
-        histories.append(history)
+        training = Training(cfg, features, train, val, keep_probs=keep_probs, keep_state=keep_state, keep_best=False,
+                            start=start.fit if start is not None and k == len(start.histories) + 1 else None)
+        for epoch in training:
+            if epoch.last:  # told once the fold is summed up
+                last = (epoch.number, epoch.metrics)
+            else:
+                yield CVEpoch(k, epoch.number, epoch.metrics, None,
+                              CVState(list(histories), epoch.state) if keep_state else None)
+        histories.append(training.result.history)
+        # Only the fold's curve is kept: its model, gradients and optimizer go now, before the next
+        # fold builds its own (on a GPU, two folds' models at once would not fit the memory planned for one).
+        del training
+        epoch = None  # noqa: F841 - with keep_state, the last epoch's state too
         summary = cv_summary(histories, cfg.train.monitor, len(folds))
         if keep_probs and k == len(folds):
             summary["fold_probs"] = [h[summary["best_epoch"] - 1]["probs"] for h in histories]
-        if on_epoch is not None:
-            on_epoch(CVEpoch(k, len(history), latest["report"], summary,
-                             CVState(list(histories)) if keep_state else None))
+        yield CVEpoch(k, last[0], last[1], summary, CVState(list(histories)) if keep_state else None)
+
+
+def cross_validate(cfg: Config, features, folds: list[tuple[Split, Split]], keep_probs: bool = False) -> dict:
+    """cv_epochs run to its end: the summary over all folds."""
+    summary: dict = {}
+    for ev in cv_epochs(cfg, features, folds, keep_probs=keep_probs):
+        if ev.summary is not None:
+            summary = ev.summary
     return summary

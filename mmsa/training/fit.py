@@ -1,7 +1,7 @@
-"""Train one model on features: `fit(cfg, features, train, val, on_epoch)`.
+"""Train one model on features: `Training(cfg, features, train, val)` is an iterator of typed
+`Epoch`s, its `result` once they are done; `fit(...)` runs one to its end.
 
-Pure: no Ray, no MLflow. Results leave through the return value and the `on_epoch` callback.
-The command line around it is mmsa/app/train.py (`python -m mmsa.train`).
+Pure: no Ray, no MLflow. The command line around it is mmsa/app/train.py (`python -m mmsa.train`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from mmsa.config import Config
 from mmsa.data.dataset import LABELS
 from mmsa.features.featureset import Features
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
 from mmsa.models.factory import create_model
 from mmsa.models.runtime import amp_dtype, autocast, for_device, predict_proba, resolve_device
 
@@ -248,83 +248,121 @@ def _restore(trainee: _Trainee, state: FitState) -> None:
         torch.cuda.set_rng_state_all(state.cuda_rng)
 
 
-StateCallback = Callable[[FitState], None]
+@dataclass(frozen=True)
+class Epoch:
+    """What training says after every epoch."""
+
+    number: int  # 1-based
+    metrics: dict  # the epoch's (no probabilities), with best_<monitor> and <other>_at_best so far
+    last: bool  # the fit's last epoch: its schedule's end, or early stopping
+    state: FitState | None = None  # where the fit stands (Training(keep_state=True))
+
+
+class Training:
+    """One model's training, epoch by epoch: `for epoch in Training(...)`, then `result`.
+
+    `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on for finetune=full).
+    `keep_probs`: every epoch's history entry keeps `probs`, the validation rows' class
+    probabilities (for out-of-fold blends). `keep_state`: every Epoch carries where the fit stands;
+    `start`: such a state to go on from (the same config and data; the micro-batch may differ).
+    `keep_best=False`: the result's model keeps its last epoch's weights, and no copy of the best
+    epoch's is made (cross-validation scores the curves and discards the model: a copy of the
+    weights per improved epoch, and in every checkpoint, would buy nothing). The result's config is
+    `cfg` with the feature sizes its model was built with."""
+
+    def __init__(self, cfg: Config, features: Features, train: Split, val: Split | None = None, *,
+                 progress: bool = False, keep_probs: bool = False, start: FitState | None = None,
+                 keep_state: bool = False, keep_best: bool = True):
+        self.cfg, self.features, self.train, self.val = cfg, features, train, val
+        self.progress, self.keep_probs, self.start = progress, keep_probs, start
+        self.keep_state, self.keep_best = keep_state, keep_best
+        self.result: FitResult | None = None
+
+    def __iter__(self) -> Iterator[Epoch]:
+        self.result = yield from self._epochs()
+
+    def _epochs(self):
+        cfg, features, train, val, t = self.cfg, self.features, self.train, self.val, self.cfg.train
+        if t.num_threads > 0:
+            torch.set_num_threads(t.num_threads)
+        torch.manual_seed(t.seed)
+        device = resolve_device(t.device)
+        if device.type == "cuda":  # each fit's peaks its own (a fold's, not the trial's or an earlier trial's)
+            torch.cuda.reset_peak_memory_stats(device)
+        cfg = cfg.with_features(features)
+        trainee = _new_trainee(for_device(create_model(cfg), device), cfg, features, train, device, self.progress)
+        history: list[dict] = []
+        best: dict | None = None
+        best_state: dict = {}
+        stale = 0
+        if self.start is not None:
+            _restore(trainee, self.start)
+            history, best, stale = copy.deepcopy(self.start.history), copy.deepcopy(self.start.best), self.start.stale
+            best_state = self.start.best_state
+        last_epoch = t.stop_epoch or t.max_epochs
+        for epoch in range(len(history) + 1, last_epoch + 1):
+            metrics = _run_epoch(trainee, features, train, val, epoch, self.keep_probs)
+            history.append(metrics)
+            if val is None or best is None or metrics[t.monitor] > best[t.monitor]:
+                # on the CPU: beside the model, its gradients, AdamW's moments and the EMA on the GPU,
+                # a fourth copy of the weights there would buy nothing but memory
+                best, stale = metrics, 0
+                if self.keep_best:
+                    best_state = _on_cpu(trainee.evaluated.state_dict())
+            else:
+                stale += 1
+            stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
+            state = _snapshot(trainee, epoch, history, best, stale, best_state) if self.keep_state else None
+            yield Epoch(epoch, _report(metrics, best, t.monitor, val is not None), stop, state)
+            if stop:
+                break
+        if self.keep_best:
+            trainee.model.load_state_dict(best_state)
+        final = dict(best)
+        final.update(best_epoch=best["epoch"], epochs_run=len(history),
+                     mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))
+        return FitResult(metrics=final, model=trainee.model, cfg=cfg, history=history)
+
+
+def _run_epoch(trainee: _Trainee, features: Features, train: Split, val: Split | None, epoch: int,
+               keep_probs: bool) -> dict:
+    """One epoch trained and scored: its metrics (with `probs` where kept)."""
+    began = time.perf_counter()
+    loss_sum, seen = _train_epoch(trainee, train, epoch)
+    metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": trainee.scheduler.get_last_lr()[0],
+               "n_params": sum(p.numel() for p in trainee.model.parameters())}
+    if val is not None and len(val):
+        probs = predict_proba(trainee.evaluated, features, val.rows, trainee.device, precision=trainee.precision)
+        metrics.update(classification_metrics(val.labels, probs.argmax(1)))
+        if keep_probs:
+            metrics["probs"] = probs
+    metrics["epoch_seconds"] = time.perf_counter() - began
+    if trainee.device.type == "cuda":
+        metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(trainee.device) / 2**20
+        metrics["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(trainee.device) / 2**20
+    return metrics
+
+
+def _report(metrics: dict, best: dict, monitor: str, validated: bool) -> dict:
+    """An epoch's metrics as told: no probabilities; the best so far of the monitored metric, and
+    the other metric at that epoch."""
+    report = {k: v for k, v in metrics.items() if k != "probs"}
+    if validated:
+        other = "val_macro_f1" if monitor == "val_acc" else "val_acc"
+        report[f"best_{monitor}"], report[f"{other}_at_best"] = best[monitor], best[other]
+    return report
 
 
 def fit(cfg: Config, features: Features, train: Split, val: Split | None = None,
-        on_epoch: EpochCallback | None = None, progress: bool = False, keep_probs: bool = False,
-        start: FitState | None = None, on_state: StateCallback | None = None, keep_best: bool = True) -> FitResult:
-    """Train one model of `cfg` for up to `max_epochs` (fewer with early stopping on `monitor`);
-    keep the best epoch. `progress`: a bar over each epoch's steps on stderr (the CLIs turn it on
-    for finetune=full). `keep_probs`: every epoch's history entry keeps `probs`, the validation
-    rows' class probabilities (for out-of-fold blends). `on_state(FitState)` after every epoch,
-    before `on_epoch`: where the fit stands; `start`: such a state to go on from (the same config
-    and data; the micro-batch may differ). `keep_best=False`: the result's model keeps its last
-    epoch's weights, and no copy of the best epoch's is made (cross-validation scores the curves
-    and discards the model: a copy of the weights per improved epoch, and in every checkpoint,
-    would buy nothing). The result's config is `cfg` with the feature sizes its model was built
-    with."""
-    t = cfg.train
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
-    if device.type == "cuda":  # each fit's peaks its own (a fold's, not the trial's or an earlier trial's)
-        torch.cuda.reset_peak_memory_stats(device)
-    cfg = cfg.with_features(features)
-    trainee = _new_trainee(for_device(create_model(cfg), device), cfg, features, train, device, progress)
-
-    history: list[dict] = []
-    best: dict | None = None
-    best_state: dict = {}
-    stale = 0
-    if start is not None:
-        _restore(trainee, start)
-        history, best, stale, best_state = copy.deepcopy(start.history), copy.deepcopy(start.best), start.stale, \
-            start.best_state
-    last_epoch = t.stop_epoch or t.max_epochs
-    for epoch in range(len(history) + 1, last_epoch + 1):
-        began = time.perf_counter()
-        loss_sum, seen = _train_epoch(trainee, train, epoch)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                   "lr": trainee.scheduler.get_last_lr()[0], "n_params": sum(p.numel() for p in trainee.model.parameters())}
-        if val is not None and len(val):
-            probs = predict_proba(trainee.evaluated, features, val.rows, device, precision=t.precision)
-            metrics.update(classification_metrics(val.labels, probs.argmax(1)))
-            if keep_probs:
-                metrics["probs"] = probs
-        metrics["epoch_seconds"] = time.perf_counter() - began
-        if device.type == "cuda":
-            metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            metrics["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-        history.append(metrics)
-        improved = val is None or best is None or metrics[t.monitor] > best[t.monitor]
-        if improved:
-            # on the CPU: beside the model, its gradients, AdamW's moments and the EMA on the GPU,
-            # a fourth copy of the weights there would buy nothing but memory
-            best, stale = metrics, 0
-            if keep_best:
-                best_state = _on_cpu(trainee.evaluated.state_dict())
-        else:
-            stale += 1
-        stop = epoch == last_epoch or (val is not None and t.patience > 0 and stale >= t.patience)
-        if on_state is not None:
-            on_state(_snapshot(trainee, epoch, history, best, stale, best_state))
+        on_epoch: Callable[[int, dict], None] | None = None, progress: bool = False, keep_probs: bool = False,
+        keep_best: bool = True) -> FitResult:
+    """A Training run to its end (see Training); on_epoch(number, metrics) after every epoch (the
+    command lines print them)."""
+    training = Training(cfg, features, train, val, progress=progress, keep_probs=keep_probs, keep_best=keep_best)
+    for epoch in training:
         if on_epoch is not None:
-            report = {**{k: v for k, v in metrics.items() if k != "probs"}, "final": int(stop)}
-            if val is not None:
-                report[f"best_{t.monitor}"] = best[t.monitor]
-                other = "val_macro_f1" if t.monitor == "val_acc" else "val_acc"
-                report[f"{other}_at_best"] = best[other]  # the other metric at the monitored best epoch
-            on_epoch(epoch, report)
-        if stop:
-            break
-    if keep_best:
-        trainee.model.load_state_dict(best_state)
-    final = dict(best)
-    final.update(best_epoch=best["epoch"], epochs_run=len(history),
-                 mean_epoch_seconds=float(np.mean([h["epoch_seconds"] for h in history])))
-    return FitResult(metrics=final, model=trainee.model, cfg=cfg, history=history)
+            on_epoch(epoch.number, epoch.metrics)
+    return training.result
 
 
 def format_epoch(epoch: int, m: dict) -> str:

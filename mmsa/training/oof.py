@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmsa.features.prepare import Split
+from mmsa.data.splits import Split
 
 KEYS = ("rows", "labels", "fold", "probs")
 

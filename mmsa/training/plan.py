@@ -14,7 +14,6 @@ it with `train_plan`. One versioned document, read back by `Plan.from_dict` alon
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -31,6 +30,15 @@ KINDS = ("model", "probe")  # model: trained by mmsa.training.fit; probe: the li
 # were worth 0.91 points over one in nested CV: docs/results.md); one where it fine-tunes both
 # backbones (finetune=full), whose every model costs a whole fine-tuning and a copy of both backbones.
 CACHED_SEEDS = 5
+
+
+# The fixed fine-tuning recipe (--members ...,finetune), kept for comparison with what the search
+# selects: the whole text backbone trains at lr * text_lr_scale = 3e-5 on the cached embedding
+# output, an mlp head on it and the cached image tokens at 1e-3, for 2 epochs of a 3-epoch warm-up +
+# cosine schedule (the epoch cross-validation chose: bench/results/cv_finetune.md).
+FINETUNE_RECIPE = {"finetune": "last_k", "head": "mlp", "pooling": "mean", "lr": 1e-3, "text_lr_scale": 0.03,
+                   "max_epochs": 3}
+FINETUNE_EPOCHS = 2
 
 
 def default_seeds(cfg: Config) -> int:
@@ -85,9 +93,33 @@ class PlanMember:
 
     def stopping(self) -> Config:
         """Its config, stopping after `epochs` of its schedule."""
-        cfg = copy.deepcopy(self.config)
-        cfg.train.stop_epoch = self.epochs if self.kind == "model" else 0
-        return cfg
+        return self.config.with_train(stop_epoch=self.epochs if self.kind == "model" else 0)
+
+
+def finetune_recipe(cfg: Config) -> PlanMember:
+    """FINETUNE_RECIPE on `cfg`'s data, every layer of its text backbone training (counted from the
+    backbone's config, no weights loaded)."""
+    from mmsa.features.encoders import text_shape
+    keep = {k: getattr(cfg.data, k) for k in ("data_dir", "cache_dir", "text_encoder", "image_encoder",
+                                               "max_text_len", "text_clean", "split_seed")}
+    recipe = Config.from_flat({**keep, **FINETUNE_RECIPE, "text_finetune_layers": text_shape(cfg.data.text_encoder).layers,
+                               "seed": cfg.train.seed, "device": cfg.train.device, "num_threads": cfg.train.num_threads},
+                              source="--members finetune")
+    return PlanMember("fine-tuning recipe", "model", recipe, FINETUNE_EPOCHS, 1.0, default_seeds(recipe), "finetune")
+
+
+def stored_config(params: dict[str, Any], source: str) -> Config:
+    """The config a run trained, from its logged params: the keys the config knows (a search's run
+    holds others too), read as an earlier version stored them (Config.from_stored)."""
+    known = Config.known_keys()
+    return Config.from_stored({k: v for k, v in params.items() if k in known}, source)
+
+
+def trial_member(name: str, params: dict[str, Any], best_epoch: int, run_id: str, weight: float = 1.0) -> PlanMember:
+    """A trial run as a member of a plan: the config its params hold, trained for its best epoch.
+    The one conversion, for the search's plan and for mmsa.final's --run-id of a trial alike."""
+    cfg = stored_config(params, f"run {run_id} params")
+    return PlanMember(name, "model", cfg, min(best_epoch, cfg.train.max_epochs), weight, default_seeds(cfg), run_id)
 
 
 def _number(value: Any, typ: type, where: str):
@@ -141,9 +173,7 @@ class Plan:
 
 
 def _with_data_dir(cfg: Config, data_dir: str) -> Config:
-    cfg = copy.deepcopy(cfg)
-    cfg.data.data_dir = data_dir
-    return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
 
 
 def merge(parts: list[tuple[float, Plan]], origin: str) -> Plan:
@@ -207,9 +237,7 @@ def train_plan(plan: Plan, prepared: Callable[[DataConfig], Any], on_epoch=None,
 
 def _seeded(m: PlanMember, i: int) -> Config:
     """The config of model i of a member: stopping at its epochs, from seed config.seed + i."""
-    cfg = m.stopping()
-    cfg.train.seed = m.config.train.seed + i
-    return cfg
+    return m.stopping().with_train(seed=m.config.train.seed + i)
 
 
 def _train_apart(jobs: list, workers: int, log) -> dict:
@@ -250,10 +278,9 @@ def _train_one(flat: dict, threads: int) -> tuple[dict, dict, float, float]:
     from mmsa.training.fit import fit
     torch.set_num_threads(threads)
     cfg = Config.from_flat(flat, source="a plan's model")
-    cfg.train.num_threads = threads
     data = _PREPARED.setdefault("prepared", Preparations())(cfg.data)
     start = time.time()
-    result = fit(cfg, data.features, data.train, None)
-    cfg = result.cfg
-    cfg.train.num_threads = flat["num_threads"]
-    return cfg.to_flat(), result.model.state_dict(), result.metrics["train_loss"], time.time() - start
+    result = fit(cfg.with_train(num_threads=threads), data.features, data.train, None)
+    # its config as planned (the threads its process had are not the model's), with its feature sizes
+    sized = dataclasses.replace(cfg, model=result.cfg.model)
+    return sized.to_flat(), result.model.state_dict(), result.metrics["train_loss"], time.time() - start

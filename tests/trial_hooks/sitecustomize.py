@@ -52,9 +52,9 @@ def _kill_after_epoch(module, folder: str, n: int) -> None:
     fit_trial = module.fit_trial
 
     def fit_trial_killed(emit, *args, **kwargs):
-        def emit_then_die(metrics, state):
-            emit(metrics, state)
-            if metrics.get("epochs_done") == n and _claim(folder, "killed"):
+        def emit_then_die(report, state):
+            emit(report, state)
+            if report.epochs_done == n and _claim(folder, "killed"):
                 import signal
                 os.kill(os.getpid(), signal.SIGKILL)
         return fit_trial(emit_then_die, *args, **kwargs)

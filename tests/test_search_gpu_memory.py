@@ -1,4 +1,4 @@
-"""search/gpu_plan.py: the micro-batch and trials per GPU chosen from a trial's measured needs."""
+"""search/gpu_memory.py: the micro-batch and trials per GPU chosen from a trial's measured needs."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mmsa.errors import UserError
-from search.gpu_plan import ALLOCATOR_SLACK, CARDS, CUDA_CONTEXT, GIB, memory_fraction, need, parse_card, plan
+from search.gpu_memory import ALLOCATOR_SLACK, CARDS, CUDA_CONTEXT, GIB, choose, memory_fraction, need, parse_card
 from tests.search_helpers import ROOT
 
 
@@ -21,28 +21,28 @@ class Memory:
 
 
 def test_a_trial_gets_its_whole_batch_where_it_fits():
-    p = plan(Memory(), 80 * GIB, batch=32, share=1.0, max_concurrent=4, precision="fp16")
+    p = choose(Memory(), 80 * GIB, batch=32, share=1.0, max_concurrent=4, precision="fp16")
     assert (p.trials_per_gpu, p.micro_batch) == (1, 32)
     assert p.per_trial == need(Memory(), 32) == int((3 + 8) * GIB * ALLOCATOR_SLACK) + CUDA_CONTEXT
     assert p.line().startswith("plan: 14.5 GiB of GPU memory per trial at whole batches of 32, fp16")
 
 
 def test_a_smaller_card_halves_the_micro_batch_and_keeps_the_batch():
-    p = plan(Memory(), 8 * GIB, batch=32, share=1.0, max_concurrent=4, precision="fp16")
+    p = choose(Memory(), 8 * GIB, batch=32, share=1.0, max_concurrent=4, precision="fp16")
     assert p.micro_batch == 8 and need(Memory(), 8) <= 8 * GIB < need(Memory(), 16)
     assert "micro-batch 8 of batch 32" in p.line()
 
 
 def test_auto_packs_trials_onto_a_gpu_while_each_keeps_micro_batches_of_8():
-    p = plan(Memory(), 80 * GIB, batch=32, share=None, max_concurrent=8, precision="bf16")
+    p = choose(Memory(), 80 * GIB, batch=32, share=None, max_concurrent=8, precision="bf16")
     assert p.trials_per_gpu == 8 and need(Memory(), p.micro_batch) <= 10 * GIB and p.micro_batch >= 8
-    assert plan(Memory(), 80 * GIB, 32, None, 2, "bf16").trials_per_gpu == 2  # max_concurrent caps it
-    assert plan(Memory(), 10 * GIB, 32, None, 8, "bf16").trials_per_gpu == 1  # two would need micro-batches of 4
+    assert choose(Memory(), 80 * GIB, 32, None, 2, "bf16").trials_per_gpu == 2  # max_concurrent caps it
+    assert choose(Memory(), 10 * GIB, 32, None, 8, "bf16").trials_per_gpu == 1  # two would need micro-batches of 4
 
 
 def test_what_cannot_fit_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"one trial needs 4.8 GiB even one example at a time") as e:
-        plan(Memory(), 3 * GIB, batch=32, share=1.0, max_concurrent=1, precision="fp16")
+        choose(Memory(), 3 * GIB, batch=32, share=1.0, max_concurrent=1, precision="fp16")
     assert "\n" not in str(e.value) and "grad_checkpointing" in str(e.value)
 
 
@@ -64,11 +64,11 @@ def test_a_card_is_what_torch_sees_of_it():
 
 def test_the_sold_size_and_the_real_t4_give_the_same_plan():
     for memory in (Memory(), SmallMemory()):
-        a = plan(memory, parse_card("16GB"), batch=32, share=None, max_concurrent=4, precision="fp16")
-        b = plan(memory, int(14.76 * GIB), batch=32, share=None, max_concurrent=4, precision="fp16")
+        a = choose(memory, parse_card("16GB"), batch=32, share=None, max_concurrent=4, precision="fp16")
+        b = choose(memory, int(14.76 * GIB), batch=32, share=None, max_concurrent=4, precision="fp16")
         assert (a.trials_per_gpu, a.micro_batch) == (b.trials_per_gpu, b.micro_batch)
     # the decimal reading of 16 GB (14.9 GiB) would pack more than the card holds
-    generous = plan(SmallMemory(), int(16e9), batch=32, share=None, max_concurrent=4, precision="fp16")
+    generous = choose(SmallMemory(), int(16e9), batch=32, share=None, max_concurrent=4, precision="fp16")
     assert generous.per_trial * generous.trials_per_gpu > int(14.75 * GIB)
 
 

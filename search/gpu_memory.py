@@ -19,12 +19,11 @@ torch reports them; `--gpu-memory T4` names a card.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 from mmsa.errors import UserError
+from search.sizes import GIB, split_size
 
-GIB = 2 ** 30
 CUDA_CONTEXT = 800 * 2 ** 20  # a process's CUDA context and kernels, outside torch's allocator (781 MiB measured)
 ALLOCATOR_SLACK = 1.25  # torch's caching allocator: reserved over allocated (1.24 measured)
 MIN_MICRO = 8  # trials share a GPU only where each keeps micro-batches of this size (or its whole batch)
@@ -58,15 +57,15 @@ def parse_card(text: str, where: str = "--gpu-memory") -> int:
     by_name = {c.name.lower(): c for c in CARDS} | {"a10": CARDS[2]}
     if text.strip().lower() in by_name:
         return int(by_name[text.strip().lower()].visible_gib * GIB)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([MGT])(I?)B?\s*", text.upper())
-    if not m:
+    parts = split_size(text)
+    if parts is None or parts[1] < 2:
         raise UserError(f"{where}: {text!r} is not a card size like 16GB (as sold) or 14.7GiB (as torch reports it), "
                         f"nor a card ({', '.join(c.name for c in CARDS)})")
-    number, unit, binary = float(m.group(1)), "MGT".index(m.group(2)) + 2, bool(m.group(3))
+    number, power, binary = parts
     if binary:
-        return int(number * 1024 ** unit)
-    sold = [c.visible_gib for c in CARDS if unit == 3 and c.sold_gb == number]
-    return int(min(sold) * GIB) if sold else int(number * 1000 ** unit * VISIBLE_OF_SOLD)
+        return int(number * 1024 ** power)
+    sold = [c.visible_gib for c in CARDS if power == 3 and c.sold_gb == number]
+    return int(min(sold) * GIB) if sold else int(number * 1000 ** power * VISIBLE_OF_SOLD)
 
 
 def describe_card(card: int) -> str:
@@ -82,7 +81,7 @@ def memory_fraction(share: float, total: int) -> float:
 
 
 @dataclass(frozen=True)
-class GpuPlan:
+class GpuFit:
     card: int  # bytes of the card planned for
     trials_per_gpu: int
     micro_batch: int  # examples in memory at once
@@ -104,7 +103,7 @@ def need(memory, micro: int) -> int:
     return int(memory.total(micro) * ALLOCATOR_SLACK) + CUDA_CONTEXT
 
 
-def plan(memory, card: int, batch: int, share: float | None, max_concurrent: int, precision: str) -> GpuPlan:
+def choose(memory, card: int, batch: int, share: float | None, max_concurrent: int, precision: str) -> GpuFit:
     """The micro-batch, and the trials per GPU where `share` is None (resources.gpu: auto): as many
     as fit with micro-batches of at least MIN_MICRO (or the whole batch), up to max_concurrent;
     else each trial gets `share` of the card."""
@@ -128,7 +127,7 @@ def plan(memory, card: int, batch: int, share: float | None, max_concurrent: int
                         f"({memory.parts(1)}), more than the {available / GIB:.1f} GiB it has of a {card / GIB:.2f} "
                         f"GiB card: lower max_text_len, set grad_checkpointing: true, choose smaller backbones, or "
                         f"give each trial more of the GPU (resources.gpu)")
-    return GpuPlan(card, trials, micro, batch, need(memory, micro), memory.parts(micro), precision)
+    return GpuFit(card, trials, micro, batch, need(memory, micro), memory.parts(micro), precision)
 
 
 def _measure(cfg, half: bool):
@@ -142,38 +141,23 @@ def _visible_card() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def demanding_config(spec):
-    """The space's most demanding trial: its base config with the largest width, depth and batch
-    a trial may sample, fine-tuning both backbones where any trial does."""
-    cfg = spec.base_config()
-    flat = cfg.to_flat()
-    for name in ("batch_size", "fusion_depth", "d_model", "max_epochs"):
-        p = spec.params.get(name)
-        if p is not None:
-            flat[name] = max(p.values) if p.kind == "choice" else p.high
-    if "full" in (getattr(spec.params.get("finetune"), "values", None) or []):
-        flat["finetune"] = "full"
-    from mmsa.config import Config
-    return Config.from_flat(flat, source=f"{spec.path}: the most demanding trial")
-
-
-def plan_for_space(spec, card: int | None) -> GpuPlan:
+def choose_for_space(spec, card: int | None) -> GpuFit:
     """The plan of `spec`'s trials on a card of `card` bytes (None: this machine's GPU)."""
-    from mmsa.features.prepare import in_child
+    from mmsa.processes import in_child
     if card is None:
         card = in_child(_visible_card)
         if card is None:
             raise UserError("GPU memory: no GPU on this machine to plan for: give the card's size, e.g. "
                             "--gpu-memory 16GB")
-    cfg = demanding_config(spec)
+    cfg = spec.most_demanding()
     half = cfg.train.precision != "fp32"
     precision = {"auto": "bf16/fp16 (auto)", "fp32": "fp32"}.get(cfg.train.precision, cfg.train.precision)
     memory = in_child(_measure, cfg, half)
-    return plan(memory, card, cfg.train.batch_size, None if spec.gpu_auto else spec.gpu, spec.max_concurrent,
+    return choose(memory, card, cfg.train.batch_size, None if spec.gpu_auto else spec.gpu, spec.max_concurrent,
                 precision)
 
 
-def applied(spec, chosen: GpuPlan):
+def applied(spec, chosen: GpuFit):
     """The space with the plan's micro-batch and trials per GPU."""
     from search.space import apply_flags
     if chosen.micro_batch < chosen.batch:

@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from search.tracking import MAX_TAG_CHARS, MlflowTrialLogger, trial_error_text
+from search.recorder import MAX_TAG_CHARS, TrialRecorder, trial_error_text
 
 
 def test_a_long_trial_error_keeps_the_exception_line_first(tmp_path):
@@ -25,7 +25,9 @@ def test_runs_left_open_by_a_killed_driver_are_closed_and_said_to_be_lost(tmp_pa
     runs = {t: client.create_run(exp, tags={TAG_PARENT: parent, TAG_KIND: "trial", TAG_TRIAL: t}).info.run_id
             for t in ("b_2", "a_1", "c_3")}
     client.set_terminated(runs["c_3"], status="FINISHED")
-    assert MlflowTrialLogger(uri, exp, parent, {}).mark_interrupted(complete=True) == ["a_1", "b_2"]
+    from search.record import SearchRecord, TrackingStore
+    record = SearchRecord(TrackingStore(uri, "x"), parent)
+    assert record.close_open_trials(complete=True) == ["a_1", "b_2"]
     for t in ("a_1", "b_2"):
         run = client.get_run(runs[t])
         assert run.info.status == "KILLED" and run.data.tags[TAG_ENDED] == "interrupted"
@@ -33,7 +35,7 @@ def test_runs_left_open_by_a_killed_driver_are_closed_and_said_to_be_lost(tmp_pa
     assert client.get_run(runs["c_3"]).info.status == "FINISHED"
     # interrupted now (not complete): closed for --resume, not called lost
     again = client.create_run(exp, tags={TAG_PARENT: parent, TAG_KIND: "trial", TAG_TRIAL: "d_4"}).info.run_id
-    assert MlflowTrialLogger(uri, exp, parent, {}).mark_interrupted() == ["d_4"]
+    assert record.close_open_trials() == ["d_4"]
     assert TAG_NOT_RESUMED not in client.get_run(again).data.tags
 
 
@@ -58,14 +60,19 @@ def test_writes_wait_in_order_while_the_tracking_server_does_not_answer(monkeypa
     from tests.search_helpers import free_port
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    logger = MlflowTrialLogger(uri, "0", "parent", {"lr": 0.1})
-    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.2}, last_result={"folds_done": 1})
+    from search.recorder import EndTrial, StartTrial, TrialResult
+    from search.trial_report import TrialReport
+    logger = TrialRecorder(uri, "mmsa-search", "parent", {"lr": 0.1})
+    report = TrialReport(fold=1, epoch=1, fold_end=True, folds_done=1, epochs_done=1, scores={"val_acc": 0.5})
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.2}, last_result=report.to_result())
     logger.on_trial_start(0, [], trial)
-    logger.on_trial_result(0, [], trial, {"training_iteration": 1, "val_acc": 0.5})
+    logger.on_trial_result(0, [], trial, {"training_iteration": 1, **report.to_result()})
     logger.on_trial_complete(0, [], trial)
-    assert [op[0] for op in logger._pending] == ["start", "result", "end"]  # kept, in order
+    kinds = [StartTrial, TrialResult, EndTrial]
+    assert [type(op) for op in logger._pending] == kinds  # kept, in order
+    assert logger._pending[1].report == report  # what Ray added to the result is not the trial's
     assert capsys.readouterr().out.count("is not answering; the search goes on") == 1  # said once
     with pytest.raises(UserError, match="3 records of this search are not written.*--resume"):
         logger.flush(wait_s=0)
     import pickle
-    assert [op[0] for op in pickle.loads(pickle.dumps(logger))._pending] == ["start", "result", "end"]
+    assert [type(op) for op in pickle.loads(pickle.dumps(logger))._pending] == kinds

@@ -1,18 +1,20 @@
 import pytest
 
 from mmsa.errors import ConfigError
-from search.budget import GIB, parse_size, plan
+from search.host_memory import choose
+from search.sizes import GIB, parse_size
 
 
-def test_parse_size():
-    assert parse_size("12GB") == 12 * GIB and parse_size("3.5GiB") == int(3.5 * GIB)
-    assert parse_size("512M") == 512 * 2 ** 20
-    with pytest.raises(ConfigError, match="not a size"):
-        parse_size("lots")
+def test_sizes_are_decimal_in_gb_and_binary_in_gib():
+    assert parse_size("12GB", "x") == 12 * 10 ** 9 and parse_size("3.5GiB", "x") == int(3.5 * GIB)
+    assert parse_size("512M", "x") == 512 * 10 ** 6 and parse_size("512MiB", "x") == 512 * 2 ** 20
+    assert parse_size("4096", "x") == 4096  # no unit: bytes
+    with pytest.raises(ConfigError, match="--memory-budget: 'lots' is not a size"):
+        parse_size("lots", "--memory-budget")
 
 
 def _plan(budget_gib, concurrent=2, batch=64):
-    return plan(int(budget_gib * GIB), cache_bytes=int(0.75 * GIB), max_concurrent=concurrent, batch_size=batch,
+    return choose(int(budget_gib * GIB), cache_bytes=int(0.75 * GIB), max_concurrent=concurrent, batch_size=batch,
                 tokens=113, d_model=128, layers=9, input_dims=64 * 384 + 49 * 1280)
 
 
@@ -33,7 +35,7 @@ def test_tight_budget_shrinks_the_micro_batch_before_failing():
 def test_a_space_that_searches_fine_tuning_plans_for_a_fine_tuning_trial(tmp_path):
     import numpy as np
 
-    from search.budget import FINETUNE_TRIAL, plan_for_space
+    from search.host_memory import FINETUNE_TRIAL, choose_for_space
     from search.space import load_space
 
     class Cache:  # what the planner reads of a feature cache
@@ -44,10 +46,10 @@ def test_a_space_that_searches_fine_tuning_plans_for_a_fine_tuning_trial(tmp_pat
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text(heads.read_text() + "  finetune: {type: choice, values: [none, last_k]}\n"
                      "  text_finetune_layers: {type: choice, values: [2, 6]}\n")
-    a = plan_for_space(load_space(heads), 16 * GIB, Cache(), 64)
-    b = plan_for_space(load_space(tuned), 16 * GIB, Cache(), 64, more_cache_bytes=GIB)
+    a = choose_for_space(load_space(heads), 16 * GIB, Cache(), 64)
+    b = choose_for_space(load_space(tuned), 16 * GIB, Cache(), 64, more_cache_bytes=GIB)
     assert a.concurrent == b.concurrent == 2 and a.micro_batch == b.micro_batch == 0
     # two trials, each with transformers and 6 layers' activations, and the other text caches
     assert b.estimate - a.estimate > GIB + 2 * FINETUNE_TRIAL
-    tight = plan_for_space(load_space(tuned), b.estimate - GIB // 8, Cache(), 64, GIB)
+    tight = choose_for_space(load_space(tuned), b.estimate - GIB // 8, Cache(), 64, GIB)
     assert tight.concurrent < 2 or tight.micro_batch > 0

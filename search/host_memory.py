@@ -1,4 +1,4 @@
-"""`--memory-budget 12GB`: choose how many trials run at once, and their micro-batch, so that the
+"""`--memory-budget 12GB` (decimal: 12e9 bytes; 11.2GiB binary, search.sizes): choose how many trials run at once, and their micro-batch, so that the
 whole search (driver, Ray's own processes, trials, the shared feature cache) stays under a budget.
 
 The estimate is a sum of measured parts (bench/memory.py, this 2-core CPU, PSS):
@@ -11,12 +11,11 @@ Gradient accumulation keeps the tuned effective batch size when the micro-batch 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from mmsa.errors import ConfigError
+from search.sizes import GIB
 
-GIB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,8 @@ FINETUNE_TRIAL = int(0.30 * GIB)
 FINETUNE_LAYER = 2
 
 
-def parse_size(text: str, where: str = "--memory-budget") -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
-    if not m:
-        raise ConfigError(f"{where}: {text!r} is not a size like 12GB or 3.5GiB")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
-
-
 @dataclass
-class Plan:
+class HostFit:
     concurrent: int
     micro_batch: int  # 0: no accumulation needed
     estimate: int
@@ -78,9 +70,9 @@ def activation_bytes_of(micro: int, tokens: int, d_model: int, layers: int, fine
     return out
 
 
-def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, tokens: int,
+def choose(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, tokens: int,
          d_model: int, layers: int, input_dims: int, footprint: Footprint = FOOTPRINT,
-         finetune: FineTuning | None = None) -> Plan:
+         finetune: FineTuning | None = None) -> HostFit:
     """The most concurrent trials (up to max_concurrent) that fit, then the largest micro-batch."""
     fixed = footprint.driver + cache_bytes
     trial = footprint.trial + (FINETUNE_TRIAL if finetune is not None else 0)
@@ -90,31 +82,21 @@ def plan(budget: int, cache_bytes: int, max_concurrent: int, batch_size: int, to
             per_trial = trial + activation_bytes_of(micro, tokens, d_model, layers, finetune) + micro * input_dims * 4
             total = fixed + concurrent * per_trial
             if total <= budget:
-                return Plan(concurrent, 0 if micro == batch_size else micro, total)
+                return HostFit(concurrent, 0 if micro == batch_size else micro, total)
             micro //= 2
     need = fixed + trial + activation_bytes_of(1, tokens, d_model, layers, finetune)
     raise ConfigError(f"--memory-budget {budget / GIB:.1f} GiB is too small: one trial alone needs about "
                       f"{need / GIB:.1f} GiB (driver, cache {cache_bytes / GIB:.2f} GiB, one trial)")
 
 
-def plan_for_space(spec, budget: int, features, max_text_len: int, more_cache_bytes: int = 0) -> Plan:
-    """Plan for the most demanding trial the space can sample (largest batch, width, depth, text
+def choose_for_space(spec, budget: int, features, max_text_len: int, more_cache_bytes: int = 0) -> HostFit:
+    """What fits for the most demanding trial the space can sample (largest batch, width, depth, text
     layers fine-tuned). `more_cache_bytes`: the other text caches of a space that searches fine-tuning."""
-    base = spec.base_config()
-
-    def largest(name: str, default):
-        p = spec.params.get(name)
-        if p is None:
-            return default
-        return max(p.values) if p.kind == "choice" else p.high
-
+    cfg = spec.most_demanding()
     tokens = max_text_len + features.image.shape[1]
-    depth = int(largest("fusion_depth", base.model.fusion_depth))
     finetune = None
-    if base.data.finetune == "last_k" or "last_k" in (getattr(spec.params.get("finetune"), "values", None) or []):
-        finetune = FineTuning(int(largest("text_finetune_layers", base.data.text_finetune_layers)), max_text_len,
-                              features.text_dim)
-    return plan(budget, features.nbytes + more_cache_bytes, spec.max_concurrent,
-                int(largest("batch_size", base.train.batch_size)), tokens, int(largest("d_model", base.model.d_model)),
-                1 + 4 * depth, max_text_len * features.text_dim + features.image.shape[1] * features.image_dim,
-                finetune=finetune)
+    if cfg.data.finetune == "last_k":
+        finetune = FineTuning(cfg.data.text_finetune_layers, max_text_len, features.text_dim)
+    return choose(budget, features.nbytes + more_cache_bytes, spec.max_concurrent, cfg.train.batch_size, tokens,
+                cfg.model.d_model, 1 + 4 * cfg.model.fusion_depth,
+                max_text_len * features.text_dim + features.image.shape[1] * features.image_dim, finetune=finetune)
