@@ -151,11 +151,11 @@ RAY_TUNE_ENV = {
 }
 
 
-def make_tuner(search, data, record: SearchRecord, ray_path: str, ready: float) -> tune.Tuner:
-    """A new Tuner for `search`, or the one --resume restores from Ray's state at `ray_path` (its
-    searcher, scheduler, stopper and callbacks then come from that state, and carry theirs). The
-    time budget counts from `ready` (time.time() when the features were)."""
-    spec, metric = search.spec, f"best_{search.spec.metric}"
+def make_tuner(search, data, record: SearchRecord, ready: float) -> tune.Tuner:
+    """A new Tuner for `search`, or the one --resume restores from Ray's state at the record's
+    `ray_path` (its searcher, scheduler, stopper and callbacks then come from that state, and carry
+    theirs). The time budget counts from `ready` (time.time() when the features were)."""
+    spec, metric, ray_path = search.spec, f"best_{search.spec.metric}", record.ray_path
     offer = search.address is not None
     if search.resumed is not None and tune.Tuner.can_restore(ray_path):
         # what the budget had left when this search was last interrupted (another process recorded it)
@@ -185,7 +185,7 @@ def make_tuner(search, data, record: SearchRecord, ray_path: str, ready: float) 
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def run_tuner(search, data, record: SearchRecord, ray_path: str, ready: float) -> bool:
+def run_tuner(search, data, record: SearchRecord, ready: float) -> bool:
     """Run (or continue) `search` (search.setup.Search) under its record. Returns True when it was
     interrupted before the end: not every trial has ended in the record (which holds the earlier
     drivers' of a resumed search too; Ray marks a trial cut off by Ctrl-C as terminated), and the
@@ -193,7 +193,7 @@ def run_tuner(search, data, record: SearchRecord, ray_path: str, ready: float) -
     spec = search.spec
     for key, value in RAY_TUNE_ENV.items():
         os.environ.setdefault(key, value)
-    tuner = make_tuner(search, data, record, ray_path, ready)
+    tuner = make_tuner(search, data, record, ready)
     previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         tuner.fit()

@@ -222,10 +222,11 @@ class SearchRecord:
     @classmethod
     def of(cls, uri: str, experiment: str, parent_id: str) -> SearchRecord:
         """This process's record of the search `parent_id`, opened once."""
-        key = (uri, parent_id)
-        if key not in cls._open:
-            cls._open[key] = cls(TrackingStore(uri, experiment), parent_id)
-        return cls._open[key]
+        return cls._open.get((uri, parent_id)) or cls._registered(TrackingStore(uri, experiment), parent_id)
+
+    @classmethod
+    def _registered(cls, store: TrackingStore, parent_id: str) -> SearchRecord:
+        return cls._open.setdefault((store.uri, parent_id), cls(store, parent_id))
 
     @classmethod
     def create(cls, store: TrackingStore, name: str, space_key: str, fingerprint: str, storage: str) -> SearchRecord:
@@ -233,7 +234,7 @@ class SearchRecord:
         import os
         run = store.client.create_run(store.experiment_id, run_name=name, tags=context_tags({
             TAG_KIND: "search", TAG_SPACE: space_key, TAG_STATE: "running", TAG_FOLDS: fingerprint}))
-        record = cls._open.setdefault((store.uri, run.info.run_id), cls(store, run.info.run_id))
+        record = cls._registered(store, run.info.run_id)
         root = os.path.abspath(storage) if "://" not in storage else storage
         record.ray_path = os.path.join(root, f"search-{record.parent_id[:12]}")
         record.client.set_tag(record.parent_id, TAG_RAY_PATH, record.ray_path)
@@ -241,7 +242,7 @@ class SearchRecord:
 
     @classmethod
     def resume(cls, store: TrackingStore, run) -> SearchRecord:
-        record = cls._open.setdefault((store.uri, run.info.run_id), cls(store, run.info.run_id))
+        record = cls._registered(store, run.info.run_id)
         record.ray_path = run.data.tags[TAG_RAY_PATH]
         record.client.set_tag(record.parent_id, TAG_STATE, "running")
         record.client.update_run(record.parent_id, status="RUNNING")

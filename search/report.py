@@ -164,3 +164,11 @@ def budget_line(budget: dict | None, trials: list[TrialRecord]) -> str:
     return (f"time budget {describe(seconds)}: spent; {len(trials)} trials started within it, "
             f"{sum(t.ended == 'completed' for t in trials)} ran every fold (trials in flight when it ran out ended "
             f"with the epoch they were in, scored on the folds they finished)")
+
+
+def time_line(features_s: float, trials_s: float, after_s: float, budgeted: bool) -> str:
+    """Where a search's wall time went: the start and the features, the probe and the trials (what
+    a time budget bounds), the selection and the report."""
+    part = " (the time budget's part)" if budgeted else ""
+    return (f"time: start and features {features_s:.0f} s, then probe and trials {trials_s:.0f} s{part}, then "
+            f"selection and report {after_s:.0f} s")

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         record = open_record(search, data)
         probe = measure_probe(search, data, record) if search.resumed is None else record.probe_scores()
         from search.driver import run_tuner
-        interrupted = run_tuner(search, data, record, record.ray_path, ready)
+        interrupted = run_tuner(search, data, record, ready)
     finally:
         if "ray" in sys.modules:  # stops a local Ray; only disconnects from a cluster
             sys.modules["ray"].shutdown()
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     trials, best = summarize(search, record, ended - t0, probe)
     candidates = trials + (data.warm.candidates if data.warm is not None else [])
     ensemble = select(search, record, candidates, len(trials), probe)
-    print(f"time: start and features {ready - t0:.0f} s, then probe and trials {ended - ready:.0f} s (the time "
-          f"budget's part), then selection and report {time.time() - ended:.0f} s", flush=True)
+    from search.report import time_line
+    print(time_line(ready - t0, ended - ready, time.time() - ended, bool(search.spec.time_budget)), flush=True)
     return report_best(search, record, best, candidates, len(trials), ensemble)
 
 
@@ -143,10 +143,10 @@ def measure_probe(search: Search, data: SearchData, record: SearchRecord) -> dic
     features; recorded with its out-of-fold predictions (a candidate of the ensemble)."""
     from mmsa.models.probe import probe_cv
     from mmsa.training import oof
+    from search.trial_report import scalar_metrics
     features, lexicon = data.prepared.features, search.base.model.lexicon
     measured = probe_cv(features, data.folds, keep_probs=True, lexicon=lexicon)
-    predictions = oof.oof_arrays(data.folds, measured.pop("probe_fold_probs"))
-    probe = {k: float(v) for k, v in measured.items() if isinstance(v, (int, float))}  # its fold lists aside
+    predictions, probe = oof.oof_arrays(data.folds, measured["probe_fold_probs"]), scalar_metrics(measured)
     probe["probe_params"] = 3 * (features.text_dim + features.image_dim + 4 * lexicon + 1)
     record.log_probe(probe, predictions)
     print(f"baseline: linear probe{' with lexicon scores' if lexicon else ''}, {data.how}: "

@@ -18,7 +18,7 @@ from mmsa.features.featureset import Features, FeatureSet
 from mmsa.features.heap import trim_freed_memory
 from mmsa.features.rawsource import RawSource
 from mmsa.data.splits import Split
-from search.trial_report import TrialReport
+from search.trial_report import TrialReport, scalar_metrics
 
 
 
@@ -125,10 +125,6 @@ def node_raw(data: TrialData) -> RawSource:
         raise DataError(f"node {socket.gethostname()}: {os.path.dirname(os.path.abspath(sample.image_path))}: the "
                         f"dataset's images are not here (finetune=full reads them on every node that trains)")
     return raw
-
-
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # With rungs by folds a trial reports (and checkpoints) at every fold's end, and after an epoch

@@ -28,6 +28,11 @@ def position_key(rungs: str) -> str:
     return TRIAL + (FOLDS_DONE if rungs == "folds" else "epochs_done")
 
 
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of a summary (cross-validation's, the probe's) as scores: lists and flags aside."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 Curves = dict[int, dict[int, dict[str, float]]]  # {fold: {epoch: that epoch's metrics}}
 
 
